@@ -1,0 +1,252 @@
+"""
+The method's core: visual-attention capture, layer matching, the VAT loss and the logit-KD loss.
+
+Attention capture. Every LLM layer keeps running PyTorch SDPA (flash / memory-efficient kernels on
+GPU), exactly as transformers' default "sdpa" does. We register one extra attention function under
+the name ATTN_IMPLEMENTATION; it calls SDPA and, only for the attention modules that a
+`capture_attention(...)` context has marked, also recomputes the post-softmax probabilities for the
+query rows and image-key columns that the VAT loss needs, averaged over heads, in float32. No
+`output_attentions=True`, no eager attention, no (B, H, T, T) tensor is ever kept.
+
+Everything else here is small pure functions on tensors: layer sets, group / simple / adaptive
+matching, `vat_loss` (reference-code and paper forms, cosine / MSE / KL), and `kd_loss`.
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "compodistill_sdpa"
+
+# -----------------------------------------------------------------------------
+# attention capture
+
+
+def _attention_with_capture(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, plus (only when this module is being captured) the probabilities VAT needs."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    capture = getattr(module, "_vat_capture", None)
+    if capture is not None:
+        capture.record(module, query, key, attention_mask, kwargs.get("scaling"))
+    return out
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_with_capture)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # same masks as plain SDPA
+
+
+def attention_probs(query, key, attention_mask, rows, cols, scaling=None):
+    """
+    Head-averaged softmax(q k^T) for the query positions `rows` (B, Nq) and key positions `cols`
+    (B, Nk): returns (B, Nq, Nk) float32. The softmax runs over every key the query may see
+    (causal + padding mask), then the image columns are sliced out - as in the reference code, the
+    map is *not* renormalised over image keys. GQA: query heads are grouped onto their kv head.
+    """
+    B, H, T, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    Nq, Nk = rows.shape[1], cols.shape[1]
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(D)
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).float()
+    q = q.view(B, Hkv, H // Hkv, Nq, D)
+    scores = torch.einsum("bkgqd,bksd->bkgqs", q, key.float()) * scaling  # (B, Hkv, G, Nq, S)
+    if attention_mask is None:  # SDPA ran with is_causal=True: rebuild the causal pattern
+        allowed = torch.arange(S, device=key.device) <= (rows[..., None] + (S - T))  # (B, Nq, S)
+    elif attention_mask.dtype == torch.bool:
+        m = attention_mask.expand(B, -1, -1, -1)[:, 0]  # (B, T, S); masks are shared by heads
+        allowed = m.gather(1, rows[..., None].expand(B, Nq, S))
+    else:  # additive float mask
+        m = attention_mask.expand(B, -1, -1, -1)[:, 0].float()
+        scores = scores + m.gather(1, rows[..., None].expand(B, Nq, S))[:, None, None]
+        allowed = None
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (padding) -> zeros
+    probs = probs.gather(-1, cols[:, None, None, None, :].expand(B, Hkv, H // Hkv, Nq, Nk))
+    return probs.mean(dim=(1, 2))
+
+
+class _Capture:
+    def __init__(self, rows, cols):
+        self.rows, self.cols, self.maps = rows, cols, {}
+
+    def record(self, module, query, key, attention_mask, scaling):
+        # With gradient checkpointing the layer runs again during backward: keep the first map.
+        if module.layer_idx not in self.maps:
+            self.maps[module.layer_idx] = attention_probs(query, key, attention_mask, self.rows, self.cols, scaling)
+
+
+def attention_modules(llm):
+    """{layer index: self-attention module} of a transformers causal LM."""
+    mods = {m.layer_idx: m for m in llm.modules()
+            if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) is not None}
+    if not mods:
+        raise ValueError(f"{type(llm).__name__}: found no attention modules with a layer_idx; "
+                         "VAT needs a transformers LM that uses the attention interface")
+    return mods
+
+
+@contextmanager
+def capture_attention(llm, layers, rows, cols):
+    """
+    Within this context, each forward of `llm` records, for every layer in `layers`, the
+    head-averaged attention of query positions `rows` (B, Nq) on key positions `cols` (B, Nk).
+    Yields the dict {layer: (B, Nq, Nk) float32}, filled during the forward.
+    """
+    if llm.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"attention capture needs attn_implementation='{ATTN_IMPLEMENTATION}', "
+                         f"the model uses '{llm.config._attn_implementation}'")
+    mods = attention_modules(llm)
+    bad = [l for l in layers if l not in mods]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: the LM has {len(mods)} layers (0..{len(mods) - 1})")
+    capture = _Capture(rows, cols)
+    for l in layers:
+        mods[l]._vat_capture = capture
+    try:
+        yield capture.maps
+    finally:
+        for l in layers:
+            del mods[l]._vat_capture
+
+
+# -----------------------------------------------------------------------------
+# layer sets and matching
+
+# The reference code's "visual understanding" layers for its two model sizes.
+LAYER_PRESETS = {24: list(range(8, 15)), 40: list(range(13, 24))}
+# Depth fractions [lo, hi) for the layer ablation; "intermediate" reproduces both presets above.
+DEPTH_RANGES = {"early": (0.0, 0.32), "intermediate": (0.32, 0.6), "late": (0.6, 1.0), "all": (0.0, 1.0)}
+
+
+def resolve_layers(spec, num_layers):
+    """
+    A layer set from: None / "preset" (the reference table, else "intermediate"), a name in
+    DEPTH_RANGES, a (lo, hi) depth-fraction pair, or an explicit list of layer indices.
+    """
+    if spec is None or spec == "preset":
+        if num_layers in LAYER_PRESETS:
+            return list(LAYER_PRESETS[num_layers])
+        spec = "intermediate"
+    if isinstance(spec, str):
+        if spec not in DEPTH_RANGES:
+            raise ValueError(f"unknown layer set '{spec}': use one of {['preset', *DEPTH_RANGES]}, "
+                             "a (lo, hi) depth fraction or a list of layer indices")
+        spec = DEPTH_RANGES[spec]
+    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, float) for x in spec):
+        lo, hi = spec
+        layers = [i for i in range(num_layers) if lo <= i / num_layers < hi]
+    else:
+        layers = [int(i) for i in spec]
+    if not layers or any(not 0 <= i < num_layers for i in layers):
+        raise ValueError(f"layer set {spec} gives {layers}, which is not a non-empty subset of 0..{num_layers - 1}")
+    return layers
+
+
+def group_matching(student_layers, teacher_layers):
+    """Student layer j <-> the teacher window T[j : j+n], n = m - k + 1 (overlapping, stride 1)."""
+    k, m = len(student_layers), len(teacher_layers)
+    if m < k:
+        raise ValueError(f"group matching needs at least as many teacher layers ({m}) as student layers ({k})")
+    n = m - k + 1
+    return [list(teacher_layers[j:j + n]) for j in range(k)]
+
+
+def simple_matching(student_layers, teacher_layers):
+    """One-to-one with a uniform stride: student j <-> T[floor(j * m / k)]."""
+    k, m = len(student_layers), len(teacher_layers)
+    return [teacher_layers[j * m // k] for j in range(k)]
+
+
+def adaptive_matching(student_maps, teacher_maps_by_layer, windows):
+    """
+    Our definition (the paper names the strategy but does not define it): for each student layer
+    j pick, inside group window j, the teacher layer whose map is most similar (mean cosine over
+    samples of the flattened maps) to the student's detached map. Returns one teacher layer per j.
+    """
+    chosen = []
+    for j, window in enumerate(windows):
+        s = student_maps[j].detach().flatten(1)
+        sims = [F.cosine_similarity(s, teacher_maps_by_layer[t].detach().flatten(1).to(s), dim=1).mean() for t in window]
+        chosen.append(window[int(torch.stack(sims).argmax())])
+    return chosen
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def _outlier_keep(A):
+    """A <= mean + std of each (layer, sample) block; std unbiased; causal zeros included."""
+    flat = A.flatten(2)
+    thr = flat.mean(-1) + flat.std(-1)
+    return A <= thr[..., None, None]
+
+
+def _distance(p_s, p_t, loss):
+    """Per-row distance between two batches of vectors (..., N)."""
+    if loss == "cosine":
+        return 1.0 - F.cosine_similarity(p_s, p_t, dim=-1, eps=1e-8)
+    if loss == "mse":
+        return (p_s - p_t).pow(2).mean(-1)
+    if loss == "kl":  # KL(target || student) between the vectors normalised to distributions
+        eps = 1e-8
+        q_t = p_t / (p_t.sum(-1, keepdim=True) + eps)
+        q_s = p_s / (p_s.sum(-1, keepdim=True) + eps)
+        return (q_t * ((q_t + eps).log() - (q_s + eps).log())).sum(-1)
+    raise ValueError(f"unknown VAT loss '{loss}': use cosine, mse or kl")
+
+
+def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_outliers=True,
+             sample_mask=None, layer_reduce="sum"):
+    """
+    Visual attention alignment. `student_maps`, `teacher_maps`: (L, B, Nq, Nk) float, already
+    matched (teacher maps group-averaged). `sample_mask` (B,) marks samples that have an image.
+
+    pool="column" (reference code): per (pair, sample) keep entries that are not outliers in
+    either map (<= mean + std) and where the teacher is non-zero, average each image column over
+    its kept rows, and compare the two column profiles. pool="flat" (paper Eq. 2): compare the
+    flattened maps. The per-sample losses are averaged over masked samples and summed over layer
+    pairs (layer_reduce="mean" averages them, as the paper's Eq. 2 does).
+    """
+    A_s, A_t = student_maps.float(), teacher_maps.float()
+    if filter_outliers:
+        valid = _outlier_keep(A_s) & _outlier_keep(A_t) & (A_t != 0)
+    else:
+        valid = torch.ones_like(A_s, dtype=torch.bool)
+    if pool == "column":
+        count = valid.sum(-2).clamp(min=1)
+        p_s = (A_s * valid).sum(-2) / count
+        p_t = (A_t * valid).sum(-2) / count
+    elif pool == "flat":
+        p_s, p_t = (A_s * valid).flatten(2), (A_t * valid).flatten(2)
+    else:
+        raise ValueError(f"unknown VAT pooling '{pool}': use column or flat")
+    per = _distance(p_s, p_t, loss)  # (L, B)
+    if sample_mask is None:
+        sample_mask = torch.ones(per.shape[1], dtype=torch.bool, device=per.device)
+    w = sample_mask.to(per.dtype)
+    per_layer = (per * w).sum(1) / w.sum().clamp(min=1)  # mean over samples with an image
+    return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
+
+
+def kd_loss_selected(student_logits, teacher_logits, temperature=1.0):
+    """Forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows; tau^2-scaled (Hinton)."""
+    V = student_logits.shape[-1]
+    t = teacher_logits[..., :V].float() / temperature  # a teacher with padded vocab rows is cut to V
+    s = student_logits.float() / temperature
+    kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature ** 2 if kl.numel() else s.sum() * 0.0
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature=1.0):
+    """
+    Logit KD over the positions that *predict* a supervised token: position t is compared where
+    labels[t + 1] != -100 (labels unshifted, HF convention) - the same shift as the LM loss.
+    """
+    predicts = labels[:, 1:] != -100
+    return kd_loss_selected(student_logits[:, :-1][predicts], teacher_logits[:, :-1][predicts], temperature)

@@ -1,0 +1,398 @@
+"""
+The model: a LLaVA-style VLM and the teacher/student wrapper that computes CompoDistill's losses.
+
+VLM: image -> vision tower (frozen, features of `vision_feature_layer`) -> connector
+(`mlp{depth}x_gelu`) [-> post_connector under TAF] -> N_v visual tokens written into the text
+embeddings where the input has image-token ids -> Hugging Face causal LM.
+
+The data pipeline has already expanded each "<image>" into N_v image-token ids, so every sample's
+image positions are known before the model runs; the same positions drive splicing, label masking
+and attention capture.
+
+TeacherStudent: a frozen teacher and a trainable student; one forward returns
+{lm, kd, vat, total}. Only the logits at supervised positions are ever computed, and the shared
+frozen vision tower (plus the teacher connector under TAF) runs once for both models.
+"""
+
+import copy
+import inspect
+from contextlib import nullcontext
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
+                          DynamicCache)
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+import attention_distill as ad
+
+
+@dataclass
+class VLMConfig:
+    vision: dict | str                 # HF vision-model config (dict with model_type) or a model id / path
+    llm: dict | str                    # HF causal-LM config (dict with model_type) or a model id / path
+    connector: str = "mlp2x_gelu"      # mlp{depth}x_gelu, as in LLaVA
+    taf: bool = False                  # student sees images through the teacher connector + post_connector
+    teacher_hidden_size: int = 0       # width of the teacher connector (TAF only)
+    image_token: str = "<image>"
+    image_token_id: int = -1
+    vision_feature_layer: int = -2     # SigLIP's second-to-last layer, as LLaVA
+    drop_first_patch: bool = False     # the reference code drops SigLIP's first patch (728 tokens, not 729)
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. the training stage that wrote it)
+
+    def save(self, path):
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path):
+        with open(os.path.join(path, "config.json")) as f:
+            return cls(**json.load(f))
+
+
+def _hf_config(spec):
+    """A transformers config from a dict {model_type, ...} or from an id / path."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    return AutoConfig.from_pretrained(spec)
+
+
+def _vision_config(cfg):
+    # A full CLIP / SigLIP checkpoint holds text and vision configs; the tower is the vision part.
+    return getattr(cfg, "vision_config", cfg)
+
+
+def build_connector(kind, d_in, d_out):
+    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if m is None:
+        raise ValueError(f"unknown connector '{kind}': use mlp{{depth}}x_gelu, e.g. mlp2x_gelu")
+    layers = [nn.Linear(d_in, d_out)]
+    for _ in range(int(m.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(d_out, d_out)]
+    return nn.Sequential(*layers)
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig, vision_tower=None, llm=None):
+        super().__init__()
+        self.config = config
+        if vision_tower is None:
+            vision_tower = AutoModel.from_config(_vision_config(_hf_config(config.vision)))
+        if llm is None:
+            llm = AutoModelForCausalLM.from_config(_hf_config(config.llm), attn_implementation=ad.ATTN_IMPLEMENTATION)
+        llm.set_attn_implementation(ad.ATTN_IMPLEMENTATION)
+        self.vision_tower, self.llm = vision_tower, llm
+        self.vision_tower.requires_grad_(False)  # always frozen (LLaVA / the paper)
+        d_vis = vision_tower.config.hidden_size
+        d_llm = llm.config.hidden_size
+        if config.taf:
+            if config.teacher_hidden_size <= 0:
+                raise ValueError("taf=True needs teacher_hidden_size (the teacher connector's output width)")
+            self.connector = build_connector(config.connector, d_vis, config.teacher_hidden_size)
+            self.post_connector = nn.Linear(config.teacher_hidden_size, d_llm)
+        else:
+            self.connector = build_connector(config.connector, d_vis, d_llm)
+            self.post_connector = None
+        self.tokenizer = None        # attached by from_pretrained / the scripts; saved alongside
+        self.image_processor = None
+
+    # -- images --------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self):
+        vc = self.vision_tower.config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n - 1 if self.config.drop_first_patch else n
+
+    @property
+    def image_token_id(self):
+        return self.config.image_token_id
+
+    def vision_features(self, pixel_values):
+        """Frozen vision-tower features (n_img, N_v, d_vis); never needs a graph."""
+        with torch.no_grad():
+            dtype = next(self.vision_tower.parameters()).dtype
+            out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+            z = out.hidden_states[self.config.vision_feature_layer]
+        return z[:, 1:] if self.config.drop_first_patch else z
+
+    def project(self, z):
+        """Vision features -> LLM-space visual tokens (connector, then post_connector under TAF)."""
+        h = self.connector(z)
+        return self.post_connector(h) if self.post_connector is not None else h
+
+    # -- text + images -------------------------------------------------------------------------
+    def image_positions(self, input_ids):
+        """(is_image (B, T) bool, has_image (B,) bool), checking each sample holds 0 or N_v image tokens."""
+        is_img = input_ids == self.image_token_id
+        counts = is_img.sum(1)
+        bad = ((counts != 0) & (counts != self.num_image_tokens)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"samples {bad} hold {counts[bad].tolist()} image tokens; each image must be "
+                             f"expanded to exactly {self.num_image_tokens} (model.num_image_tokens) "
+                             "consecutive image-token ids, or be absent")
+        return is_img, counts > 0
+
+    def embed(self, input_ids, image_embeds=None):
+        """Token embeddings with the visual tokens written at the image positions."""
+        is_img, has_img = self.image_positions(input_ids)
+        n_img = int(has_img.sum())
+        n_given = 0 if image_embeds is None else image_embeds.shape[0]
+        if n_img != n_given:
+            raise ValueError(f"the batch has {n_img} samples with image tokens but {n_given} images; "
+                             "pixel_values must hold one image per sample that has image tokens, in order")
+        emb = self.llm.get_input_embeddings()(input_ids)
+        if n_img:
+            emb = emb.masked_scatter(is_img[..., None], image_embeds.to(emb.dtype))
+        return emb
+
+    def hidden_states(self, input_ids, attention_mask, image_embeds=None):
+        """Last hidden states (B, T, d) of the LM; logits are left to the caller (they are big)."""
+        emb = self.embed(input_ids, image_embeds)
+        return self.llm.base_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, h):
+        return self.llm.get_output_embeddings()(h)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
+        image_embeds = self.project(self.vision_features(pixel_values)) if pixel_values is not None else None
+        logits = self.logits(self.hidden_states(input_ids, attention_mask, image_embeds))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return {"loss": loss, "logits": logits}
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16):
+        """Greedy decoding with the LM's KV cache. Takes right-padded prompts; returns (B, <=max_new) ids."""
+        B, T = input_ids.shape
+        # Left-align the prompts so every row's next token goes at the same column.
+        lengths = attention_mask.sum(1)
+        shift = T - lengths
+        idx = (torch.arange(T, device=input_ids.device)[None] - shift[:, None]) % T
+        input_ids, attention_mask = input_ids.gather(1, idx), attention_mask.gather(1, idx)
+        image_embeds = self.project(self.vision_features(pixel_values)) if pixel_values is not None else None
+        emb = self.embed(input_ids, image_embeds)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        # transformers >= 5.2x calls the KV cache `cache`; earlier 5.x `past_key_values`.
+        cache = {"cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values": DynamicCache()}
+        out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=True, logits_to_keep=1, **cache)
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.llm.config.eos_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            logits[:, self.image_token_id] = float("-inf")  # a generated image token would have no image
+            nxt = logits.argmax(-1)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, eos)
+                done |= nxt == eos
+            new.append(nxt)
+            if done.all():
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.llm(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, **cache)
+        return torch.stack(new, 1)
+
+    # -- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        cfg = copy.deepcopy(self.config)
+        # Store the backbone configs inline, so a checkpoint rebuilds without the original ids.
+        cfg.vision = _vision_config(self.vision_tower.config).to_dict()
+        cfg.llm = self.llm.config.to_dict()
+        cfg.llm.pop("_attn_implementation_autoset", None)
+        cfg.save(path)
+        save_model(self, os.path.join(path, "model.safetensors"))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} is not a CompoDistill checkpoint (no config.json); "
+                                    "pass a directory written by a stage script or VLM.save_pretrained")
+        model = cls(VLMConfig.load(path))
+        load_model(model, os.path.join(path, "model.safetensors"))
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            model.tokenizer = AutoTokenizer.from_pretrained(path)
+        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            model.image_processor = AutoImageProcessor.from_pretrained(path)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, **kw):
+        """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer."""
+        vcfg = _vision_config(AutoConfig.from_pretrained(vision))
+        tower = MODEL_MAPPING[type(vcfg)].from_pretrained(vision, dtype=dtype)  # e.g. SiglipVisionModel
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
+        tok = AutoTokenizer.from_pretrained(llm)
+        if image_token not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": [image_token]})
+        if len(tok) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tok))
+        config = VLMConfig(vision=vision, llm=llm, connector=connector, image_token=image_token,
+                           image_token_id=tok.convert_tokens_to_ids(image_token), **kw)
+        model = cls(config, vision_tower=tower, llm=lm)
+        model.tokenizer = tok
+        model.image_processor = AutoImageProcessor.from_pretrained(vision)
+        return model.to(dtype) if dtype is not None else model
+
+
+# -----------------------------------------------------------------------------
+# teacher / student
+
+
+def set_trainable(student, stage, train_llm=None):
+    """
+    Freeze everything, then unfreeze the stage's trainable set (METHOD.md, "Stages"): the image
+    adapter (post_connector under TAF, else the student's own connector) always; the LLM in DFT
+    and SFT (or wherever `train_llm` says). The vision tower and a TAF connector never train.
+    Returns the trainable parameters.
+    """
+    if stage not in ("dpt", "dft", "sft"):
+        raise ValueError(f"unknown stage '{stage}': use dpt, dft or sft")
+    student.requires_grad_(False)
+    (student.post_connector if student.config.taf else student.connector).requires_grad_(True)
+    if train_llm if train_llm is not None else stage != "dpt":
+        student.llm.requires_grad_(True)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def same_weights(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
+
+
+class TeacherStudent(nn.Module):
+    """
+    Student + frozen teacher; forward(batch) -> {lm, kd, vat, total}. With teacher=None (SFT) it
+    is the plain LM loss. The teacher is deliberately *not* a registered submodule: DDP, the
+    optimizer, state_dict() and checkpoints see only the student.
+    """
+
+    def __init__(self, teacher, student, student_layers=None, teacher_layers=None, matching="group",
+                 vat_queries="image", vat_pool="column", vat_loss="cosine", vat_filter=None,
+                 vat_layer_reduce="sum", kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self.kd_weight, self.vat_weight, self.kd_temperature = kd_weight, vat_weight, kd_temperature
+        self.matching, self.vat_queries = matching, vat_queries
+        # The outlier filter belongs to the reference (column) form; the paper's flat form has none.
+        vat_filter = vat_pool == "column" if vat_filter is None else vat_filter
+        self.vat_kwargs = dict(pool=vat_pool, loss=vat_loss, filter_outliers=vat_filter, layer_reduce=vat_layer_reduce)
+        if matching not in ("group", "simple", "adaptive"):
+            raise ValueError(f"unknown matching '{matching}': use group, simple or adaptive")
+        if vat_queries not in ("image", "all", "text"):
+            raise ValueError(f"unknown vat_queries '{vat_queries}': use image, all or text")
+        if teacher is None:
+            return
+        teacher.eval().requires_grad_(False)
+        if teacher.image_token_id != student.image_token_id or teacher.num_image_tokens != student.num_image_tokens:
+            raise ValueError("teacher and student must share the tokenizer's image token and the number of "
+                             f"visual tokens (teacher {teacher.image_token_id}/{teacher.num_image_tokens}, "
+                             f"student {student.image_token_id}/{student.num_image_tokens})")
+        self.student_layers = ad.resolve_layers(student_layers, student.llm.config.num_hidden_layers)
+        self.teacher_layers = ad.resolve_layers(teacher_layers, teacher.llm.config.num_hidden_layers)
+        if matching == "simple":
+            self.windows = [[t] for t in ad.simple_matching(self.student_layers, self.teacher_layers)]
+        else:
+            self.windows = ad.group_matching(self.student_layers, self.teacher_layers)
+        # Checked once: a shared frozen tower lets one vision forward serve both models.
+        self.shared_vision = same_weights(teacher.vision_tower, student.vision_tower)
+
+    def to(self, *args, **kwargs):
+        if self.teacher is not None:
+            self.teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def apply_taf(self):
+        """TAF: the student reuses the teacher's trained connector, frozen, plus a new trainable
+        post_connector Linear(d_teacher -> d_student)."""
+        s, t = self.student, self.teacher
+        d_t, d_s = t.llm.config.hidden_size, s.llm.config.hidden_size
+        p = next(s.llm.parameters())
+        s.connector = copy.deepcopy(t.connector).requires_grad_(False)
+        s.post_connector = nn.Linear(d_t, d_s).to(device=p.device, dtype=p.dtype)
+        s.config.taf, s.config.teacher_hidden_size, s.config.connector = True, d_t, t.config.connector
+        return self
+
+    def _reuses_teacher_connector(self):
+        # Under TAF with a shared tower, the student's frozen connector equals the teacher's, so the
+        # teacher's connector output is the student's pre-post_connector input: compute it once.
+        s = self.student
+        return s.config.taf and self.shared_vision and same_weights(s.connector, self.teacher.connector)
+
+    def forward(self, batch, kd=True, vat=True):
+        s, t = self.student, self.teacher
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        pixel_values = batch.get("pixel_values")
+        kd, vat = kd and t is not None, vat and t is not None
+        is_img, has_img = s.image_positions(ids)
+        vat = vat and bool(has_img.any())
+
+        # 1. visual tokens: the frozen tower (and teacher connector under TAF) run once for both
+        img_s = img_t = None
+        if pixel_values is not None:
+            z = s.vision_features(pixel_values)
+            if kd or vat:
+                with torch.no_grad():
+                    img_t = t.project(z if self.shared_vision else t.vision_features(pixel_values))
+            if img_t is not None and self._reuses_teacher_connector():
+                img_s = s.post_connector(img_t.to(s.post_connector.weight.dtype))
+            else:
+                img_s = s.project(z)
+
+        # 2. which attention rows / columns VAT needs: each sample's own image positions
+        if vat:
+            Nv, (B, T) = s.num_image_tokens, ids.shape
+            cols = is_img.int().argsort(dim=1, descending=True, stable=True)[:, :Nv].sort(1).values
+            rows, row_mask = cols, None
+            if self.vat_queries != "image":
+                rows = torch.arange(T, device=ids.device).expand(B, T)
+                row_mask = mask.bool() & (~is_img if self.vat_queries == "text" else True)
+
+        # 3. the two forwards (teacher without a graph), capturing only the matched layers
+        pred = labels[:, 1:] != -100  # positions that predict a supervised token
+        targets = labels[:, 1:][pred]
+        maps_t = maps_s = None
+        if kd or vat:
+            with torch.no_grad():
+                layers_t = sorted({l for w in self.windows for l in w}) if vat else []
+                with ad.capture_attention(t.llm, layers_t, rows, cols) if vat else nullcontext() as maps_t:
+                    h_t = t.hidden_states(ids, mask, img_t)
+                logits_t = t.logits(h_t[:, :-1][pred]) if kd else None
+        with ad.capture_attention(s.llm, self.student_layers, rows, cols) if vat else nullcontext() as maps_s:
+            h_s = s.hidden_states(ids, mask, img_s)
+        logits_s = s.logits(h_s[:, :-1][pred])
+
+        # 4. losses
+        zero = h_s.sum() * 0.0
+        lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero
+        kd_l = ad.kd_loss_selected(logits_s, logits_t, self.kd_temperature) if kd else zero
+        vat_l = zero
+        if vat:
+            A_s = torch.stack([maps_s[l] for l in self.student_layers])
+            if self.matching == "adaptive":
+                chosen = ad.adaptive_matching(A_s, maps_t, self.windows)
+                A_t = torch.stack([maps_t[l] for l in chosen])
+            else:
+                A_t = torch.stack([torch.stack([maps_t[l] for l in w]).mean(0) for w in self.windows])
+            if row_mask is not None:  # rows that are padding (or not text) count for nothing
+                A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
+            vat_l = ad.vat_loss(A_s, A_t, sample_mask=has_img, **self.vat_kwargs)
+        total = lm + self.kd_weight * kd_l + self.vat_weight * vat_l
+        return {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
+

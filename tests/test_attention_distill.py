@@ -1,0 +1,205 @@
+"""Attention capture against eager attention, the losses against brute force, layer matching."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_distill as ad
+from conftest import IMAGE_TOKEN_ID, tiny_vlm
+
+
+def _batch():
+    # Two image samples with the image at different offsets, right padding, and a text-only sample.
+    ids = torch.tensor([[5, 6, 3, 3, 3, 3, 7, 8, 9, 10],
+                        [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
+                        [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])
+    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("padded", [True, False])  # unpadded: SDPA runs with no mask, is_causal=True
+def test_capture_equals_eager_attention(arch, padded):
+    m = tiny_vlm(arch, layers=3, hidden=32, heads=4, kv_heads=2)  # GQA: 2 query heads per kv head
+    ids, mask = _batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    emb = m.embed(ids, torch.randn(2, 4, 32))
+    # rows: all positions; cols: each sample's image positions (sample 2 has none: any 4 positions)
+    cols = torch.tensor([[2, 3, 4, 5], [1, 2, 3, 4], [0, 1, 2, 3]])
+    rows = torch.arange(10).expand(3, 10)
+    with ad.capture_attention(m.llm, [0, 2], rows, cols) as maps:
+        h_capture = m.llm.base_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    assert sorted(maps) == [0, 2]
+
+    m.llm.set_attn_implementation("sdpa")
+    h_sdpa = m.llm.base_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    assert torch.equal(h_capture, h_sdpa)  # capture changes nothing in the forward
+
+    m.llm.set_attn_implementation("eager")
+    out = m.llm.base_model(inputs_embeds=emb, attention_mask=mask, output_attentions=True)
+    for layer in [0, 2]:
+        eager = out.attentions[layer].mean(1)  # (B, T, T), head-averaged
+        want = torch.stack([eager[b][:, cols[b]] for b in range(3)])
+        real = mask.bool()[:, :, None]  # eager gives padded query rows garbage; compare real rows
+        torch.testing.assert_close(maps[layer] * real, want * real, atol=1e-6, rtol=1e-5)
+        assert maps[layer][0, 1].sum() == 0  # a query before the image sees none of it (causal)
+        assert maps[layer][0, 9].sum() < 1  # softmax over all visible keys, not renormalised on the image
+
+
+def test_capture_needs_our_attention_and_real_layers():
+    m = tiny_vlm(layers=2)
+    rows = cols = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="layers \\[5\\] do not exist"):
+        with ad.capture_attention(m.llm, [5], rows, cols):
+            pass
+    m.llm.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        with ad.capture_attention(m.llm, [0], rows, cols):
+            pass
+
+
+# -- KD ------------------------------------------------------------------------------------------
+
+def test_kd_loss_matches_kl_div_reference():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 13)  # teacher vocab padded to 13 rows
+    labels = torch.tensor([[-100, -100, 4, 5, -100, 6], [-100, 1, 2, -100, -100, -100]])
+    tau = 2.0
+    # brute force: position i predicts labels[i+1]
+    terms = []
+    for b in range(2):
+        for i in range(5):
+            if labels[b, i + 1] != -100:
+                p_t = F.softmax(t[b, i, :11] / tau, -1)
+                log_p_s = F.log_softmax(s[b, i] / tau, -1)
+                terms.append(F.kl_div(log_p_s, p_t, reduction="sum"))
+    want = torch.stack(terms).mean() * tau ** 2
+    assert len(terms) == 5
+    torch.testing.assert_close(ad.kd_loss(s, t, labels, tau), want)
+
+
+def test_kd_loss_shift_is_not_the_unshifted_reference_form():
+    # Hand-built: student == teacher everywhere except at position 1. Labels supervise position 2
+    # only, so the right (shifted) loss reads position 1 and is > 0; the unshifted mask would read
+    # position 2, where the two agree, and give 0.
+    V = 3
+    t = torch.zeros(1, 4, V)
+    s = t.clone()
+    s[0, 1] = torch.tensor([2.0, 0.0, 0.0])
+    labels = torch.tensor([[-100, -100, 1, -100]])
+    want = F.kl_div(F.log_softmax(s[0, 1], -1), F.softmax(t[0, 1], -1), reduction="sum")
+    assert want > 0.1
+    torch.testing.assert_close(ad.kd_loss(s, t, labels), want)
+    unshifted = labels != -100
+    assert ad.kd_loss_selected(s[unshifted], t[unshifted]) == 0
+
+
+# -- VAT -----------------------------------------------------------------------------------------
+
+def _vat_reference_loop(A_s, A_t, sample_mask):
+    """METHOD.md's reference form, written as plain loops."""
+    L, B, Nq, Nk = A_s.shape
+    total = 0.0
+    for l in range(L):
+        losses = []
+        for b in range(B):
+            if not sample_mask[b]:
+                continue
+            s, t = A_s[l, b], A_t[l, b]
+            thr_s = s.mean() + s.std()
+            thr_t = t.mean() + t.std()
+            p_s, p_t = [], []
+            for c in range(Nk):
+                num_s = num_t = 0.0
+                n = 0
+                for r in range(Nq):
+                    if s[r, c] <= thr_s and t[r, c] <= thr_t and t[r, c] != 0:
+                        num_s += float(s[r, c])
+                        num_t += float(t[r, c])
+                        n += 1
+                p_s.append(num_s / max(1, n))
+                p_t.append(num_t / max(1, n))
+            dot = sum(a * b for a, b in zip(p_s, p_t))
+            norm = math.sqrt(sum(a * a for a in p_s)) * math.sqrt(sum(b * b for b in p_t))
+            losses.append(1 - dot / norm)
+        total += sum(losses) / len(losses)
+    return total
+
+
+def _causal_maps(L, B, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.rand(L, B, N, N, generator=g) ** 3
+    A = A * torch.tril(torch.ones(N, N))  # image-to-image block of a causal LM: upper triangle is 0
+    return A / A.sum(-1, keepdim=True) * 0.6  # rows sum to < 1: the rest goes to text keys
+
+
+def test_vat_reference_form_equals_loop():
+    A_s, A_t = _causal_maps(3, 4, 6, 0), _causal_maps(3, 4, 6, 1)
+    mask = torch.tensor([True, False, True, True])
+    got = ad.vat_loss(A_s, A_t, sample_mask=mask)
+    want = _vat_reference_loop(A_s, A_t, mask)
+    assert abs(float(got) - want) < 1e-5
+    # sample 1 is excluded: changing it changes nothing
+    A_s2 = A_s.clone()
+    A_s2[:, 1] = torch.rand(3, 6, 6)
+    assert float(ad.vat_loss(A_s2, A_t, sample_mask=mask)) == pytest.approx(float(got), abs=1e-7)
+    # the paper's layer average is the sum / L
+    assert float(ad.vat_loss(A_s, A_t, sample_mask=mask, layer_reduce="mean")) == pytest.approx(want / 3, abs=1e-6)
+
+
+def test_vat_identical_maps_zero_and_scale_invariance():
+    A_s, A_t = _causal_maps(2, 3, 5, 2), _causal_maps(2, 3, 5, 3)
+    for pool in ["column", "flat"]:
+        assert float(ad.vat_loss(A_t, A_t, pool=pool)) == pytest.approx(0.0, abs=1e-6)
+        for loss in ["mse", "kl"]:
+            assert float(ad.vat_loss(A_t, A_t, pool=pool, loss=loss)) == pytest.approx(0.0, abs=1e-6)
+        base = float(ad.vat_loss(A_s, A_t, pool=pool))
+        assert base > 0.01
+        # thresholds scale with the map, so the kept set and the cosine do not change
+        assert float(ad.vat_loss(A_s * 7.0, A_t, pool=pool)) == pytest.approx(base, abs=1e-5)
+    # MSE is not scale-invariant
+    assert float(ad.vat_loss(A_s * 7.0, A_t, loss="mse")) != pytest.approx(float(ad.vat_loss(A_s, A_t, loss="mse")))
+
+
+def test_vat_flat_form_is_the_flattened_cosine():
+    A_s, A_t = _causal_maps(2, 3, 5, 4), _causal_maps(2, 3, 5, 5)
+    got = ad.vat_loss(A_s, A_t, pool="flat", filter_outliers=False)
+    want = sum((1 - F.cosine_similarity(A_s[l].flatten(1), A_t[l].flatten(1), dim=1)).mean() for l in range(2))
+    torch.testing.assert_close(got, want)
+
+
+# -- matching ------------------------------------------------------------------------------------
+
+def test_group_matching_reference_table():
+    windows = ad.group_matching(list(range(8, 15)), list(range(13, 24)))
+    assert windows == [list(range(13 + j, 18 + j)) for j in range(7)]
+    assert windows[0] == [13, 14, 15, 16, 17] and windows[-1] == [19, 20, 21, 22, 23]
+
+
+def test_simple_matching_paper_example():
+    teacher = list(range(100, 110))
+    assert ad.simple_matching(list(range(5)), teacher) == [100, 102, 104, 106, 108]
+
+
+def test_adaptive_matching_picks_most_similar_in_window():
+    torch.manual_seed(0)
+    s = torch.rand(2, 3, 4, 4)
+    t = {l: torch.rand(3, 4, 4) for l in range(5)}
+    t[3] = s[0] * 2 + 0.001  # nearly parallel to student map 0, but only window 0 holds layer 3
+    t[1] = s[1].clone()      # identical to student map 1, in window 1
+    windows = [[2, 3, 4], [0, 1, 2]]
+    assert ad.adaptive_matching(s, t, windows) == [3, 1]
+
+
+def test_layer_presets_and_ranges():
+    assert ad.resolve_layers(None, 24) == list(range(8, 15))
+    assert ad.resolve_layers("intermediate", 24) == list(range(8, 15))
+    assert ad.resolve_layers("intermediate", 40) == list(range(13, 24))
+    assert ad.resolve_layers("early", 10) == [0, 1, 2, 3]
+    assert ad.resolve_layers("late", 10) == [6, 7, 8, 9]
+    assert ad.resolve_layers((0.5, 1.0), 4) == [2, 3]
+    assert ad.resolve_layers([1, 3], 4) == [1, 3]
+    with pytest.raises(ValueError):
+        ad.resolve_layers([4], 4)

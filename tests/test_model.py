@@ -1,0 +1,136 @@
+"""VLM splicing, TAF, save/load, generation and the TeacherStudent losses."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_distill as ad
+from conftest import IMAGE_TOKEN_ID, tiny_vlm
+from model import VLM, TeacherStudent, set_trainable
+
+
+def _batch():
+    ids = torch.tensor([[5, 6, 3, 3, 3, 3, 7, 8, 9, 10],
+                        [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
+                        [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])  # the last sample is text-only
+    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100).masked_fill(mask == 0, -100)
+    labels[:, :6] = -100
+    torch.manual_seed(1)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
+
+
+def _pair(taf=True):
+    t = tiny_vlm(layers=6, hidden=48, heads=4, kv_heads=2, seed=0)
+    s = tiny_vlm(layers=4, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
+    ts = TeacherStudent(t, s, student_layers=[1, 2], teacher_layers=[2, 3, 4])
+    return ts.apply_taf() if taf else ts
+
+
+def test_splicing_puts_visual_tokens_at_placeholders():
+    m = tiny_vlm()
+    b = _batch()
+    img = torch.randn(2, m.num_image_tokens, 32)
+    emb = m.embed(b["input_ids"], img)
+    plain = m.llm.get_input_embeddings()(b["input_ids"])
+    assert torch.equal(emb[0, 2:6], img[0]) and torch.equal(emb[1, 1:5], img[1])
+    is_img = b["input_ids"] == IMAGE_TOKEN_ID
+    assert torch.equal(emb[~is_img], plain[~is_img])  # everything else is the text embedding
+    assert (b["labels"][is_img] == -100).all()
+    out = m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])  # mixed batch runs
+    assert out["logits"].shape == (3, 10, 40) and torch.isfinite(out["loss"])
+
+
+def test_image_count_mismatch_is_a_clear_error():
+    m = tiny_vlm()
+    b = _batch()
+    with pytest.raises(ValueError, match="2 samples with image tokens but 1 images"):
+        m(b["input_ids"], b["attention_mask"], b["pixel_values"][:1])
+    ids = b["input_ids"].clone()
+    ids[0, 2] = 5  # 3 image tokens instead of 4
+    with pytest.raises(ValueError, match=r"samples \[0\] hold \[3\] image tokens"):
+        m(ids, b["attention_mask"], b["pixel_values"])
+
+
+def test_taf_copies_frozen_teacher_connector_and_dpt_trains_post_connector_only():
+    ts = _pair(taf=True)
+    s, t = ts.student, ts.teacher
+    for a, b in zip(s.connector.parameters(), t.connector.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad
+    assert s.post_connector.weight.shape == (32, 48)  # (d_student, d_teacher)
+    trainable = set_trainable(s, "dpt")
+    assert [p.shape for p in trainable] == [(32, 48), (32,)]
+    out = ts(_batch())
+    out["total"].backward()
+    got = sorted(n for n, p in s.named_parameters() if p.grad is not None)
+    assert got == ["post_connector.bias", "post_connector.weight"]
+    assert all(p.grad is None for p in t.parameters())
+    # DFT trains the LM too; the TAF connector and the vision tower never
+    names = {n for n, p in s.named_parameters() if p.requires_grad} if set_trainable(s, "dft") else set()
+    assert "post_connector.weight" in names and "llm.model.layers.0.self_attn.q_proj.weight" in names
+    assert not any(n.startswith(("connector.", "vision_tower.")) for n in names)
+
+
+def test_shared_tower_and_teacher_connector_reuse_give_the_same_losses():
+    ts = _pair(taf=True)
+    b = _batch()
+    fast = ts(b)
+    assert ts.shared_vision and ts._reuses_teacher_connector()
+    ts.shared_vision = False  # force separate vision forwards and the student's own connector copy
+    slow = ts(b)
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k])
+
+
+def test_teacher_student_losses_against_direct_computation():
+    ts = _pair(taf=False)
+    b = _batch()
+    out = ts(b)
+    s_out = ts.student(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])
+    t_out = ts.teacher(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    torch.testing.assert_close(out["lm"], s_out["loss"])
+    torch.testing.assert_close(out["kd"], ad.kd_loss(s_out["logits"], t_out["logits"], b["labels"]))
+    assert out["vat"] > 0
+    torch.testing.assert_close(out["total"], out["lm"] + out["kd"] + out["vat"])
+    # a student identical to its teacher has zero KD and zero VAT (every form)
+    same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher), student_layers=[2, 3], teacher_layers=[2, 3])
+    for kw in [{}, {"vat_pool": "flat", "vat_queries": "all"}, {"matching": "adaptive"}]:
+        same2 = TeacherStudent(ts.teacher, same.student, student_layers=[2, 3], teacher_layers=[2, 3],
+                               matching=kw.get("matching", "simple"), **{k: v for k, v in kw.items() if k != "matching"})
+        o = same2(b)
+        assert float(o["kd"]) == pytest.approx(0, abs=1e-6) and float(o["vat"]) == pytest.approx(0, abs=1e-5)
+    # SFT: no teacher, LM only
+    sft = TeacherStudent(None, ts.student)(b)
+    torch.testing.assert_close(sft["total"], s_out["loss"])
+    assert sft["kd"] == 0 and sft["vat"] == 0
+
+
+def test_save_load_identical_logits(tmp_path):
+    ts = _pair(taf=True)
+    s = ts.student
+    b = _batch()
+    before = s(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
+    s.save_pretrained(tmp_path / "ckpt")
+    s2 = VLM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert s2.config.taf and s2.post_connector is not None
+    after = s2(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
+    assert torch.equal(before, after)
+
+
+def test_generate_matches_uncached_greedy_loop():
+    m = tiny_vlm(layers=2)
+    b = _batch()
+    ids, mask, pv = b["input_ids"][:2], b["attention_mask"][:2], b["pixel_values"]
+    got = m.generate(ids, mask, pv, max_new_tokens=5)
+    for i in range(2):  # one sample at a time, no cache, no padding
+        n = int(mask[i].sum())
+        seq = ids[i:i + 1, :n]
+        for step in range(got.shape[1]):
+            logits = m(seq, torch.ones_like(seq), pv[i:i + 1])["logits"]
+            logits[0, -1, IMAGE_TOKEN_ID] = float("-inf")
+            nxt = logits[0, -1].argmax()
+            assert nxt == got[i, step]
+            if nxt == m.llm.config.eos_token_id:
+                break
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)

@@ -1,0 +1,202 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from data import (CHAT, ChatTemplate, LLaVADataset, collate, image_processor, load_records,  # noqa: E402
+                  tokenize_conversation, word_tokenizer)
+
+WORDS = ["what color is the square?", "red.", "and the circle?", "blue", "what is it?", "a square"]
+N_V = 4  # image tokens per image
+S = 16   # image side
+NO_SYSTEM = ChatTemplate(system="")
+
+
+def ids(tok, tokens):
+    vocab = tok.get_vocab()
+    return [vocab[t] for t in tokens]
+
+
+def write_png(path, color):
+    Image.new("RGB", (20, 12), color).save(path)
+
+
+def write_json(path, records):
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return str(path)
+
+
+def make_dataset(tmp_path, records, max_length=512, template=CHAT):
+    tok = word_tokenizer(WORDS)
+    path = write_json(tmp_path / "data.json", records)
+    return LLaVADataset(path, None, tok, image_processor(S), N_V, max_length, template=template)
+
+
+TWO_TURNS = [{"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "Red."},
+             {"from": "human", "value": "And the circle?"}, {"from": "gpt", "value": "Blue"}]
+TEXT_ONLY = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square"}]
+
+
+def test_word_tokenizer_ids_are_specials_then_sorted_words():
+    tok = word_tokenizer(["b a", "c?"], template=None)
+    assert tok.get_vocab() == {"<pad>": 0, "<unk>": 1, "<eos>": 2, "<image>": 3, "?": 4, "a": 5, "b": 6, "c": 7}
+    assert (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_tokens_to_ids("<image>") == 3
+    words = [w for w, _ in sorted(word_tokenizer(WORDS).get_vocab().items(), key=lambda kv: kv[1])][4:]
+    assert words == sorted(words) and len(words) == 24  # 13 pieces of WORDS + 10 new ones of the template + ":"
+    assert tok("C? <image>\nB zz<eos>", add_special_tokens=False).input_ids == [7, 4, 3, 6, 1, 2]
+    # the default template's words are added, so prompts contain no <unk>
+    assert 1 not in word_tokenizer(["x"])(CHAT.system + CHAT.user + CHAT.assistant).input_ids
+
+
+def test_two_turn_conversation_with_image_exact_ids_and_labels():
+    tok = word_tokenizer(WORDS)
+    input_ids, labels = tokenize_conversation(TWO_TURNS, tok, N_V, has_image=True, sample_id="s0")
+    system = ["a", "chat", "between", "a", "user", "and", "an", "assistant", "that", "answers", "questions", "about",
+              "an", "image", "."]
+    prompt1 = system + ["user", ":"] + ["<image>"] * N_V + ["what", "color", "is", "the", "square", "?",
+                                                             "assistant", ":"]
+    answer1 = ["red", ".", "<eos>"]
+    prompt2 = ["user", ":", "and", "the", "circle", "?", "assistant", ":"]
+    answer2 = ["blue", "<eos>"]
+    assert input_ids == ids(tok, prompt1 + answer1 + prompt2 + answer2)
+    assert labels == [-100] * len(prompt1) + ids(tok, answer1) + [-100] * len(prompt2) + ids(tok, answer2)
+    assert input_ids.count(3) == N_V and input_ids[17:21] == [3, 3, 3, 3]
+
+
+def test_image_placeholder_rules():
+    tok = word_tokenizer(WORDS)
+    # image but no "<image>" in the text: it is prepended to the first question (LLaVA)
+    no_tag = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square"}]
+    input_ids, _ = tokenize_conversation(no_tag, tok, N_V, True, NO_SYSTEM)
+    assert input_ids[:8] == ids(tok, ["user", ":"] + ["<image>"] * N_V + ["what", "is"])
+    with pytest.raises(ValueError, match="sample 'x7'.*no 'image'"):
+        tokenize_conversation(TWO_TURNS, tok, N_V, False, sample_id="x7")
+    two_tags = [{"from": "human", "value": "<image> <image> What is it?"}, {"from": "gpt", "value": "A square"}]
+    with pytest.raises(ValueError, match="sample 'x8': 2 <image>"):
+        tokenize_conversation(two_tags, tok, N_V, True, sample_id="x8")
+    with pytest.raises(ValueError, match="turn 1 must be"):
+        tokenize_conversation([TEXT_ONLY[0], TEXT_ONLY[0]], tok, N_V, False)
+    # a conversation ending with a question is a generation prompt: ends with "assistant :", nothing supervised
+    input_ids, labels = tokenize_conversation(TEXT_ONLY[:1], tok, N_V, False, NO_SYSTEM)
+    assert input_ids == ids(tok, ["user", ":", "what", "is", "it", "?", "assistant", ":"])
+    assert labels == [-100] * 8
+
+
+def test_text_only_sample(tmp_path):
+    ds = make_dataset(tmp_path, [{"id": "t", "conversations": TEXT_ONLY}], template=NO_SYSTEM)
+    s = ds[0]
+    tok = ds.tokenizer
+    prompt = ["user", ":", "what", "is", "it", "?", "assistant", ":"]
+    answer = ["a", "square", "<eos>"]
+    assert s["input_ids"].tolist() == ids(tok, prompt + answer)
+    assert s["labels"].tolist() == [-100] * 8 + ids(tok, answer)
+    assert s["input_ids"].dtype == torch.long and s["pixel_values"] is None
+    assert sum(ds.dropped.values()) == 0
+
+
+def test_truncation_never_cuts_the_image(tmp_path):
+    write_png(tmp_path / "a.png", "red")
+    rec = [{"id": "i", "image": "a.png", "conversations": TWO_TURNS}]
+    # NO_SYSTEM layout: user : (0,1) | <image> x4 (2..5) | what color is the square ? (6..11) | assistant : (12,13)
+    # | red . <eos> (14..16) | ...
+    ds = make_dataset(tmp_path, rec, max_length=5, template=NO_SYSTEM)
+    with pytest.warns(UserWarning, match="sample 'i': its image tokens end at position 6 > max_length=5"):
+        assert ds[0] is None
+    assert ds.dropped == {"image_truncated": 1}
+
+    ds = make_dataset(tmp_path, rec, max_length=6, template=NO_SYSTEM)  # image fits, but no answer token left
+    with pytest.warns(UserWarning, match="no answer token left"):
+        assert ds[0] is None
+    assert ds.dropped == {"no_supervised_tokens": 1}
+
+    ds = make_dataset(tmp_path, rec, max_length=15, template=NO_SYSTEM)  # cut after "red": kept
+    s = ds[0]
+    tok = ds.tokenizer
+    assert s["input_ids"].tolist() == ids(tok, ["user", ":"] + ["<image>"] * 4 + ["what", "color", "is", "the",
+                                                                               "square", "?", "assistant", ":", "red"])
+    assert s["labels"].tolist() == [-100] * 14 + ids(tok, ["red"])
+    assert s["pixel_values"].shape == (3, S, S) and not ds.dropped
+
+
+def test_collate(tmp_path):
+    write_png(tmp_path / "r.png", (255, 0, 0))
+    write_png(tmp_path / "b.png", (0, 0, 255))
+    recs = [{"id": "0", "image": "r.png", "conversations": TWO_TURNS},
+            {"id": "1", "conversations": TEXT_ONLY},
+            {"id": "2", "image": "b.png", "conversations": TEXT_ONLY}]
+    ds = make_dataset(tmp_path, recs, template=NO_SYSTEM)
+    samples = [ds[0], None, ds[1], ds[2]]
+    lens = [len(s["input_ids"]) for s in samples if s is not None]
+    assert lens == [27, 11, 15]
+    batch = collate(samples, pad_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_mask"}
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, 27)
+    assert batch["attention_mask"].sum(1).tolist() == [27, 11, 15]
+    assert batch["attention_mask"].dtype == torch.long
+    assert batch["input_ids"][1, :11].tolist() == ds[1]["input_ids"].tolist()
+    assert batch["input_ids"][1, 11:].tolist() == [0] * 16 and batch["labels"][1, 11:].tolist() == [-100] * 16
+    assert batch["input_ids"][2, 15:].tolist() == [0] * 12 and batch["labels"][2, 15:].tolist() == [-100] * 12
+    assert batch["labels"][0].tolist() == ds[0]["labels"].tolist()
+    assert batch["image_mask"].tolist() == [True, False, True] and batch["image_mask"].dtype == torch.bool
+    # one row per image sample, in batch order: red then blue, SigLIP-normalised to [-1, 1]
+    assert batch["pixel_values"].shape == (2, 3, S, S)
+    assert batch["pixel_values"][:, :, 0, 0].tolist() == [[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]]
+    text_only = collate([ds[1], None], pad_id=0)
+    assert text_only["pixel_values"] is None and text_only["image_mask"].tolist() == [False]
+    assert collate([None, None], pad_id=0) is None
+
+
+def test_tokenizer_and_image_processor_round_trip(tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer
+    tok = word_tokenizer(WORDS)
+    tok.save_pretrained(tmp_path / "tok")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert (tok2.pad_token_id, tok2.unk_token_id, tok2.eos_token_id, tok2.convert_tokens_to_ids("<image>")) == \
+        (0, 1, 2, 3)
+    text = "What color is the SQUARE? <image>\nzebra<eos>"
+    assert tok2(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids == \
+        ids(tok, ["what", "color", "is", "the", "square", "?", "<image>"]) + [1, 2]
+
+    proc = image_processor(S)
+    proc.save_pretrained(tmp_path / "proc")
+    proc2 = AutoImageProcessor.from_pretrained(tmp_path / "proc")
+    img = Image.new("RGB", (30, 20), (10, 200, 90))
+    a = proc(images=img, return_tensors="pt").pixel_values
+    b = proc2(images=img, return_tensors="pt").pixel_values
+    assert a.shape == (1, 3, S, S) and torch.equal(a, b)
+    assert torch.allclose(a[0, :, 0, 0], torch.tensor([10, 200, 90]) / 127.5 - 1)
+
+
+def test_missing_or_corrupt_image_is_dropped_and_counted(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    recs = [{"id": "m", "image": "nope.png", "conversations": TEXT_ONLY},
+            {"id": "c", "image": "bad.png", "conversations": TEXT_ONLY},
+            {"id": "b", "conversations": TWO_TURNS},  # <image> in the text, no image: bad sample
+            {"id": "ok", "conversations": TEXT_ONLY}]
+    ds = make_dataset(tmp_path, recs)
+    with pytest.warns(UserWarning, match="nope.png"):
+        assert ds[0] is None
+    with pytest.warns(UserWarning, match="bad.png"):
+        assert ds[1] is None
+    with pytest.warns(UserWarning, match="sample 'b'"):
+        assert ds[2] is None
+    assert ds[3] is not None
+    assert ds.dropped == {"missing_image": 2, "bad_sample": 1}
+
+
+def test_load_records_formats_and_errors(tmp_path):
+    recs = [{"id": "a", "conversations": TEXT_ONLY}, {"id": "b", "conversations": TEXT_ONLY}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert load_records(str(tmp_path / "d.jsonl")) == recs
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_records(str(tmp_path / "missing.json"))
+    (tmp_path / "broken.json").write_text('[{"id": 1,')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        load_records(str(tmp_path / "broken.json"))
+    (tmp_path / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="broken.jsonl, line 2"):
+        load_records(str(tmp_path / "broken.jsonl"))

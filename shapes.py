@@ -1,0 +1,479 @@
+"""The embedded synthetic "shapes" world: images, captions, instructions and test sets.
+
+Each image is a black canvas cut into a grid (default 3x3) with 2-4 filled objects, at most one per
+cell, slightly jittered inside it. An object is a colour (8), a shape (circle, square, triangle,
+diamond, cross, star) and a size (small / large). Within one image colours are unique and shapes are
+unique, so "the red one" and "the square" always name exactly one object. Four colour-shape combos
+(HELD_OUT) never occur in training images and are forced into half of the test images, to probe
+composition beyond memorised pairs.
+
+Everything is written in the formats the real-data code reads, so one pipeline serves both:
+  pretrain.json        LLaVA-Pretrain: {"id", "image", "conversations": [human prompt, gpt caption]}
+  instruct.json        LLaVA mix665K: 1-3 turn conversations, ~2 % text-only samples (no "image")
+  test/vqa.jsonl       {"question", "answer", "image", "type"} short answers
+  test/cr/{subset}.json  SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
+  test/pope_{random,popular,adversarial}.jsonl  {"question", "answer", "image", "category", "object"}
+  scenes.json          every image's objects (ground truth for checks and evaluation)
+  tokenizer/, image_processor/  built with data.py helpers, so nothing is ever downloaded
+  meta.json            settings, counts, held-out combos, vocabulary
+Image paths are relative to the output directory.
+
+Grammar. A noun phrase (NP) is "[size] [color] shape". Captions are relational,
+"a NP left of a NP" (relations: left of / right of / above / below), or lists,
+"a NP , a NP and a NP". All text is lower case with punctuation as separate words; the article is
+always "a" (even "a orange circle"), so no article betrays the next word.
+
+Pitfalls this world avoids (each one measured in a prototype before the project):
+  * Relations are only stated along an axis where the two objects really differ, and both orders
+    ("A left of B" and "B right of A") are sampled, so the relation word is never a text shortcut.
+  * CR negatives obey the world's rules (no repeated colour or shape in a caption; replacements are
+    drawn from attributes absent from the image), so text alone cannot reject them.
+  * add_obj is length-matched: the last listed object is replaced by an absent one instead of
+    appending one, so a likelihood scorer cannot win by length. (add_att, as in SugarCrepe, adds one
+    word; report the shuffled-image control beside it.)
+  * POPE files are exactly balanced yes/no; training yes/no questions by a fair coin per question.
+Determinism: every image and sample draws from its own random.Random seeded by a string
+("{seed}/{stream}/{index}"), so files are byte-identical for a seed and a smaller run is a prefix of a
+larger one. Test images use separate streams from training images.
+"""
+import argparse
+import json
+import math
+import os
+import random
+from collections import Counter
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+COLORS = {"red": (230, 30, 30), "green": (40, 200, 40), "blue": (40, 90, 255), "yellow": (250, 230, 0),
+          "purple": (160, 50, 230), "orange": (255, 140, 0), "white": (245, 245, 245), "cyan": (0, 220, 220)}
+SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
+SIZES = {"small": 0.24, "large": 0.42}  # radius as a fraction of the cell side
+# Mildly skewed frequencies, so POPE's "popular" split (most frequent training objects) means something.
+COLOR_WEIGHTS = [1.4, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7]
+SHAPE_WEIGHTS = [1.3, 1.2, 1.1, 1.0, 0.9, 0.8]
+HELD_OUT = [("red", "star"), ("green", "triangle"), ("blue", "diamond"), ("yellow", "cross")]
+RELATIONS = {"left": "right", "right": "left", "above": "below", "below": "above"}
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+PROMPT = "describe the image ."
+CR_SUBSETS = ["swap_att", "replace_att", "replace_obj", "replace_rel", "swap_obj", "add_obj", "add_att"]
+POPE_SPLITS = ["random", "popular", "adversarial"]
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, still deterministic
+
+
+def position_words(grid):
+    """Names of rows and columns, or None when the grid is too fine to name cells in words."""
+    return {2: (["top", "bottom"], ["left", "right"]),
+            3: (["top", "middle", "bottom"], ["left", "center", "right"])}.get(grid)
+
+
+def vocabulary(grid=3):
+    """Every word any generated text can contain (checked against the real texts in generate)."""
+    words = set(COLORS) | set(SHAPES) | set(SIZES) | set(RELATIONS) | set(NUMBERS)
+    words |= set("a the and of , ? . what color shape size is there in image how many objects object are "
+                 "yes no where nothing describe say colors shapes comes after opposite".split())
+    if position_words(grid):
+        words |= set(sum(position_words(grid), []))
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------- scenes and rendering
+def _weighted_sample(rng, items, weights, k, exclude=()):
+    """k distinct items drawn with the given weights (without replacement)."""
+    pool = [(x, w) for x, w in zip(items, weights) if x not in exclude]
+    out = []
+    for _ in range(k):
+        x = rng.choices([p[0] for p in pool], [p[1] for p in pool])[0]
+        out.append(x)
+        pool = [p for p in pool if p[0] != x]
+    return out
+
+
+def sample_scene(rng, grid, image_size, forced=None, forbid=()):
+    """2-4 objects in distinct cells; unique colours and shapes; `forced` (color, shape) included,
+    no object's (color, shape) in `forbid` (training scenes forbid the held-out combos)."""
+    while True:
+        n = rng.randint(2, min(4, grid * grid))
+        cells = rng.sample(range(grid * grid), n)
+        first = [forced] if forced else []
+        colors = [c for c, _ in first] + _weighted_sample(rng, list(COLORS), COLOR_WEIGHTS, n - len(first),
+                                                          exclude=[c for c, _ in first])
+        kinds = [s for _, s in first] + _weighted_sample(rng, SHAPES, SHAPE_WEIGHTS, n - len(first),
+                                                          exclude=[s for _, s in first])
+        if not any((c, s) in forbid for c, s in zip(colors, kinds)):
+            break
+    cell = image_size / grid
+    objects = []
+    for cell_id, color, shape in zip(cells, colors, kinds):
+        size = rng.choice(list(SIZES))
+        r = SIZES[size] * cell
+        slack = max(0.0, cell / 2 - r - 1) * 0.6  # jitter, but never out of the cell
+        row, col = divmod(cell_id, grid)
+        x = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        y = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        objects.append(dict(color=color, shape=shape, size=size, row=row, col=col,
+                            x=round(x, 2), y=round(y, 2), r=round(r, 2)))
+    rng.shuffle(objects)
+    return objects
+
+
+def _polygon(shape, x, y, r):
+    if shape == "triangle":
+        return [(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)]
+    if shape == "diamond":
+        return [(x, y - r), (x + 0.7 * r, y), (x, y + r), (x - 0.7 * r, y)]
+    if shape == "cross":
+        t = 0.33 * r
+        return [(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
+                (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)]
+    if shape == "star":
+        return [(x + rad * math.sin(k * math.pi / 5), y - rad * math.cos(k * math.pi / 5))
+                for k in range(10) for rad in [r if k % 2 == 0 else 0.45 * r]]
+    raise ValueError(shape)
+
+
+def render(objects, image_size):
+    """Filled shapes on black, drawn at SUPERSAMPLE x resolution and box-filtered down."""
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (image_size * s, image_size * s), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        x, y, r, fill = o["x"] * s, o["y"] * s, o["r"] * s, COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif o["shape"] == "square":
+            h = 0.82 * r
+            draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
+        else:
+            draw.polygon(_polygon(o["shape"], x, y, r), fill=fill)
+    return img.resize((image_size, image_size), Image.BOX)
+
+
+# ----------------------------------------------------------------------------- text: grammar and truth
+def relation(a, b):
+    """Relation words that hold for "a REL b" (only along axes where the two objects differ)."""
+    rels = []
+    if a["col"] != b["col"]:
+        rels.append("left" if a["col"] < b["col"] else "right")
+    if a["row"] != b["row"]:
+        rels.append("above" if a["row"] < b["row"] else "below")
+    return rels
+
+
+def rel_text(rel):
+    return rel + " of" if rel in ("left", "right") else rel
+
+
+def np_text(np):
+    return " ".join(w for w in (np.get("size"), np.get("color"), np["shape"]) if w)
+
+
+def make_np(rng, o, color=None, size=None):
+    """An NP for object o; color/size: True = include, False = omit, None = random."""
+    color = rng.random() < 0.85 if color is None else color
+    size = rng.random() < 0.3 if size is None else size
+    return dict(shape=o["shape"], color=o["color"] if color else None, size=o["size"] if size else None)
+
+
+def relational_caption(a_np, rel, b_np):
+    return f"a {np_text(a_np)} {rel_text(rel)} a {np_text(b_np)}"
+
+
+def list_caption(nps):
+    parts = ["a " + np_text(n) for n in nps]
+    return parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def parse_caption(caption):
+    """Inverse of the caption grammar: (list of NP dicts, relation word or None)."""
+    words = caption.split()
+    rel = next((w for w in words if w in RELATIONS), None)
+    chunks, cur = [], []
+    for w in words:
+        if w in ("a", ",", "and", "of") or w in RELATIONS:
+            if cur:
+                chunks.append(cur)
+            cur = []
+        else:
+            cur.append(w)
+    chunks.append(cur)
+    nps = [dict(shape=c[-1], color=next((w for w in c if w in COLORS), None),
+                size=next((w for w in c if w in SIZES), None)) for c in chunks]
+    return nps, rel
+
+
+def _matches(np, o):
+    return all(np[k] is None or np[k] == o[k] for k in ("shape", "color", "size"))
+
+
+def caption_true(caption, objects):
+    """Is the caption true of the scene? Every NP names an object; the relation holds."""
+    nps, rel = parse_caption(caption)
+    found = [[o for o in objects if _matches(np, o)] for np in nps]
+    if not all(found):
+        return False
+    if rel is None:
+        return len({np["shape"] for np in nps}) == len(nps)
+    return any(rel in relation(a, b) for a in found[0] for b in found[1] if a is not b)
+
+
+def obeys_rules(caption):
+    """Colours and shapes never repeat within an image, so they must not repeat within a caption."""
+    nps, _ = parse_caption(caption)
+    colors = [n["color"] for n in nps if n["color"]]
+    return len(set(colors)) == len(colors) and len({n["shape"] for n in nps}) == len(nps)
+
+
+def name(o):
+    return f"{o['color']} {o['shape']}"
+
+
+# ----------------------------------------------------------------------------- training texts
+def pretrain_caption(rng, objects):
+    """70 % relational (random order, random valid axis), 30 % a list of all objects in random order."""
+    if rng.random() < 0.7:
+        a, b = rng.sample(objects, 2)
+        return relational_caption(make_np(rng, a), rng.choice(relation(a, b)), make_np(rng, b))
+    return list_caption([make_np(rng, o) for o in rng.sample(objects, len(objects))])
+
+
+def question(rng, objects, grid, kind=None):
+    """One (question, answer, kind) about the scene. Yes/no kinds are balanced by a coin flip."""
+    kinds = ["color", "binding", "size", "exist", "count", "rel_yn", "rel_query"] + (["position"] if position_words(grid) else [])
+    weights = [12, 12, 6, 14, 8, 20, 14, 14][:len(kinds)]
+    kind = kind or rng.choices(kinds, weights)[0]
+    o = rng.choice(objects)
+    if kind == "color":
+        return f"what color is the {o['shape']} ?", o["color"], kind
+    if kind == "binding":
+        return f"what shape is {o['color']} ?", o["shape"], kind
+    if kind == "size":
+        return f"what size is the {name(o)} ?", o["size"], kind
+    if kind == "exist":
+        present = {(p["color"], p["shape"]) for p in objects}
+        form = rng.choice(["combo", "combo", "shape", "color"])
+        if rng.random() < 0.5:  # yes
+            q = {"combo": name(o), "shape": o["shape"], "color": o["color"] + " object"}[form]
+            return f"is there a {q} in the image ?", "yes", kind
+        if form == "shape":
+            q = rng.choice([s for s in SHAPES if s not in {p["shape"] for p in objects}])
+        elif form == "color":
+            q = rng.choice([c for c in COLORS if c not in {p["color"] for p in objects}]) + " object"
+        else:  # half of the absent combos are binding foils: colour and shape both present, not together
+            foils = [(p["color"], s["shape"]) for p in objects for s in objects if p is not s]
+            pool = foils if rng.random() < 0.5 else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+            q = " ".join(rng.choice(pool))
+        return f"is there a {q} in the image ?", "no", kind
+    if kind == "count":
+        if rng.random() < 0.5:
+            return "how many objects are there ?", NUMBERS[len(objects)], kind
+        size = rng.choice(list(SIZES))
+        return f"how many {size} objects are there ?", NUMBERS[sum(p["size"] == size for p in objects)], kind
+    if kind == "rel_yn":
+        a, b = rng.sample(objects, 2)
+        rel = rng.choice(relation(a, b))
+        yes = rng.random() < 0.5
+        a_np, b_np = (make_np(rng, x, size=False, color=rng.random() < 0.7) for x in (a, b))
+        return f"is the {np_text(a_np)} {rel_text(rel if yes else RELATIONS[rel])} the {np_text(b_np)} ?", \
+            "yes" if yes else "no", kind
+    if kind == "rel_query":  # only (reference, relation) pairs with exactly one answer
+        options = [(b, rel, [a for a in objects if rel in relation(a, b)]) for b in objects for rel in RELATIONS]
+        options = [t for t in options if len(t[2]) == 1]
+        if not options:  # e.g. four objects in a 2x2 block: every side holds two or none
+            return question(rng, objects, grid, "rel_yn")
+        b, rel, ans = rng.choice(options)
+        return f"what is {rel_text(rel)} the {np_text(make_np(rng, b, size=False))} ?", name(ans[0]), kind
+    rows, cols = position_words(grid)
+    if rng.random() < 0.5:
+        return f"where is the {np_text(make_np(rng, o, size=False))} ?", f"{rows[o['row']]} {cols[o['col']]}", kind
+    cell = rng.randrange(grid * grid)
+    here = [p for p in objects if p["row"] * grid + p["col"] == cell]
+    return f"what is in the {rows[cell // grid]} {cols[cell % grid]} ?", name(here[0]) if here else "nothing", kind
+
+
+def text_only(rng):
+    """World trivia without an image (the 2 % text-only share of instruction data)."""
+    k = rng.randrange(5)
+    if k == 0:
+        w = rng.choice(list(COLORS) + SHAPES)
+        cat = rng.choice(["color", "shape"])
+        return f"is {w} a {cat} ?", "yes" if (w in COLORS) == (cat == "color") else "no"
+    if k == 1:
+        cat = rng.choice(["colors", "shapes"])
+        return f"how many {cat} are there ?", NUMBERS[len(COLORS) if cat == "colors" else len(SHAPES)]
+    if k == 2:
+        i = rng.randrange(len(NUMBERS) - 1)
+        return f"what comes after {NUMBERS[i]} ?", NUMBERS[i + 1]
+    if k == 3:
+        w = rng.choice(list(RELATIONS) + list(SIZES))
+        return f"what is the opposite of {w} ?", RELATIONS.get(w) or ("large" if w == "small" else "small")
+    w = rng.choice(["yes", "no"])
+    return f"say {w} .", w
+
+
+def conversation(rng, objects, grid):
+    """1-3 turns (50/30/20 %); the first human turn carries the image placeholder."""
+    turns, seen = [], set()
+    for t in range(rng.choices([1, 2, 3], [5, 3, 2])[0]):
+        q, a, _ = question(rng, objects, grid)
+        if q in seen:
+            continue
+        seen.add(q)
+        turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return turns
+
+
+# ----------------------------------------------------------------------------- test sets
+def cr_item(rng, subset, objects):
+    """(caption, negative) for one SugarCrepe subset; the negative differs in exactly the named way."""
+    colors_here = {o["color"] for o in objects}
+    shapes_here = {o["shape"] for o in objects}
+    absent_color = rng.choice([c for c in COLORS if c not in colors_here])
+    absent_shape = rng.choice([s for s in SHAPES if s not in shapes_here])
+    if subset == "add_obj":  # length-matched: replace the last listed object by an absent one
+        nps = [make_np(rng, o) for o in rng.sample(objects, len(objects))]
+        new = dict(nps[-1], shape=absent_shape)
+        new["color"] = absent_color if new["color"] else None
+        return list_caption(nps), list_caption(nps[:-1] + [new])
+    a, b = rng.sample(objects, 2)
+    rel = rng.choice(relation(a, b))
+    both_colors = subset in ("swap_att", "swap_obj", "replace_att")
+    a_np, b_np = (make_np(rng, o, color=True if both_colors else None) for o in (a, b))
+    pos = relational_caption(a_np, rel, b_np)
+    i = rng.randrange(2)
+    nps = [dict(a_np), dict(b_np)]
+    if subset == "swap_att":
+        nps[0]["color"], nps[1]["color"] = b_np["color"], a_np["color"]
+    elif subset == "swap_obj":
+        nps[0]["shape"], nps[1]["shape"] = b_np["shape"], a_np["shape"]
+    elif subset == "replace_att":
+        nps[i]["color"] = absent_color
+    elif subset == "replace_obj":
+        nps[i]["shape"] = absent_shape
+    elif subset == "replace_rel":  # "A left of B" -> "A right of B": false, since they differ on that axis
+        return pos, relational_caption(a_np, RELATIONS[rel], b_np)
+    elif subset == "add_att":  # the positive omits one attribute; the negative adds a wrong one
+        attr = rng.choice(["color", "size"])
+        wrong = absent_color if attr == "color" else {"small": "large", "large": "small"}[(a, b)[i]["size"]]
+        pos_nps = [dict(a_np), dict(b_np)]
+        pos_nps[i][attr] = None
+        nps = [dict(n) for n in pos_nps]
+        nps[i][attr] = wrong
+        return relational_caption(pos_nps[0], rel, pos_nps[1]), relational_caption(nps[0], rel, nps[1])
+    else:
+        raise ValueError(subset)
+    return pos, relational_caption(nps[0], rel, nps[1])
+
+
+def pope_items(rng, objects, freq):
+    """One present and one absent object per image, for each split:
+    random = an absent combo, uniformly; popular = one of the 3 absent combos most frequent in training
+    images (as POPE takes the top-k frequent objects);
+    adversarial = an absent combo whose colour AND shape are both in the image (a binding foil)."""
+    present = {(o["color"], o["shape"]) for o in objects}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    yes = name(rng.choice(objects))
+    no = {"random": " ".join(rng.choice(absent)),
+          "popular": " ".join(rng.choice(sorted(absent, key=lambda cs: (-freq[cs], cs))[:3])),
+          "adversarial": " ".join(rng.choice([(p["color"], q["shape"]) for p in objects for q in objects if p is not q]))}
+    return yes, no
+
+
+# ----------------------------------------------------------------------------- writing
+def _write(path, obj):
+    """Sorted keys and fixed formatting, so equal content gives equal bytes; *.jsonl = one row per line."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if path.endswith(".jsonl"):
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in obj)
+        else:
+            f.write(json.dumps(obj, sort_keys=True, indent=1) + "\n")
+
+
+def generate(out, seed=0, n_train=4000, n_test=200, image_size=64, grid=3, text_only_frac=0.02, progress=True):
+    """Write the whole world under `out` and return its meta dict (also saved as meta.json)."""
+    if grid < 2 or image_size < 8 * grid:
+        raise ValueError(f"shapes world: need grid >= 2 and image_size >= 8 * grid, got grid={grid}, image_size={image_size}")
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    bar = lambda it, desc: tqdm(it, desc=desc, disable=not progress, leave=False)
+    R = lambda *key: random.Random("/".join(map(str, (seed,) + key)))
+    scenes, pretrain, instruct = {}, [], []
+    forbid = set(HELD_OUT)
+    for i in bar(range(n_train), "train images"):
+        path = f"images/train_{i:05d}.png"
+        objects = sample_scene(R("train", i), grid, image_size, forbid=forbid)
+        scenes[path] = dict(split="train", objects=objects)
+        render(objects, image_size).save(os.path.join(out, path), format="PNG", compress_level=1)
+        cap = pretrain_caption(R("pretrain", i), objects)
+        pretrain.append({"id": f"train_{i:05d}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\n" + PROMPT}, {"from": "gpt", "value": cap}]})
+        instruct.append({"id": f"train_{i:05d}", "image": path, "conversations": conversation(R("instruct", i), objects, grid)})
+    n_text = round(text_only_frac * n_train)
+    for k in range(n_text):  # spread through the file so a sequential reader meets them too
+        q, a = text_only(R("text", k))
+        instruct.insert(k * n_train // n_text + k, {"id": f"text_{k:05d}", "conversations": [
+            {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    freq = Counter((o["color"], o["shape"]) for s in scenes.values() for o in s["objects"])
+
+    vqa, cr, pope = [], {s: {} for s in CR_SUBSETS}, {s: [] for s in POPE_SPLITS}
+    for i in bar(range(n_test), "test images"):
+        path = f"images/test_{i:05d}.png"
+        forced = HELD_OUT[(i // 2) % len(HELD_OUT)] if i % 2 == 0 else None  # half carry a held-out combo
+        objects = sample_scene(R("test", i), grid, image_size, forced=forced)
+        scenes[path] = dict(split="test", objects=objects)
+        render(objects, image_size).save(os.path.join(out, path), format="PNG", compress_level=1)
+        q, a, kind = question(R("vqa", i), objects, grid)
+        vqa.append({"id": f"test_{i:05d}", "question": q, "answer": a, "image": path, "type": kind})
+        for subset in CR_SUBSETS:
+            pos, neg = cr_item(R("cr", subset, i), subset, objects)
+            cr[subset][str(i)] = {"filename": path, "caption": pos, "negative_caption": neg}
+        yes, no = pope_items(R("pope", i), objects, freq)
+        for split in POPE_SPLITS:
+            for obj, ans in ((yes, "yes"), (no[split], "no")):
+                pope[split].append({"question": f"is there a {obj} in the image ?", "answer": ans,
+                                    "image": path, "category": split, "object": obj})
+
+    # Remove images left over from an earlier, larger run into the same directory.
+    for f in os.listdir(os.path.join(out, "images")):
+        if f"images/{f}" not in scenes:
+            os.remove(os.path.join(out, "images", f))
+    files = {"pretrain.json": pretrain, "instruct.json": instruct, "scenes.json": scenes, "test/vqa.jsonl": vqa,
+             **{f"test/cr/{s}.json": items for s, items in cr.items()},
+             **{f"test/pope_{s}.jsonl": rows for s, rows in pope.items()}}
+    for rel_path, obj in files.items():
+        _write(os.path.join(out, rel_path), obj)
+
+    # The tokenizer covers the grammar's whole vocabulary; check the real texts against it.
+    vocab = vocabulary(grid)
+    texts = [t["value"] for s in pretrain + instruct for t in s["conversations"]]
+    texts += [r["question"] + " " + r["answer"] for r in vqa + sum(pope.values(), [])]
+    texts += [v[k] for items in cr.values() for v in items.values() for k in ("caption", "negative_caption")]
+    unknown = {w for t in texts for w in t.replace("<image>", " ").split()} - set(vocab)
+    if unknown:  # a grammar edit that forgot vocabulary(): fail here, not as <unk> in training
+        raise RuntimeError(f"shapes.vocabulary() misses words the generator used: {sorted(unknown)}")
+    from data import image_processor, word_tokenizer  # the project's own builders: no downloads
+    tok = word_tokenizer(vocab)
+    tok.save_pretrained(os.path.join(out, "tokenizer"))
+    image_processor(image_size).save_pretrained(os.path.join(out, "image_processor"))
+
+    meta = dict(seed=seed, n_train=n_train, n_test=n_test, image_size=image_size, grid=grid,
+                colors={c: list(v) for c, v in COLORS.items()}, shapes=SHAPES, sizes=SIZES,
+                held_out=[list(h) for h in HELD_OUT], prompt=PROMPT, vocab=vocab, vocab_size=len(tok),
+                counts=dict(train_images=n_train, test_images=n_test, pretrain=len(pretrain),
+                            instruct=len(instruct), instruct_text_only=n_text, vqa=len(vqa),
+                            **{f"cr_{s}": len(v) for s, v in cr.items()},
+                            **{f"pope_{s}": len(v) for s, v in pope.items()}),
+                pope_definitions=pope_items.__doc__.split("\n", 1)[1].strip(),
+                image_paths="relative to this directory (also in test/*)")
+    _write(os.path.join(out, "meta.json"), meta)
+    return meta
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Generate the synthetic shapes world (see the module docstring).")
+    for key, default in dict(out="out/shapes", seed=0, n_train=4000, n_test=200, image_size=64, grid=3).items():
+        p.add_argument(f"--{key}", type=type(default), default=default)
+    args = p.parse_args()
+    meta = generate(**vars(args))
+    print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {args.out}")

@@ -1,0 +1,229 @@
+"""The shapes world: determinism, truth of every positive, the exact shape of every CR negative,
+balanced POPE, held-out combos, and a tokenizer without <unk>."""
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import shapes  # noqa: E402
+
+
+def _hashes(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes") / "w")
+    meta = shapes.generate(out, seed=0, n_train=40, n_test=20, progress=False)
+    scenes = json.load(open(os.path.join(out, "scenes.json")))
+    return out, meta, scenes
+
+
+def _cr(out, subset):
+    return json.load(open(os.path.join(out, "test", "cr", f"{subset}.json")))
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_determinism(world, tmp_path):
+    out, _, _ = world
+    same = str(tmp_path / "same")
+    shapes.generate(same, seed=0, n_train=40, n_test=20, progress=False)
+    h0, h1 = _hashes(out), _hashes(same)
+    assert len(h0) == 40 + 20 + 15 + 3 and h0 == h1  # images, json(l) files, tokenizer + processor files
+    other = str(tmp_path / "other")
+    shapes.generate(other, seed=1, n_train=40, n_test=20, progress=False)
+    h2 = _hashes(other)
+    assert h2.keys() == h0.keys()
+    differ = [k for k in h0 if h0[k] != h2[k]]
+    assert "pretrain.json" in differ and "images/train_00000.png" in differ and "test/cr/swap_att.json" in differ
+
+
+def test_files_and_counts(world):
+    out, meta, scenes = world
+    pre = json.load(open(os.path.join(out, "pretrain.json")))
+    ins = json.load(open(os.path.join(out, "instruct.json")))
+    assert len(pre) == 40 and len(ins) == 41 and meta["counts"]["instruct_text_only"] == 1
+    assert sum("image" not in s for s in ins) == 1
+    for s in pre:
+        assert s["conversations"][0]["value"] == "<image>\n" + shapes.PROMPT
+        assert shapes.caption_true(s["conversations"][1]["value"], scenes[s["image"]]["objects"])
+        assert os.path.isfile(os.path.join(out, s["image"]))
+    for s in ins:
+        turns = s["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 6
+        assert turns[0]["value"].startswith("<image>\n") == ("image" in s)
+    assert len(_jsonl(os.path.join(out, "test", "vqa.jsonl"))) == 20
+    assert all(len(_cr(out, s)) == 20 for s in shapes.CR_SUBSETS)
+
+
+def test_scenes_obey_rules(world):
+    _, _, scenes = world
+    for sc in scenes.values():
+        objs = sc["objects"]
+        assert 2 <= len(objs) <= 4
+        for key in ("color", "shape"):
+            assert len({o[key] for o in objs}) == len(objs)
+        assert len({(o["row"], o["col"]) for o in objs}) == len(objs)
+
+
+def test_held_out_combos(world):
+    _, meta, scenes = world
+    held = {tuple(h) for h in meta["held_out"]}
+    combos = lambda split: {(o["color"], o["shape"]) for s in scenes.values() if s["split"] == split for o in s["objects"]}
+    assert not combos("train") & held
+    assert combos("test") >= held  # all four appear among 20 test images
+
+
+def test_cr_positives_true_negatives_false_and_lawful(world):
+    out, _, scenes = world
+    for subset in shapes.CR_SUBSETS:
+        for item in _cr(out, subset).values():
+            objs = scenes[item["filename"]]["objects"]
+            assert shapes.caption_true(item["caption"], objs), (subset, item)
+            assert not shapes.caption_true(item["negative_caption"], objs), (subset, item)
+            assert shapes.obeys_rules(item["caption"]) and shapes.obeys_rules(item["negative_caption"]), (subset, item)
+
+
+def test_cr_negatives_differ_exactly_as_named(world):
+    out, _, scenes = world
+
+    def diff(item):
+        p, n = item["caption"].split(), item["negative_caption"].split()
+        return p, n, [i for i in range(min(len(p), len(n))) if p[i] != n[i]]
+
+    for item in _cr(out, "swap_att").values():
+        p, n, d = diff(item)
+        assert len(p) == len(n) and len(d) == 2 and all(p[i] in shapes.COLORS for i in d)
+        assert (p[d[0]], p[d[1]]) == (n[d[1]], n[d[0]])
+    for item in _cr(out, "swap_obj").values():
+        p, n, d = diff(item)
+        assert len(p) == len(n) and len(d) == 2 and all(p[i] in shapes.SHAPES for i in d)
+        assert (p[d[0]], p[d[1]]) == (n[d[1]], n[d[0]])
+    for item in _cr(out, "replace_rel").values():
+        p, n, d = diff(item)
+        assert len(p) == len(n) and len(d) == 1 and shapes.RELATIONS[p[d[0]]] == n[d[0]]
+    for subset, vocab, attr in (("replace_att", shapes.COLORS, "color"), ("replace_obj", shapes.SHAPES, "shape")):
+        for item in _cr(out, subset).values():
+            p, n, d = diff(item)
+            here = {o[attr] for o in scenes[item["filename"]]["objects"]}
+            assert len(p) == len(n) and len(d) == 1 and p[d[0]] in vocab and n[d[0]] in vocab and n[d[0]] not in here
+    for item in _cr(out, "add_obj").values():  # length-matched: only the last object changes, to an absent one
+        p, n, d = diff(item)
+        assert len(p) == len(n) and d and min(d) > max(i for i, w in enumerate(p) if w in (",", "and"))
+        new = shapes.parse_caption(item["negative_caption"])[0][-1]
+        assert all((o["color"], o["shape"]) != (new["color"], new["shape"]) for o in scenes[item["filename"]]["objects"])
+    for item in _cr(out, "add_att").values():  # one extra colour or size word, nothing else changes
+        p, n, _ = diff(item)
+        assert len(n) == len(p) + 1
+        k = next(i for i in range(len(n)) if i == len(p) or p[i] != n[i])
+        assert n[:k] + n[k + 1:] == p and (n[k] in shapes.COLORS or n[k] in shapes.SIZES)
+
+
+def test_pope_balanced_and_true(world):
+    out, _, scenes = world
+    for split in shapes.POPE_SPLITS:
+        rows = _jsonl(os.path.join(out, "test", f"pope_{split}.jsonl"))
+        assert len(rows) == 40 and sum(r["answer"] == "yes" for r in rows) == 20
+        for r in rows:
+            assert r["category"] == split and r["question"] == f"is there a {r['object']} in the image ?"
+            present = {f"{o['color']} {o['shape']}" for o in scenes[r["image"]]["objects"]}
+            assert (r["object"] in present) == (r["answer"] == "yes")
+            if split == "adversarial" and r["answer"] == "no":  # binding foil: colour and shape both present
+                c, s = r["object"].split()
+                assert c in {p.split()[0] for p in present} and s in {p.split()[1] for p in present}
+
+
+def _oracle(q, objs):
+    """An answerer written independently of shapes.question, from the question templates alone."""
+    w = q.split()
+    name = lambda o: f"{o['color']} {o['shape']}"
+    find = lambda np: [o for o in objs if all(x in (o["color"], o["shape"], o["size"]) for x in np.split())]
+    rows, cols = shapes.position_words(3)
+    if q.startswith("what color is the "):
+        return find(w[4])[0]["color"]
+    if q.startswith("what shape is "):
+        return find(w[3])[0]["shape"]
+    if q.startswith("what size is the "):
+        return find(" ".join(w[4:6]))[0]["size"]
+    if q.startswith("is there a "):
+        np = " ".join(w[3:w.index("in")]).replace(" object", "")
+        return "yes" if find(np) else "no"
+    if q.startswith("how many "):
+        return shapes.NUMBERS[len(objs) if w[2] == "objects" else sum(o["size"] == w[2] for o in objs)]
+    if q.startswith("is the "):  # "is the A REL the B ?" is true iff the caption "a A REL a B" is
+        return "yes" if shapes.caption_true("a " + q[len("is the "):-2].replace(" the ", " a "), objs) else "no"
+    if q.startswith("where is the "):
+        o = find(" ".join(w[3:-1]))[0]
+        return f"{rows[o['row']]} {cols[o['col']]}"
+    if q.startswith("what is in the "):
+        here = [o for o in objs if (rows[o["row"]], cols[o["col"]]) == (w[4], w[5])]
+        return name(here[0]) if here else "nothing"
+    if q.startswith("what is "):  # "what is REL the B ?": the one object on that side of B
+        rel, ref = w[2], find(" ".join(w[w.index("the") + 1:-1]))[0]
+        side = [o for o in objs if rel in shapes.relation(o, ref)]
+        assert len(side) == 1, q
+        return name(side[0])
+    raise AssertionError(f"unknown question template: {q}")
+
+
+def test_every_image_answer_is_right(world):
+    out, _, scenes = world
+    qa = [(r["question"], r["answer"], r["image"]) for r in _jsonl(os.path.join(out, "test", "vqa.jsonl"))]
+    for s in json.load(open(os.path.join(out, "instruct.json"))):
+        if "image" in s:
+            t = s["conversations"]
+            qa += [(t[i]["value"].replace("<image>\n", ""), t[i + 1]["value"], s["image"]) for i in range(0, len(t), 2)]
+    for q, a, image in qa:
+        assert _oracle(q, scenes[image]["objects"]) == a, (q, a, image)
+
+
+def test_yes_no_balanced():
+    import random
+    rng = random.Random(0)
+    for kind in ("exist", "rel_yn"):
+        answers = [shapes.question(rng, shapes.sample_scene(rng, 3, 64), 3, kind)[1] for _ in range(2000)]
+        assert set(answers) == {"yes", "no"} and 0.45 < answers.count("yes") / len(answers) < 0.55
+
+
+def test_tokenizer_covers_every_text(world):
+    out, meta, _ = world
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    assert len(tok) == meta["vocab_size"]
+    texts = []
+    for f in ("pretrain.json", "instruct.json"):
+        texts += [t["value"] for s in json.load(open(os.path.join(out, f))) for t in s["conversations"]]
+    for subset in shapes.CR_SUBSETS:
+        texts += [v[k] for v in _cr(out, subset).values() for k in ("caption", "negative_caption")]
+    for f in ["vqa.jsonl"] + [f"pope_{s}.jsonl" for s in shapes.POPE_SPLITS]:
+        texts += [r["question"] + " " + r["answer"] for r in _jsonl(os.path.join(out, "test", f))]
+    ids = tok(texts, add_special_tokens=False).input_ids
+    assert all(tok.unk_token_id not in x for x in ids)
+    assert sum(x.count(tok.convert_tokens_to_ids("<image>")) for x in ids) == 40 + 40  # one per image sample
+
+
+def test_project_loader_reads_it(world):
+    """data.py's LLaVA loader serves the files as written: images found, answers supervised, no <unk>."""
+    import functools
+    from transformers import AutoTokenizer
+    import data
+    out, meta, _ = world
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    proc = data.image_processor(meta["image_size"])
+    for f in ("pretrain.json", "instruct.json"):
+        ds = data.LLaVADataset(os.path.join(out, f), None, tok, proc, num_image_tokens=4, max_length=256)
+        batch = data.collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id)
+        assert not ds.dropped and batch["pixel_values"].shape == (40, 3, 64, 64)
+        assert int(batch["image_mask"].sum()) == 40 and not (batch["input_ids"] == tok.unk_token_id).any()

@@ -1,0 +1,408 @@
+"""
+The one training loop, shared by the three stages (train_dpt.py, train_dft.py, train_sft.py).
+
+A stage script only chooses defaults (data, which losses, which parameters train); everything else
+is here, top to bottom: set-up (plain python or torchrun DDP), models, data, optimizer, the loop
+(gradient accumulation, bf16 autocast on GPU, cosine LR with warm-up, clipping, logging, eval) and
+checkpoints (a directory per stage, written atomically, resumable bit for bit).
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from configurator import configure
+from data import LLaVADataset, collate
+from model import VLM, TeacherStudent, VLMConfig, set_trainable
+
+# Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
+DEFAULTS = dict(
+    stage="sft",                  # dpt | dft | sft: decides the trainable set (model.set_trainable)
+    out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
+    init_from="",                 # previous stage's directory, or "scratch" (build from llm/vision configs)
+    teacher="",                   # teacher checkpoint directory (needed when kd_weight or vat_weight > 0)
+    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
+    image_folder="",              # default: the folder holding the data file
+    val_data="",                  # a separate validation file; default: hold out val_frac of `data`
+    val_frac=0.02,
+    tokenizer="",                 # scratch only: tokenizer / image-processor dirs (default: the data folder's)
+    image_processor="",
+    llm={},                       # scratch only: HF causal-LM config dict for the new model
+    vision={},                    # scratch only: HF vision config dict (ignored when a teacher gives the tower)
+    connector="mlp2x_gelu",
+    max_length=512,
+    # losses (METHOD.md)
+    kd_weight=0.0, vat_weight=0.0, kd_temperature=1.0,
+    taf=False,                    # TAF: student takes the teacher connector (frozen) + a post_connector
+    train_llm=-1,                 # -1: the stage's default (LLM trains in DFT/SFT, not in DPT); 0/1 force it
+    student_layers=None, teacher_layers=None,  # None: the preset / "intermediate"; a name, (lo, hi) or a list
+    matching="group",
+    vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum",
+    # optimisation
+    batch_size=16, grad_accum=1, max_steps=1000, lr=2e-4, min_lr_frac=0.0, warmup_frac=0.03,
+    weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, seed=0,
+    dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16
+    grad_ckpt=False, compile=False, num_workers=0,
+    # bookkeeping
+    log_interval=10, eval_interval=200, eval_batches=10, save_interval=500,
+    stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
+)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def compute_init():
+    """Plain python: one process. torchrun: a process group (nccl on GPU, gloo on CPU)."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return ddp, rank, world, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a directory, written to a temporary name then swapped in
+
+
+def save_checkpoint(out_dir, student, train_state, log):
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(path):
+    """The loadable checkpoint at `path`; after a crash mid-swap, the previous one left at path.old."""
+    for p in (path, path + ".old"):
+        if os.path.isfile(os.path.join(p, "model.safetensors")):
+            return p
+    return None
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# data order: a pure function of (seed, global sample position), so resume and DDP need no state
+
+
+class BatchSampler:
+    """
+    Yields the index lists of this rank's micro-batches from micro-step `start` on. Global sample
+    position p = ((step * grad_accum + micro) * world + rank) * batch_size + i, read from the
+    permutation of epoch p // N. One process with grad_accum = 2 sees exactly the samples that two
+    DDP ranks with grad_accum = 1 see, in the same groups.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world=1, start=0):
+        self.n, self.bs, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self._perm = {}
+
+    def _index(self, p):
+        epoch = p // self.n
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perm[epoch][p % self.n])
+
+    def __iter__(self):
+        micro = self.start
+        while True:
+            first = (micro * self.world + self.rank) * self.bs
+            yield [self._index(p) for p in range(first, first + self.bs)]
+            micro += 1
+
+
+def lr_at(step, cfg):
+    warmup = max(1, int(cfg["warmup_frac"] * cfg["max_steps"]))
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg["max_steps"] - warmup)
+    floor = cfg["lr"] * cfg["min_lr_frac"]
+    return floor + (cfg["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def build_student(cfg, teacher, resume_dir):
+    """The student: resumed, from the previous stage, or new (sharing the teacher's frozen tower)."""
+    if resume_dir:
+        return VLM.from_pretrained(resume_dir)
+    src = cfg["init_from"]
+    if src and src != "scratch":
+        ckpt = checkpoint_dir(src)
+        if ckpt is None:
+            raise FileNotFoundError(f"init_from={src}: no checkpoint there; run the previous stage first "
+                                    "(it writes its out_dir), or use init_from=scratch")
+        return VLM.from_pretrained(ckpt)
+    if not cfg["llm"]:
+        raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
+    data_dir = os.path.dirname(os.path.abspath(cfg["data"].split(",")[0]))
+    if teacher is None and cfg["teacher"]:  # not distilling (a baseline), but same tower and tokenizer
+        teacher = VLM.from_pretrained(checkpoint_dir(cfg["teacher"]) or cfg["teacher"])
+    if teacher is not None:  # share the teacher's tower, tokenizer and image processor: KD and VAT need them equal
+        vision_tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
+        vision = teacher.config.vision
+    else:
+        if not cfg["vision"]:
+            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict")
+        vision_tower, vision = None, cfg["vision"]
+        tok = AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer"))
+        proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or os.path.join(data_dir, "image_processor"))
+    llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"],
+                       image_token_id=tok.convert_tokens_to_ids("<image>"))
+    student = VLM(config, vision_tower=vision_tower)
+    student.tokenizer, student.image_processor = tok, proc
+    return student
+
+
+def build_model(cfg, resume_dir):
+    teacher = None
+    if cfg["stage"] != "sft" and (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
+        ckpt = checkpoint_dir(cfg["teacher"]) if cfg["teacher"] else None
+        if ckpt is None:
+            raise FileNotFoundError(f"teacher={cfg['teacher']!r}: no teacher checkpoint; kd_weight/vat_weight/taf "
+                                    "need one (train it with train_sft.py config/shapes_teacher.py)")
+        teacher = VLM.from_pretrained(ckpt)
+    student = build_student(cfg, teacher, resume_dir)
+    ts = TeacherStudent(teacher, student, cfg["student_layers"], cfg["teacher_layers"],
+                        matching=cfg["matching"], vat_queries=cfg["vat_queries"], vat_pool=cfg["vat_pool"],
+                        vat_loss=cfg["vat_loss"], vat_layer_reduce=cfg["vat_layer_reduce"],
+                        kd_weight=cfg["kd_weight"], vat_weight=cfg["vat_weight"],
+                        kd_temperature=cfg["kd_temperature"])
+    if cfg["taf"] and not student.config.taf:
+        ts.apply_taf()
+    train_llm = None if cfg["train_llm"] == -1 else bool(cfg["train_llm"])
+    params = set_trainable(student, cfg["stage"], train_llm)
+    return ts, params
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
+    model.eval()
+    sums, n = {}, 0
+    for batch in loader:
+        if n == n_batches:
+            break
+        if batch is None:
+            continue
+        with autocast:
+            out = model(to_device(batch, device), kd=kd, vat=vat)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    model.train()
+    return {k: v / max(1, n) for k, v in sums.items()}
+
+
+def train(cfg):
+    """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    ddp, rank, world, device = compute_init()
+    master = rank == 0
+    out_dir = cfg["out_dir"]
+    resume_dir = checkpoint_dir(out_dir)
+    state = None
+    if resume_dir:
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=False)
+        if state["config"]["stage"] != cfg["stage"]:
+            raise ValueError(f"{out_dir} holds a '{state['config']['stage']}' checkpoint, this is '{cfg['stage']}': "
+                             "choose another out_dir")
+        if state["step"] >= cfg["max_steps"]:
+            print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
+            compute_cleanup()
+            return state["log"][-1] if state["log"] else {}
+        print0(f"resuming {out_dir} from step {state['step']}")
+    torch.manual_seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+    np.random.seed(cfg["seed"] + rank)
+
+    ts, params = build_model(cfg, resume_dir)
+    student = ts.student
+    ts.to(device)
+    kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
+    use_bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if ts.teacher is not None and use_bf16:
+        ts.teacher.to(torch.bfloat16)  # frozen: half the memory, and it runs under bf16 autocast anyway
+    if cfg["grad_ckpt"]:
+        student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg["compile"]:
+        student.llm.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
+    model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None) if ddp else ts
+
+    # data
+    tok, N_v = student.tokenizer, student.num_image_tokens
+    folder = cfg["image_folder"] or None
+    load = lambda paths: torch.utils.data.ConcatDataset(
+        [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")])
+    dataset = load(cfg["data"])
+    if cfg["val_data"]:
+        val_set, train_idx = load(cfg["val_data"]), list(range(len(dataset)))
+    else:  # a fixed held-out slice of the training file
+        n_val = max(1, int(cfg["val_frac"] * len(dataset))) if cfg["eval_interval"] > 0 else 0
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()
+        val_set, train_idx = torch.utils.data.Subset(dataset, perm[:n_val]), perm[n_val:]
+    train_set = torch.utils.data.Subset(dataset, train_idx)
+    step = state["step"] if state else 0
+    sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])
+    collate_fn = partial(collate, pad_id=tok.pad_token_id)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda"))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"], collate_fn=collate_fn)
+
+    # optimizer (AdamW; no weight decay on biases and norms)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  fused=device.type == "cuda")
+    log = []
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        log = state["log"]
+    n_params = sum(p.numel() for p in params)
+    print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
+           f"world {world}, device {device}, kd={kd} vat={vat} taf={student.config.taf}")
+
+    def checkpoint():
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg}
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
+                                               "config": cfg, "log": log}, log)
+        if ddp:
+            dist.barrier()
+
+    model.train()  # the teacher is not a submodule: it stays in eval()
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=cfg["stage"], dynamic_ncols=True)
+    t0, tokens, sums, since_log, done_here = time.time(), 0, {}, 0, 0
+    while step < cfg["max_steps"]:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        for micro in range(cfg["grad_accum"]):
+            batch = next(loader)
+            if batch is None:  # every sample of this micro-batch was dropped (counted in dataset.dropped)
+                continue
+            batch = to_device(batch, device)
+            sync = not ddp or micro == cfg["grad_accum"] - 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                out = model(batch, kd=kd, vat=vat)
+            (out["total"] / cfg["grad_accum"]).backward()
+            tokens += int(batch["attention_mask"].sum()) * world
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / cfg["grad_accum"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        done_here += 1
+        since_log += 1
+        bar.update(1)
+
+        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+            dt = time.time() - t0
+            rec = {"step": step, "lr": lr, **{k: v / since_log for k, v in sums.items()},
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tok_per_s": tokens / dt, "mem_gb": _memory_gb(device)}
+            log.append(rec)
+            bar.set_postfix(lm=f"{rec.get('lm', 0):.3f}", kd=f"{rec.get('kd', 0):.3f}", vat=f"{rec.get('vat', 0):.3f}")
+            if master:
+                bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                      if k != "step" and v is not None))
+            t0, tokens, sums, since_log = time.time(), 0, {}, 0
+        if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
+            if master:
+                ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
+                log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+                bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if ddp:
+                dist.barrier()
+        stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
+        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop:
+            checkpoint()
+        if stop:
+            print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
+            break
+    bar.close()
+    dropped = sum((d.dropped for d in dataset.datasets), Counter())
+    if dropped:
+        print0(f"dropped samples (this process): {dict(dropped)}")
+    compute_cleanup()
+    return log[-1] if log else {}
+
+
+def _memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # peak resident memory of this process (Linux reports kB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(stage_defaults, argv=None):
+    """Entry point of the stage scripts: DEFAULTS < stage defaults < config files < --key=value."""
+    cfg = dict(DEFAULTS, **stage_defaults)
+    cfg = configure(cfg, sys.argv[1:] if argv is None else argv)
+    return train(cfg)

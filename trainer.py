@@ -34,7 +34,10 @@ from model import VLM, TeacherStudent, VLMConfig, set_trainable
 DEFAULTS = dict(
     stage="sft",                  # dpt | dft | sft: decides the trainable set (model.set_trainable)
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
-    init_from="",                 # previous stage's directory, or "scratch" (build from llm/vision configs)
+    init_from="",                 # previous stage's directory; "scratch" (from llm/vision config dicts);
+                                  # or "backbones" (pretrained HF vision_model + llm_model)
+    vision_model="",              # backbones only: HF id or path of the vision tower, e.g. a SigLIP checkpoint
+    llm_model="",                 # backbones only: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
     teacher="",                   # teacher checkpoint directory (needed when kd_weight or vat_weight > 0)
     data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
     image_folder="",              # default: the folder holding the data file
@@ -180,6 +183,10 @@ def build_student(cfg, teacher, resume_dir):
     if resume_dir:
         return VLM.from_pretrained(resume_dir)
     src = cfg["init_from"]
+    if src == "backbones":
+        if not (cfg["vision_model"] and cfg["llm_model"]):
+            raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
+        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"])
     if src and src != "scratch":
         ckpt = checkpoint_dir(src)
         if ckpt is None:

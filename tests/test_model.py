@@ -134,3 +134,37 @@ def test_generate_matches_uncached_greedy_loop():
             if nxt == m.llm.config.eos_token_id:
                 break
             seq = torch.cat([seq, nxt.view(1, 1)], 1)
+
+
+def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
+    """The real-model path (pretrained SigLIP + causal LM + tokenizer) on tiny checkpoints saved here."""
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+    from conftest import llm_cfg, vision_cfg
+    from data import image_processor
+    from model import _hf_config
+
+    torch.manual_seed(0)
+    SiglipVisionModel(_hf_config(vision_cfg())).save_pretrained(tmp_path / "vision")
+    image_processor(16).save_pretrained(tmp_path / "vision")
+    # an LM whose tokenizer lacks <image>: from_backbones must add it and grow the embeddings
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, "red": 3, "circle": 4}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    plain = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    plain.save_pretrained(tmp_path / "llm")
+    AutoModelForCausalLM.from_config(_hf_config(dict(llm_cfg(), vocab_size=5))).save_pretrained(tmp_path / "llm")
+
+    m = VLM.from_backbones(str(tmp_path / "vision"), str(tmp_path / "llm"))
+    assert m.image_token_id == 5 and m.llm.get_input_embeddings().num_embeddings == 6
+    assert m.tokenizer.convert_tokens_to_ids("<image>") == 5
+    vision = SiglipVisionModel.from_pretrained(tmp_path / "vision")
+    assert all(torch.equal(a, b) for a, b in zip(m.vision_tower.parameters(), vision.parameters()))
+    ids = torch.tensor([[3, 5, 5, 5, 5, 4]])
+    out = m(ids, torch.ones_like(ids), torch.randn(1, 3, 16, 16), labels=ids.masked_fill(ids == 5, -100))
+    assert out["logits"].shape == (1, 6, 6) and torch.isfinite(out["loss"])
+    m.save_pretrained(tmp_path / "ckpt")  # and it round-trips like any other checkpoint
+    m2 = VLM.from_pretrained(str(tmp_path / "ckpt"))
+    assert torch.equal(m2(ids, torch.ones_like(ids), torch.zeros(1, 3, 16, 16))["logits"],
+                       m(ids, torch.ones_like(ids), torch.zeros(1, 3, 16, 16))["logits"])

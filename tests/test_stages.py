@@ -154,3 +154,10 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(world):
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert any(not torch.equal(a[k], weights(world["dpt"])[k]) for k in a)  # training really moved the weights
+
+
+@pytest.mark.parametrize("path", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")))
+def test_every_preset_passes_the_config_checks(path):
+    cfg = trainer.configure(dict(trainer.DEFAULTS), [os.path.join(ROOT, "config", path)])
+    assert cfg.keys() == trainer.DEFAULTS.keys()
+    assert cfg["init_from"] in ("scratch", "backbones") or cfg["init_from"].startswith("out/")

@@ -1,0 +1,16 @@
+# Real recipe, stage 2 (DFT): LM + KD + VAT; student layers 8..14 <-> teacher windows over 13..23 (the presets).
+# torchrun --nproc_per_node=8 train_dft.py config/qwen15_dft.py
+init_from = "out/qwen15/dpt"
+teacher = "out/qwen15/teacher"
+out_dir = "out/qwen15/dft"
+data = "DATA/llava_v1_5_mix665k.json"
+image_folder = "DATA"
+max_length = 2048
+batch_size = 4
+grad_accum = 4             # x 8 GPUs = 128 (reference)
+max_steps = 5200
+lr = 2e-4
+warmup_frac = 0.03
+grad_ckpt = True
+eval_interval = 1000
+save_interval = 500

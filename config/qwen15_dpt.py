@@ -1,0 +1,19 @@
+# Real recipe, stage 1 (DPT): Qwen1.5-1.8B student from a Qwen1.5-4B teacher, same SigLIP tower and tokenizer.
+# torchrun --nproc_per_node=8 train_dpt.py config/qwen15_dpt.py
+init_from = "backbones"
+vision_model = "google/siglip-so400m-patch14-384"
+llm_model = "Qwen/Qwen1.5-1.8B"
+teacher = "out/qwen15/teacher"
+out_dir = "out/qwen15/dpt"
+data = "DATA/blip_laion_cc_sbu_558k.json"
+image_folder = "DATA/images"
+taf = True                 # trainable: post_connector only
+max_length = 2048
+batch_size = 8
+grad_accum = 4             # x 8 GPUs = 256 (reference)
+max_steps = 2180
+lr = 2e-4
+warmup_frac = 0.03
+grad_ckpt = True
+eval_interval = 500
+save_interval = 500

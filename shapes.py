@@ -75,6 +75,8 @@ def vocabulary(grid=3):
                  "yes no where nothing describe say colors shapes comes after opposite".split())
     if position_words(grid):
         words |= set(sum(position_words(grid), []))
+    # evaluate.py's multiple-choice prompt; never in training text, but better distinct words than <unk>
+    words |= set("which caption describes answer with or b ( )".split())
     return sorted(words)
 
 

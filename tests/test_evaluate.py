@@ -1,0 +1,239 @@
+"""evaluate.py: metric functions on hand-computed cases, likelihood scoring on a model trained to say one
+caption, and an end-to-end run (all tasks, heat map, CLI) on a tiny shapes world with tiny checkpoints."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as ev
+import shapes
+from conftest import llm_cfg, vision_cfg
+from data import collate
+from model import VLM, TeacherStudent, VLMConfig
+
+IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_pope_metrics_by_hand():
+    labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no"]
+    preds = ["yes", "yes", "no", None, "yes", "no", "no", None]
+    m = ev.pope_metrics(preds, labels)
+    # TP=2 FP=1 TN=2; the invalid "yes" item is a false negative, the invalid "no" item just wrong
+    assert m["accuracy"] == pytest.approx(4 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m["yes_ratio"] == pytest.approx(3 / 8) and m["invalid"] == pytest.approx(2 / 8) and m["n"] == 8
+    none = ev.pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
+    assert none["precision"] == 0 and none["recall"] == 0 and none["f1"] == 0 and none["accuracy"] == 0.5
+    assert [ev.parse_yes_no(a) for a in ["Yes, there is.", "no", " NO.", "there is", "", "yesterday"]] == \
+        ["yes", "no", "no", None, None, None]
+
+
+def test_mcq_parsing():
+    caps = ("a red circle left of a blue square", "a blue circle left of a red square")
+    cases = {"A": 0, "a": 0, "(a)": 0, "A.": 0, "a)": 0, "(A) a red circle": 0, "Answer: A": 0,
+             "B": 1, "b": 1, "(B)": 1, "B.": 1, "b red circle": 1, "The answer is (B).": 1,
+             # a leading article is not option A; a repeated caption picks its option
+             "a red circle": -1, "a red circle left of a blue square": 0, "A blue circle left of a red square.": 1,
+             "a green star": -1, "": -1, "apple": -1, "both": -1}
+    for answer, want in cases.items():
+        assert ev.parse_choice(answer, caps) == want, answer
+    # one caption inside the other (an added object): the longer one that was said wins
+    assert ev.parse_choice("a dog and a cat", ("a dog", "a dog and a cat")) == 1
+    assert ev.parse_choice("a dog", ("a dog", "a dog and a cat")) == 0
+
+
+def test_mcq_both_order_averaging():
+    first = [0, 0, 1, -1]   # positive shown as (A): right, right, wrong, invalid
+    second = [1, 0, 1, 1]   # positive shown as (B): right, wrong, right, right
+    m = ev.mcq_accuracy(first, second)
+    assert m["acc_pos_first"] == 0.5 and m["acc_pos_second"] == 0.75 and m["acc"] == 0.625
+    assert m["both"] == 0.25 and m["invalid"] == 1 / 8 and m["n"] == 4
+    # a model that always says "A" is at chance, whatever its first-order accuracy
+    assert ev.mcq_accuracy([0] * 5, [0] * 5)["acc"] == 0.5
+
+
+def test_winoground_scores():
+    # S[i][j] = score(caption i, image j)
+    assert ev.winoground_scores([[2, 1], [0, 3]]) == dict(text=1.0, image=1.0, group=1.0)
+    # each image prefers its own caption (2 > 1.5, 3 > 2.5) but caption 0 prefers image 1 (2.5 > 2)
+    assert ev.winoground_scores([[2, 2.5], [1.5, 3]]) == dict(text=1.0, image=0.0, group=0.0)
+    # caption 1 wins on image 0 (3 > 2): text fails; each caption prefers its own image: image holds
+    assert ev.winoground_scores([[2, 1], [3, 4]]) == dict(text=0.0, image=1.0, group=0.0)
+    assert ev.winoground_scores(torch.tensor([[1.0, 1.0], [1.0, 1.0]])) == dict(text=0.0, image=0.0, group=0.0)
+
+
+def test_vqa_normalisation_and_soft_accuracy():
+    assert ev.normalize_answer("Two.") == "2" == ev.normalize_answer("2")
+    assert ev.normalize_answer("The Red  Circle!") == "red circle"
+    assert ev.normalize_answer("an apple, please") == "apple please"
+    assert ev.normalize_answer("1.5") == "1.5" and ev.normalize_answer("1,000") == "1000"
+    assert ev.vqa_score("two", "2") == 1.0 and ev.vqa_score("a square", "square") == 1.0
+    assert ev.vqa_score("circle", "square") == 0.0
+    answers = ["2", "two", "3", "2 ", "three", "4", "2", "3", "3", "3"]
+    assert ev.vqa_score("Two", answers) == 1.0            # 4 matches -> min(1, 4/3)
+    assert ev.vqa_score("4", answers) == pytest.approx(1 / 3)
+    assert ev.vqa_score("three", ["3", "three", "x"]) == pytest.approx(2 / 3)
+    assert ev.vqa_score("five", answers) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# tiny shapes world and models
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes") / "w")
+    shapes.generate(out, n_train=20, n_test=10, image_size=IMAGE_SIZE, progress=False)
+    # a Winoground-style file from two test images and their true relational captions
+    cr = json.load(open(os.path.join(out, "test", "cr", "replace_rel.json")))
+    rows = [{"image_0": cr[str(i)]["filename"], "image_1": cr[str(i + 1)]["filename"],
+             "caption_0": cr[str(i)]["caption"], "caption_1": cr[str(i + 1)]["caption"]} for i in (0, 2, 4)]
+    with open(os.path.join(out, "test", "winoground.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out
+
+
+def _tiny(world, layers, hidden, seed, vision_tower=None):
+    from transformers import AutoImageProcessor, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(world, "tokenizer"))
+    torch.manual_seed(seed)
+    llm = dict(llm_cfg(layers=layers, hidden=hidden), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    cfg = VLMConfig(vision=vision_cfg(IMAGE_SIZE, PATCH), llm=llm, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    m = VLM(cfg, vision_tower=vision_tower).eval()
+    m.tokenizer, m.image_processor = tok, AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
+    return m
+
+
+def test_likelihood_prefers_the_trained_caption(world):
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    r = ev.Runner(m, world, batch_size=4, progress=False)
+    image = "images/test_00000.png"
+    good, bad = "a red star above a blue triangle", "a blue star above a red triangle"
+    batch = collate([r.sample(ev.CAPTION_PROMPT, image, good)], r.pad_id)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m.train()
+    for _ in range(40):
+        loss = m(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    specs = [(ev.CAPTION_PROMPT, image, good), (ev.CAPTION_PROMPT, image, bad), (ev.CAPTION_PROMPT, image, "a star")]
+    lp = r.loglik(specs, "test")
+    assert lp[0] > lp[1] + 1.0 and lp[0] > lp[2]
+    # each batched score is the mean log-probability of its answer tokens (+ <eos>) alone: -(LM loss)
+    for spec, score in zip(specs, lp):
+        b = collate([r.sample(*spec)], r.pad_id)
+        with torch.no_grad():
+            loss = m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])["loss"]
+        assert score == pytest.approx(-float(loss), abs=1e-4)
+    # forced choice reads the first answer position: after training, "a" (the caption's first word) wins
+    (a_lp, red_lp), = r.first_token_logprobs([(ev.CAPTION_PROMPT, image, None)], ["a", "red"], "test")
+    assert a_lp > red_lp and a_lp > math.log(0.5)
+
+
+def test_alignment_is_one_minus_the_training_vat_loss(world):
+    student = _tiny(world, layers=4, hidden=32, seed=1)
+    teacher = _tiny(world, layers=6, hidden=48, seed=2, vision_tower=copy.deepcopy(student.vision_tower))
+    r = ev.Runner(student, world, batch_size=8, progress=False)
+    items, _ = ev.load_cr(os.path.join(world, "test", "cr"), world, limit=1)
+    specs = [(ev.CAPTION_PROMPT, it["image"], it["pos"]) for it in items]  # 7 items: one batch
+    s_layers, windows = ev.matched_layers(student, teacher, [1, 2], [2, 3, 4])
+    assert s_layers == [1, 2] and windows == [[2, 3], [3, 4]]
+    got = ev.run_align(r, teacher, s_layers, windows, specs, "test")
+    (batch, _), = list(r.batches(specs, "test"))
+    ts = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")
+    with torch.no_grad():
+        vat = ts(batch, kd=False)["vat"]
+    assert got["n"] == 7
+    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat), abs=1e-5)
+    assert 0 < got["image_queries"]["flat_cos"] < 1 and 0 < got["text_queries"]["flat_cos"] < 1
+    # a student that is its own teacher is perfectly aligned in every form
+    same = ev.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
+    for form in (same["image_queries"], same["text_queries"]):
+        for k, v in form.items():
+            if k != "per_pair":
+                assert v == pytest.approx(1.0, abs=1e-5), k
+
+
+def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
+    student = _tiny(world, layers=4, hidden=32, seed=1)
+    teacher = _tiny(world, layers=6, hidden=48, seed=2, vision_tower=copy.deepcopy(student.vision_tower))
+    # the matched layers come from the student's training config, as trainer.py records it
+    student.config.extra = {"stage": "dft", "train_config": {"student_layers": [1, 2], "teacher_layers": [2, 3, 4],
+                                                             "matching": "group"}}
+    student.save_pretrained(str(tmp_path / "student"))
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    out = str(tmp_path / "eval")
+    tasks = ["vqa", "cr", "pope", "wino", "align"]
+    rep = ev.evaluate(str(tmp_path / "student"), world, tasks, teacher=str(tmp_path / "teacher"), heatmaps=1,
+                      out=out, batch_size=8, progress=False)
+    saved = json.load(open(os.path.join(out, "report.json")))
+    assert saved["tasks"] == tasks and all(t in saved for t in tasks)
+    assert saved["matched_layers"] == {"student": [1, 2], "teacher_windows": [[2, 3], [3, 4]]}
+    assert saved["vqa"]["n"] == 10 and saved["wino"]["n"] == 3
+    assert saved["cr"]["subsets"] == ev.CR_ORDER
+    assert all(saved["cr"][p]["per_subset"][s]["n"] == 10 for p in ("mcq", "likelihood") for s in ev.CR_ORDER)
+    assert {s: v["n"] for s, v in saved["pope"]["forced"]["per_split"].items()} == \
+        {"adversarial": 20, "popular": 20, "random": 20}
+    assert set(saved["align"]) == {"vqa", "cr"} and set(saved["align"]["cr"]["image_queries"]["per_pair"]) == \
+        {"s1<-t2..3", "s2<-t3..4"}
+    assert saved["cr"]["mcq"]["unknown_words"] == []  # shapes.vocabulary() covers the MCQ prompt
+
+    def numbers(d, path=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from numbers(v, f"{path}/{k}")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n":
+                yield f"{path}/{k}", v
+
+    for task in tasks:
+        vals = list(numbers(saved[task]))
+        assert vals, task
+        for where, v in vals:
+            assert 0.0 <= v <= 1.0, (task, where, v)
+    # the teacher-student similarities are real numbers strictly between "unrelated" and "identical"
+    assert 0 < saved["align"]["vqa"]["image_queries"]["vat_cos"] < 1
+
+    (png,) = saved["heatmaps"]
+    assert os.path.isfile(png) and png == rep["heatmaps"][0]
+    with Image.open(png) as im:
+        assert im.size == ev.heatmap_size(n_pairs=2, n_rows=4) == (ev.HEAT["label_w"] + 3 * 128, 34 + 16 + 4 * 128)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "| model | VQA | CR mcq | CR lik |" in md and "heatmap_000.png" in md
+
+    # the same checkpoint from the command line: no teacher, so align is skipped with a note
+    rep2 = ev.main([f"--model={tmp_path / 'student'}", f"--data={world}", "--tasks=vqa,cr,align", "--limit=3",
+                    "--cr_protocol=likelihood", "--batch_size=4"])
+    printed = capsys.readouterr().out
+    assert "| model | VQA |" in printed
+    assert os.path.isfile(tmp_path / "student" / "eval" / "report.json")
+    assert rep2["vqa"]["n"] == 3 and "mcq" not in rep2["cr"] and "align" not in rep2
+    assert any("align skipped" in n for n in rep2["notes"])
+
+    # several checkpoints, one table (run_shapes.sh); the teacher is not aligned with itself
+    cmp_out = tmp_path / "cmp"
+    reps = ev.main([f"--compare=teacher={tmp_path / 'teacher'},student={tmp_path / 'student'}",
+                    f"--teacher={tmp_path / 'teacher'}", f"--data={world}", f"--out={cmp_out}", "--tasks=cr,align",
+                    "--limit=2", "--cr_protocol=likelihood", "--heatmaps=1"])
+    assert list(reps) == ["teacher", "student"] and "align" not in reps["teacher"] and "align" in reps["student"]
+    md = open(cmp_out / "report.md").read()
+    assert "| teacher | " in md and "| student | " in md
+    assert os.path.isfile(cmp_out / "student" / "report.json") and os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
+    assert set(json.load(open(cmp_out / "report.json"))) == {"teacher", "student"}
+
+    table = ev.compare_table({"a": saved, "b": rep2})
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | ")
+    assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")

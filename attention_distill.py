@@ -40,6 +40,46 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_with_capture)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # same masks as plain SDPA
 
 
+def _probs(q, k, blocked, scaling):
+    """softmax(q k^T * scaling) over all keys, float32: (B, Hkv, G, Nq, S). `blocked` (B, Nq, S): True where a
+    query may not look (bool), or an additive float mask. A query that sees nothing gets a NaN row."""
+    dt = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 in gradcheck)
+    s = torch.einsum("bkgqd,bksd->bkgqs", q.to(dt) * scaling, k.to(dt))
+    if blocked.dtype == torch.bool:
+        s.masked_fill_(blocked[:, None, None], float("-inf"))
+    else:
+        s += blocked[:, None, None]
+    return s.softmax(-1)
+
+
+class _ImageAttention(torch.autograd.Function):
+    """
+    Head-averaged attention probabilities at the key columns `cols`, normalised over all keys. Saves only
+    q, k and the mask, and recomputes the probabilities in backward (as flash attention does): autograd keeps
+    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd kept two: softmax out, gather input).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, blocked, cols, scaling):
+        p = _probs(q, k, blocked, scaling)
+        ctx.save_for_backward(q, k, blocked, cols)
+        ctx.scaling = scaling
+        idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+        return p.gather(-1, idx).nan_to_num(0.0).mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, blocked, cols = ctx.saved_tensors
+        p = _probs(q, k, blocked, ctx.scaling).nan_to_num_(0.0)
+        idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+        # y_c = p_c = softmax(s)_c  =>  dL/ds_j = p_j (g_j [j in cols] - sum_c g_c p_c)
+        gp = (grad / (p.shape[1] * p.shape[2]))[:, None, None] * p.gather(-1, idx)  # per head: 1/H of grad
+        ds = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, idx, gp)
+        dq = torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling
+        dk = torch.einsum("bkgqs,bkgqd->bksd", ds, q.to(ds.dtype)) * ctx.scaling
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
+
+
 def attention_probs(query, key, attention_mask, rows, cols, scaling=None):
     """
     Head-averaged softmax(q k^T) for the query positions `rows` (B, Nq) and key positions `cols`
@@ -49,35 +89,36 @@ def attention_probs(query, key, attention_mask, rows, cols, scaling=None):
     """
     B, H, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    Nq, Nk = rows.shape[1], cols.shape[1]
+    Nq = rows.shape[1]
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(D)
-    q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).float()
-    q = q.view(B, Hkv, H // Hkv, Nq, D)
-    scores = torch.einsum("bkgqd,bksd->bkgqs", q, key.float()) * scaling  # (B, Hkv, G, Nq, S)
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).view(B, Hkv, H // Hkv, Nq, D)
     if attention_mask is None:  # SDPA ran with is_causal=True: rebuild the causal pattern
-        allowed = torch.arange(S, device=key.device) <= (rows[..., None] + (S - T))  # (B, Nq, S)
-    elif attention_mask.dtype == torch.bool:
-        m = attention_mask.expand(B, -1, -1, -1)[:, 0]  # (B, T, S); masks are shared by heads
-        allowed = m.gather(1, rows[..., None].expand(B, Nq, S))
-    else:  # additive float mask
-        m = attention_mask.expand(B, -1, -1, -1)[:, 0].float()
-        scores = scores + m.gather(1, rows[..., None].expand(B, Nq, S))[:, None, None]
-        allowed = None
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (padding) -> zeros
-    probs = probs.gather(-1, cols[:, None, None, None, :].expand(B, Hkv, H // Hkv, Nq, Nk))
-    return probs.mean(dim=(1, 2))
+        blocked = torch.arange(S, device=key.device) > (rows[..., None] + (S - T))  # (B, Nq, S)
+    else:  # bool (True = may attend) or additive float; shared by the heads
+        m = attention_mask.expand(B, -1, -1, -1)[:, 0].gather(1, rows[..., None].expand(B, Nq, S))
+        blocked = ~m if m.dtype == torch.bool else m
+    return _ImageAttention.apply(q, key, blocked, cols, scaling)
 
 
 class _Capture:
     def __init__(self, rows, cols):
-        self.rows, self.cols, self.maps = rows, cols, {}
+        self.rows, self.cols, self.maps, self.pending = rows, cols, {}, {}
 
     def record(self, module, query, key, attention_mask, scaling):
-        # With gradient checkpointing the layer runs again during backward: keep the first map.
-        if module.layer_idx not in self.maps:
+        if module.layer_idx in self.maps or module.layer_idx in self.pending:
+            return
+        if torch.is_grad_enabled():
+            # Only keep references here; the maps are computed when the context closes, outside the layer:
+            # non-reentrant gradient checkpointing replays each layer in backward (without this capture)
+            # and needs the same saved tensors as the first run.
+            self.pending[module.layer_idx] = (query, key, attention_mask, scaling)
+        else:
             self.maps[module.layer_idx] = attention_probs(query, key, attention_mask, self.rows, self.cols, scaling)
+
+    def finish(self):
+        for layer, (query, key, attention_mask, scaling) in self.pending.items():
+            self.maps[layer] = attention_probs(query, key, attention_mask, self.rows, self.cols, scaling)
+        self.pending.clear()
 
 
 def attention_modules(llm):
@@ -109,6 +150,7 @@ def capture_attention(llm, layers, rows, cols):
         mods[l]._vat_capture = capture
     try:
         yield capture.maps
+        capture.finish()
     finally:
         for l in layers:
             del mods[l]._vat_capture

@@ -155,7 +155,8 @@ class VLM(nn.Module):
     def hidden_states(self, input_ids, attention_mask, image_embeds=None):
         """Last hidden states (B, T, d) of the LM; logits are left to the caller (they are big)."""
         emb = self.embed(input_ids, image_embeds)
-        return self.llm.base_model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: otherwise transformers builds a DynamicCache that copies every layer's K and V
+        return self.llm.base_model(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def logits(self, h):
         return self.llm.get_output_embeddings()(h)

@@ -203,3 +203,27 @@ def test_layer_presets_and_ranges():
     assert ad.resolve_layers([1, 3], 4) == [1, 3]
     with pytest.raises(ValueError):
         ad.resolve_layers([4], 4)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_attention_probs_gradients_match_plain_autograd(mask_kind):
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 7, 3
+    q = torch.randn(B, H, T, D, dtype=torch.double, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.double, requires_grad=True)
+    rows, cols = torch.tensor([[1, 3, 4, 6], [0, 2, 5, 6]]), torch.tensor([[2, 3, 4], [0, 1, 2]])
+    lengths = torch.tensor([7, 5])
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]
+    allowed = causal[None] & (torch.arange(T)[None, None, :] < lengths[:, None, None])
+    mask = {"none": None, "bool": allowed[:, None],
+            "float": torch.zeros(B, 1, T, T, dtype=torch.double).masked_fill(~allowed[:, None], -1e9)}[mask_kind]
+    torch.autograd.gradcheck(lambda q, k: ad.attention_probs(q, k, mask, rows, cols), (q, k))
+    # and against the softmax-then-slice definition
+    s = torch.einsum("bhqd,bhsd->bhqs", q, k.repeat_interleave(H // Hkv, 1)) / math.sqrt(D)
+    if mask_kind != "none":
+        s = s.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        s = s.masked_fill(~causal, float("-inf"))
+    p = s.softmax(-1).nan_to_num(0.0)
+    want = torch.stack([p[b][:, rows[b]][:, :, cols[b]] for b in range(B)]).mean(1)
+    torch.testing.assert_close(ad.attention_probs(q, k, mask, rows, cols), want)

@@ -168,3 +168,24 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
     m2 = VLM.from_pretrained(str(tmp_path / "ckpt"))
     assert torch.equal(m2(ids, torch.ones_like(ids), torch.zeros(1, 3, 16, 16))["logits"],
                        m(ids, torch.ones_like(ids), torch.zeros(1, 3, 16, 16))["logits"])
+
+
+def test_vat_gradients_are_the_same_with_gradient_checkpointing():
+    ts = _pair(taf=True)
+    set_trainable(ts.student, "dft")
+    ts.student.train()
+    b = _batch()
+
+    def grads():
+        ts.student.zero_grad(set_to_none=True)
+        out = ts(b)
+        out["vat"].backward()
+        return out["vat"].detach(), {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
+
+    vat, want = grads()
+    ts.student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vat_ckpt, got = grads()
+    torch.testing.assert_close(vat_ckpt, vat)
+    assert got.keys() == want.keys() and any(g.abs().sum() > 0 for g in want.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)

@@ -1,0 +1,49 @@
+"""bench.py end to end on the tiny preset: the JSON's structure, the ratios, the ours = reference check."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tiny_json(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread: the step count is small and a busy 2-core machine makes OpenMP barriers slow
+    cmd = [sys.executable, "bench.py", "--preset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--json={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+
+    assert res["preset"] == "tiny" and res["shape"]["seq_len"] == 16 + 64 + 48 and res["shape"]["batch"] == 4
+    assert res["shape"]["image_tokens"] == 64 and res["shape"]["supervised"] > 0
+    # the agreement check ran in float32, passed, and its numbers say why
+    (c,) = res["checks"]
+    assert c["dtype"] == "float32" and c["decisive"] and c["passed"] is True and c["rtol"] == 1e-5
+    for k in ("lm", "kd", "vat"):
+        v = c["losses"][k]
+        assert v["rel_diff"] <= c["rtol"] and abs(v["ours"] - v["reference"]) == v["abs_diff"]
+    assert c["losses"]["vat"]["reference"] > 1e-3  # a non-vacuous VAT loss is compared
+
+    R = res["results"]
+    assert set(R) == {"ours", "reference", "novat"}
+    for m, r in R.items():
+        assert len(r["step_s_all"]) == 2 and r["step_s"] > 0
+        assert r["tokens_per_s"] == 4 * 128 / r["step_s"]
+        assert r["mfu"] is None  # CPU: no MFU
+        if res["memory_method"] is not None:
+            assert r["peak_mem_mib"] > 0 and r["step_mem_mib"] > 0
+        assert all(isinstance(r["losses"][k], float) for k in ("lm", "kd", "vat"))
+    assert R["novat"]["losses"]["vat"] == 0 and R["ours"]["losses"]["vat"] > 0
+    for other in ("reference", "novat"):
+        ratio = res["ratios"][f"ours/{other}"]
+        assert ratio["step_s"] == R["ours"]["step_s"] / R[other]["step_s"]
+        if res["memory_method"] is not None:
+            assert ratio["step_mem_mib"] == R["ours"]["step_mem_mib"] / R[other]["step_mem_mib"]
+    assert "ours/reference" in proc.stdout and "check ours = reference in float32 (rtol 1e-05) passed" in proc.stdout
+
+
+def test_bench_rejects_unknown_mode():
+    cmd = [sys.executable, "bench.py", "--modes=ours,fast"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "bad modes 'ours,fast'" in proc.stderr

@@ -1,0 +1,327 @@
+"""
+Every row of the CompoDistill comparison on the shapes world (teacher; student alone; KD; +TAF; +VAT; CompoDistill;
+matching, layer and VAT-loss ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on each SFT checkpoint,
+then <results>/shapes_table.md, shapes_results.json and shapes_chart.png.
+
+    python experiments.py --size=quick             # CPU: the steps of config/shapes_*.py, as run_shapes.sh uses them
+    python experiments.py --size=full --jobs=6     # one GPU, ~10 min: more steps, batch 128, 6 pipelines at once
+    python experiments.py --size=test --seeds=1    # tiny world and models, 1-2 steps (tests/test_experiments.py)
+    also: --seeds=3 --ablation_seeds=1 --rows=<row names or kinds, e.g. main,layers> --out=out/experiments
+          --results=results --data=<shapes dir> --teacher=<trained teacher dir> --eval_limit=N --cr_protocol=likelihood
+
+Runs go under <out>/<size>/: shapes/, teacher/, seed<s>/dpt_<variant>/, seed<s>/<row>/{dft,sft,eval}/. A finished
+stage writes <dir>.done.json (its arguments and wall time) and is skipped next time, so an interrupted call is just
+rerun. --jobs=1: every stage in this process; --jobs=N: N pipelines at once, each stage a subprocess (log in
+<dir>.log). Student seeds 0..n-1 are passed as --seed to every stage; the teacher (seed 0) is trained once.
+"""
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image, ImageDraw
+
+from configurator import configure
+from evaluate import _font
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# DPT variants (overrides on config/shapes_dpt.py): rows naming the same variant share one DPT run per seed.
+DPT = {"kd_taf": {}, "kd": dict(taf=False), "none": dict(kd_weight=0, vat_weight=0, taf=False)}
+
+# (row, kind, DPT variant, DFT overrides on config/shapes_dft.py); SFT is config/shapes_sft.py for every row. A row
+# whose resolved DFT config equals an earlier row's reuses its runs: group, intermediate, cosine and the reference
+# form are the recipe ("compodistill"). Layer sets on the 4-layer student / 6-layer teacher are explicit: the named
+# DEPTH_RANGES give student early [0,1] (overlapping the recipe's layer 1) and intermediate [2] / teacher [2,3], not
+# the recipe's [1,2] / [2,3,4]. Group windows: early [0]<-[0,1]; late [3]<-[4,5]; all: each <- 3 consecutive.
+ROWS = [
+    ("sft_only", "main", "none", dict(kd_weight=0, vat_weight=0, taf=False)),  # = run_shapes.sh's baseline
+    ("kd", "main", "kd", dict(vat_weight=0, taf=False)),
+    ("kd_taf", "main", "kd_taf", dict(vat_weight=0)),
+    ("kd_vat", "main", "kd", dict(taf=False)),
+    ("compodistill", "main", "kd_taf", {}),
+    ("match_simple", "matching", "kd_taf", dict(matching="simple")),
+    ("match_adaptive", "matching", "kd_taf", dict(matching="adaptive")),
+    ("match_group", "matching", "kd_taf", dict(matching="group")),
+    ("layers_early", "layers", "kd_taf", dict(student_layers=[0], teacher_layers=[0, 1])),
+    ("layers_intermediate", "layers", "kd_taf", dict(student_layers=[1, 2], teacher_layers=[2, 3, 4])),
+    ("layers_late", "layers", "kd_taf", dict(student_layers=[3], teacher_layers=[4, 5])),
+    ("layers_all", "layers", "kd_taf", dict(student_layers=[0, 1, 2, 3], teacher_layers=[0, 1, 2, 3, 4, 5])),
+    ("vat_cosine", "vat_loss", "kd_taf", dict(vat_loss="cosine")),
+    ("vat_mse", "vat_loss", "kd_taf", dict(vat_loss="mse")),
+    ("vat_kl", "vat_loss", "kd_taf", dict(vat_loss="kl")),
+    ("vat_reference_form", "vat_form", "kd_taf", dict(vat_queries="image", vat_pool="column")),
+    ("vat_paper_form", "vat_form", "kd_taf", dict(vat_queries="all", vat_pool="flat")),
+]
+
+TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, image_size=24, patch_size=8)  # 9 visual tokens, like the real size
+TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, tie_word_embeddings=True)
+# Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage.
+SIZES = {
+    "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
+                 all=dict(batch_size=2, max_length=64, max_steps=1, warmup_frac=0.0, log_interval=1, eval_interval=0),
+                 teacher=dict(vision=TINY_VISION, llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
+                 dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2), sft={}),
+    "quick": dict(world=dict(n_train=4000, n_test=200, image_size=48), eval_limit=100, jobs=1,
+                  all={}, teacher={}, dpt={}, dft={}, sft={}),
+    # Teacher past its binding transition (~2000 x 128, SHAPES_NOTES.md), student budget below its own.
+    "full": dict(world=dict(n_train=8000, n_test=200, image_size=48), eval_limit=0, jobs=6,
+                 all=dict(batch_size=128, num_workers=2, log_interval=50),
+                 teacher=dict(max_steps=2000, eval_interval=500, save_interval=1000),
+                 dpt=dict(max_steps=600, eval_interval=300, save_interval=600),
+                 dft=dict(max_steps=1200, eval_interval=400, save_interval=600),
+                 sft=dict(max_steps=300, eval_interval=300, save_interval=300)),
+}
+OPTIONS = dict(size="quick", seeds=3, ablation_seeds=1, jobs=0, rows="", out="out/experiments", results="results",
+               data="", teacher="", eval_limit=-1, cr_protocol="likelihood")
+SCORES = ["vqa", "cr", "pope_f1", "align"]  # fractions in [0, 1]
+
+
+def args(d):
+    return [f"--{k}={v}" for k, v in d.items()]
+
+
+def stage_args(size, stage, **kw):
+    """config/shapes_<stage>.py, then the size's overrides, then this run's."""
+    overrides = {**SIZES[size]["all"], **SIZES[size][stage], **kw}
+    return [os.path.join(ROOT, "config", f"shapes_{stage}.py"), *args(overrides)]
+
+
+def resolved_dft(overrides):
+    import train_dft, trainer
+    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS),
+                     [os.path.join(ROOT, "config", "shapes_dft.py"), *args(overrides)])
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(script, argv, out_path, product, jobs):
+    """One stage, skipped when `product` exists and <out_path>.done.json records the same arguments (a changed
+    setting reruns it: training resumes from its checkpoint). In this process (jobs 1) or as a subprocess."""
+    done = out_path + ".done.json"
+    rec = load(done) if os.path.exists(done) and os.path.exists(product) else {}
+    if rec.get("argv") == argv:
+        return rec["wall_s"]
+    t0 = time.time()
+    if jobs == 1:
+        mod = importlib.import_module(script[:-3])
+        mod.main(argv) if script == "evaluate.py" else importlib.import_module("trainer").main(mod.STAGE_DEFAULTS, argv)
+    else:
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+        env = dict(os.environ)
+        if not torch.cuda.is_available():  # CPU: share the cores instead of oversubscribing them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        with open(out_path + ".log", "w") as log:
+            r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+        if r.returncode:
+            with open(out_path + ".log") as log:
+                raise RuntimeError(f"{script} {' '.join(argv)} failed ({r.returncode}):\n{log.read()[-3000:]}")
+    wall = time.time() - t0
+    with open(done, "w") as f:
+        json.dump(dict(wall_s=wall, script=script, argv=argv), f)
+    print(f"[{wall:.0f}s] {script} -> {out_path}", flush=True)
+    return wall
+
+
+def parallel(fns, jobs):
+    if jobs == 1:
+        return [f() for f in fns]
+    with ThreadPoolExecutor(jobs) as ex:
+        return list(ex.map(lambda f: f(), fns))
+
+
+def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
+    """The table's numbers from an evaluate.py report (and the DFT log's last training VAT loss)."""
+    cr = report["cr"]["likelihood" if "likelihood" in cr_protocol else "mcq"]
+    m = dict(vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=report["pope"]["forced"]["avg"]["f1"],
+             cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()})
+    if "align" in report:
+        m["align"] = report["align"]["cr"]["image_queries"]["vat_cos"]
+    if dft_dir and vat_on:
+        with open(os.path.join(dft_dir, "train_log.jsonl")) as f:
+            m["vat_final"] = [r for r in map(json.loads, f) if "vat" in r][-1]["vat"]
+    return m
+
+
+def summary(per_seed, key, sub=None):
+    xs = [p[key][sub] if sub else p[key] for p in per_seed if p.get(key) is not None]
+    if xs:
+        return dict(mean=statistics.mean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.0, n=len(xs))
+
+
+def cell(s, pct=True, digits=1):
+    f = 100 if pct else 1
+    if s is None:
+        return "-"
+    return f"{f * s['mean']:.{digits}f}" + (f" ± {f * s['std']:.{digits}f}" if s["n"] > 1 else "")
+
+
+def chart(path, entries, title):
+    """Horizontal bars of VQA and CR per row (%), with +- std whiskers; Pillow only."""
+    label_w, width, bar, gap, top = 230, 900, 12, 10, 50
+    height, scale = top + len(entries) * (2 * bar + gap) + 30, width - label_w - 70
+    img = Image.new("RGB", (width, height), "white")
+    d, colors = ImageDraw.Draw(img), dict(VQA=(66, 133, 244), CR=(240, 150, 0))
+    font = _font(12)
+    d.text((10, 8), title, fill="black", font=font)
+    for i, (k, c) in enumerate(colors.items()):
+        d.rectangle([10 + 60 * i, 28, 20 + 60 * i, 38], fill=c)
+        d.text((24 + 60 * i, 26), k, fill="black", font=font)
+    for p in range(0, 101, 25):
+        x = label_w + scale * p / 100
+        d.line([(x, top - 5), (x, height - 25)], fill=(220, 220, 220))
+        d.text((x - 8, height - 20), str(p), fill="black", font=font)
+    y = top
+    for name, m in entries:
+        d.text((10, y + bar - 7), name, fill="black", font=font)
+        for k, key in (("VQA", "vqa"), ("CR", "cr")):
+            mean, std = (m[key]["mean"], m[key]["std"]) if m.get(key) else (0.0, 0.0)
+            d.rectangle([label_w, y, label_w + scale * mean, y + bar - 2], fill=colors[k])
+            if std:
+                d.line([(label_w + scale * max(0, mean - std), y + bar // 2 - 1),
+                        (label_w + scale * min(1, mean + std), y + bar // 2 - 1)], fill="black", width=2)
+            d.text((label_w + scale * min(1, mean + std) + 4, y - 1), f"{100 * mean:.1f}", fill="black", font=font)
+            y += bar
+        y += gap
+    img.save(path)
+
+
+def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
+    """Data, teacher, then (in parallel) the teacher's eval and the DPT runs, then the DFT -> SFT -> eval pipelines."""
+    spec = {name: (dpt, dft) for name, _, dpt, dft in ROWS}
+    pipelines = sorted({(shared[name], s) for name, kind, _, _ in rows for s in seeds(kind)})
+    dpts = sorted({(spec[name][0], s) for name, s in pipelines})
+    data = o["data"] or os.path.join(base, "shapes")
+    if not os.path.exists(os.path.join(data, "meta.json")):
+        import shapes
+        shapes.generate(data, **S["world"])
+    pretrain, instruct = os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")
+    teacher, walls = o["teacher"] or os.path.join(base, "teacher"), {"teacher": 0.0}
+    if o["teacher"] and not os.path.exists(os.path.join(teacher, "model.safetensors")):
+        raise FileNotFoundError(f"--teacher={teacher}: no checkpoint there (omit --teacher to train one)")
+    if not o["teacher"]:
+        walls["teacher"] = run("train_sft.py", stage_args(o["size"], "teacher", out_dir=teacher, seed=0,
+                                                          data=f"{pretrain},{instruct}"),
+                               teacher, os.path.join(teacher, "model.safetensors"), jobs)
+    ev = dict(tasks="vqa,cr,pope,align", cr_protocol=o["cr_protocol"], limit=limit, data=data)
+    t_eval = os.path.join(base, "teacher_eval")
+    dpt_dir = lambda variant, s: os.path.join(base, f"seed{s}", f"dpt_{variant}")
+
+    def dpt_job(variant, s):
+        out = dpt_dir(variant, s)
+        return run("train_dpt.py", stage_args(o["size"], "dpt", teacher=teacher, out_dir=out, seed=s, data=pretrain,
+                                              **DPT[variant]), out, os.path.join(out, "model.safetensors"), jobs)
+
+    def pipeline(name, s):
+        d, (variant, dft), c = os.path.join(base, f"seed{s}", name), spec[name], cfgs[name]
+        return dict(
+            dft=run("train_dft.py", stage_args(o["size"], "dft", teacher=teacher, out_dir=f"{d}/dft", seed=s,
+                                               init_from=dpt_dir(variant, s), data=instruct, **dft),
+                    f"{d}/dft", f"{d}/dft/model.safetensors", jobs),
+            sft=run("train_sft.py", stage_args(o["size"], "sft", init_from=f"{d}/dft", out_dir=f"{d}/sft", seed=s,
+                                               data=instruct), f"{d}/sft", f"{d}/sft/model.safetensors", jobs),
+            eval=run("evaluate.py", args(dict(ev, model=f"{d}/sft", teacher=teacher, out=f"{d}/eval",
+                                              matching=c["matching"], student_layers=c["student_layers"],
+                                              teacher_layers=c["teacher_layers"])),
+                     f"{d}/eval", f"{d}/eval/report.json", jobs))
+
+    teacher_eval = lambda: run("evaluate.py", args(dict(ev, tasks="vqa,cr,pope", model=teacher, out=t_eval)),
+                               t_eval, os.path.join(t_eval, "report.json"), jobs)
+    w = parallel([teacher_eval] + [lambda v=v, s=s: dpt_job(v, s) for v, s in dpts], jobs)
+    walls["teacher_eval"] = w[0]
+    walls.update({f"dpt_{v}/seed{s}": x for (v, s), x in zip(dpts, w[1:])})
+    walls.update({f"{n}/seed{s}": x for (n, s), x in zip(pipelines, parallel([lambda p=p: pipeline(*p)
+                                                                                for p in pipelines], jobs))})
+    return walls, t_eval, len(pipelines), len(dpts)
+
+
+def main(argv=None):
+    o = configure(dict(OPTIONS), sys.argv[1:] if argv is None else argv)
+    if o["size"] not in SIZES:
+        raise ValueError(f"--size={o['size']}: use one of {list(SIZES)}")
+    S, t_start, base = SIZES[o["size"]], time.time(), os.path.join(o["out"], o["size"])
+    jobs = o["jobs"] or S["jobs"]
+    limit = S["eval_limit"] if o["eval_limit"] < 0 else o["eval_limit"]
+    want = set(o["rows"].split(",")) if o["rows"] else None
+    rows = [r for r in ROWS if want is None or r[0] in want or r[1] in want]
+    seeds = lambda kind: list(range(o["seeds"] if kind == "main" else o["ablation_seeds"]))
+    # rows with the same DPT variant and resolved DFT config share runs (decided over all ROWS: stable dirs)
+    cfgs, shared, first = {}, {}, {}
+    for name, kind, dpt, dft in ROWS:
+        cfgs[name] = resolved_dft(dft)
+        shared[name] = first.setdefault((dpt, json.dumps(cfgs[name], sort_keys=True)), name)
+    walls, t_eval, n_pipe, n_dpt = train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared)
+
+    t_m = metrics(load(os.path.join(t_eval, "report.json")), o["cr_protocol"])
+    results = [dict(name="teacher", kind="teacher", setting="config/shapes_teacher.py, trained once, shared",
+                    shared_with=None, seeds=[0], per_seed=[dict(seed=0, wall_s=walls["teacher"] + walls["teacher_eval"],
+                                                                **t_m)])]
+    for name, kind, dpt, dft in rows:
+        per, run_name = [], shared[name]
+        for s in seeds(kind):
+            d = os.path.join(base, f"seed{s}", run_name)
+            m = metrics(load(f"{d}/eval/report.json"), o["cr_protocol"], f"{d}/dft", cfgs[name]["vat_weight"] > 0)
+            wall = walls[f"dpt_{dpt}/seed{s}"] + sum(walls[f"{run_name}/seed{s}"].values())
+            per.append(dict(seed=s, dir=d, wall_s=wall, **m))
+        setting = f"DPT {dpt}; DFT " + (" ".join(f"{k}={v}".replace(" ", "") for k, v in dft.items()) or "recipe")
+        results.append(dict(name=name, kind=kind, setting=setting, shared_with=None if run_name == name else run_name,
+                            seeds=seeds(kind), overrides=dict(dpt=DPT[dpt], dft=dft), per_seed=per))
+    subsets = list(results[0]["per_seed"][0]["cr_subsets"])
+    for r in results:
+        r["mean"] = {k: summary(r["per_seed"], k) for k in SCORES + ["vat_final", "wall_s"]}
+        r["mean"]["cr_subsets"] = {s: summary(r["per_seed"], "cr_subsets", s) for s in subsets}
+    compute = sum(v if isinstance(v, float) else sum(v.values()) for v in walls.values())
+    wall = time.time() - t_start
+    header = (f"{n_pipe} student pipelines (DFT -> SFT -> eval) on {n_dpt} DPT runs, jobs={jobs}, device "
+              f"{'cuda' if torch.cuda.is_available() else 'cpu'}. Wall time of this call {wall:.0f} s; all stages' "
+              f"own wall times summed (runs reused from earlier calls included) {compute:.0f} s. Eval limit "
+              f"{limit or 'none'} items per file / subset / split.")
+    write_results(o, results, subsets, header,
+                  dict(options=o, jobs=jobs, eval_limit=limit, wall_s=wall, compute_s=compute, stage_walls=walls))
+    return results
+
+
+def write_results(o, results, subsets, header, info):
+    proto = "likelihood" if "likelihood" in o["cr_protocol"] else "mcq"
+    cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
+            ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "final VAT loss (DFT)", "wall (s)"])
+    lines = [f"# CompoDistill on the shapes world, size `{o['size']}`", "", header, "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        m, seeds = r["mean"], str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
+        cells = ([r["name"], r["setting"], seeds, cell(m["vqa"]), cell(m["cr"])] +
+                 [cell(m["cr_subsets"][s]) for s in subsets] +
+                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["vat_final"], False, 4),
+                  cell(m["wall_s"], False, 0)])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Scores in %, mean ± sample std over seeds 0..n-1. align: 1 - the image-query VAT distance on the "
+              "CR captions, on each row's own DFT layer sets and matching. Final VAT loss: the DFT run's last logged "
+              "training value (scales differ across vat_loss and VAT forms; '-' when vat_weight=0). wall: DPT + DFT "
+              "+ SFT + eval of one seed (a shared DPT run counted in full); teacher: training + eval. Rows whose "
+              "settings resolve to the same config reuse those runs (seeds column).", "",
+              "DPT variants (overrides on config/shapes_dpt.py, which is KD + TAF): " +
+              "; ".join(f"{k}: {v or 'no overrides'}" for k, v in DPT.items()), ""]
+    os.makedirs(o["results"], exist_ok=True)
+    with open(os.path.join(o["results"], "shapes_table.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(o["results"], "shapes_results.json"), "w") as f:
+        json.dump(dict(info, rows=results), f, indent=1)
+    chart(os.path.join(o["results"], "shapes_chart.png"),
+          [(r["name"] + (f" (= {r['shared_with']})" if r["shared_with"] else ""), r["mean"]) for r in results],
+          f"Shapes world ({o['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
+    print("\n".join(lines) + f"\n-> {o['results']}/shapes_table.md, shapes_results.json, shapes_chart.png")
+
+
+if __name__ == "__main__":
+    main()

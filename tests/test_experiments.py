@@ -1,0 +1,108 @@
+"""experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
+the --jobs subprocess path; the layer sets and presets of every size."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import attention_distill as ad
+import evaluate
+import experiments
+import trainer
+
+SUBSETS = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
+COLUMNS = (["row", "setting", "seeds", "VQA", "CR avg (likelihood)"] + SUBSETS +
+           ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "final VAT loss (DFT)", "wall (s)"])
+SHARED = {"match_group", "layers_intermediate", "vat_cosine", "vat_reference_form"}  # = compodistill's runs
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    argv = ["--size=test", "--seeds=1", f"--out={root / 'out'}", f"--results={root / 'results'}"]
+    return root, argv, experiments.main(argv)
+
+
+def table_rows(path):
+    lines = [l for l in open(path).read().splitlines() if l.startswith("|")]
+    split = lambda l: [c.strip() for c in l.strip("|").split("|")]
+    return split(lines[0]), lines[1], [split(l) for l in lines[2:]]
+
+
+def test_every_row_in_table_json_and_chart(first):
+    root, _, results = first
+    head, rule, rows = table_rows(root / "results" / "shapes_table.md")
+    assert head == COLUMNS and rule == "|" + "---|" * len(COLUMNS)
+    names = ["teacher"] + [r[0] for r in experiments.ROWS]
+    assert [r[0] for r in rows] == names and all(len(r) == len(COLUMNS) for r in rows)
+    for r in rows:
+        assert r[2].startswith("1") and ("runs of compodistill" in r[2]) == (r[0] in SHARED)
+        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + [r[-4]])  # VQA, CR, subsets, POPE everywhere
+        assert (r[-2] == "-") == (r[0] in ("teacher", "sft_only", "kd", "kd_taf"))  # VAT loss iff vat_weight > 0
+        assert (r[-3] == "-") == (r[0] == "teacher")  # alignment needs a teacher
+
+    saved = json.load(open(root / "results" / "shapes_results.json"))
+    assert [r["name"] for r in saved["rows"]] == names
+    for r in saved["rows"]:
+        assert r["kind"] in ("teacher", "main", "matching", "layers", "vat_loss", "vat_form")
+        assert [p["seed"] for p in r["per_seed"]] == [0]
+        for p in r["per_seed"]:
+            scores = [p[k] for k in ("vqa", "cr", "pope_f1")] + list(p["cr_subsets"].values())
+            scores += [p["align"]] if r["name"] != "teacher" else []
+            assert list(p["cr_subsets"]) == SUBSETS
+            assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in scores), (r["name"], scores)
+            assert p["wall_s"] >= 0
+        assert r["mean"]["cr"]["mean"] == r["per_seed"][0]["cr"]
+        assert r["shared_with"] == ("compodistill" if r["name"] in SHARED else None)
+    by = {r["name"]: r for r in saved["rows"]}
+    assert by["layers_intermediate"]["per_seed"] == by["compodistill"]["per_seed"]
+    assert by["vat_paper_form"]["overrides"]["dft"] == dict(vat_queries="all", vat_pool="flat")
+
+    png = root / "results" / "shapes_chart.png"
+    assert png.stat().st_size > 0
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.height > 20 * len(names)
+
+    # the runs really differ where the rows say so (read back from the checkpoints' train configs)
+    seed0 = root / "out" / "test" / "seed0"
+    cfg = lambda row: json.load(open(seed0 / row / "dft" / "config.json"))
+    assert cfg("kd")["taf"] is False and cfg("kd_taf")["taf"] is True
+    assert cfg("layers_all")["extra"]["train_config"]["teacher_layers"] == [0, 1, 2, 3, 4, 5]
+    assert cfg("match_adaptive")["extra"]["train_config"]["matching"] == "adaptive"
+    assert cfg("sft_only")["extra"]["train_config"]["kd_weight"] == 0.0
+    assert not (seed0 / "match_group").exists() and (seed0 / "dpt_kd_taf").is_dir()
+
+
+def test_rerun_resumes_without_training(first, monkeypatch):
+    root, argv, results = first
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished stage ran again")
+    monkeypatch.setattr(trainer, "main", refuse)
+    monkeypatch.setattr(evaluate, "main", refuse)
+    again = experiments.main(argv)
+    assert [r["per_seed"][0]["cr"] for r in again] == [r["per_seed"][0]["cr"] for r in results]
+
+
+def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
+    """--jobs=2 runs the stages as subprocesses; same seed and settings -> the same numbers as in-process."""
+    root, _, results = first
+    out = root / "out" / "test"
+    sub = experiments.main(["--size=test", "--seeds=1", "--jobs=2", "--rows=sft_only", f"--out={tmp_path / 'out'}",
+                            f"--results={tmp_path / 'res'}", f"--data={out / 'shapes'}",
+                            f"--teacher={out / 'teacher'}"])
+    assert [r["name"] for r in sub] == ["teacher", "sft_only"]
+    assert (tmp_path / "out" / "test" / "seed0" / "sft_only" / "dft.log").is_file()
+    strip = lambda p: {k: v for k, v in p.items() if k not in ("dir", "wall_s")}
+    assert strip(sub[1]["per_seed"][0]) == strip(results[1]["per_seed"][0])
+
+
+@pytest.mark.parametrize("size", sorted(experiments.SIZES))
+def test_every_size_and_row_resolves(size):
+    for stage in ("teacher", "dpt", "dft", "sft"):  # unknown keys or wrong types would raise here
+        trainer.configure(dict(trainer.DEFAULTS), experiments.stage_args(size, stage))
+    for name, kind, dpt, dft in experiments.ROWS:  # layer sets valid on the 4-layer student / 6-layer teacher
+        c = experiments.resolved_dft(dft)
+        s, t = ad.resolve_layers(c["student_layers"], 4), ad.resolve_layers(c["teacher_layers"], 6)
+        assert len(ad.group_matching(s, t)) == len(s)

@@ -115,9 +115,11 @@ class VLM(nn.Module):
         return self.config.image_token_id
 
     def vision_features(self, pixel_values):
-        """Frozen vision-tower features (n_img, N_v, d_vis); never needs a graph."""
-        with torch.no_grad():
-            dtype = next(self.vision_tower.parameters()).dtype
+        """Vision-tower features (n_img, N_v, d_vis). The tower is frozen (no graph) except where a
+        run trains it on purpose: the shapes teacher learns its random tower from scratch."""
+        p = next(self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and p.requires_grad):
+            dtype = p.dtype
             out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             z = out.hidden_states[self.config.vision_feature_layer]
         return z[:, 1:] if self.config.drop_first_patch else z
@@ -255,11 +257,12 @@ class VLM(nn.Module):
 # teacher / student
 
 
-def set_trainable(student, stage, train_llm=None):
+def set_trainable(student, stage, train_llm=None, train_vision=False):
     """
     Freeze everything, then unfreeze the stage's trainable set (METHOD.md, "Stages"): the image
     adapter (post_connector under TAF, else the student's own connector) always; the LLM in DFT
-    and SFT (or wherever `train_llm` says). The vision tower and a TAF connector never train.
+    and SFT (or wherever `train_llm` says). A TAF connector never trains; the vision tower only
+    with train_vision (a model trained from scratch, e.g. the shapes teacher; never when distilling).
     Returns the trainable parameters.
     """
     if stage not in ("dpt", "dft", "sft"):
@@ -268,6 +271,8 @@ def set_trainable(student, stage, train_llm=None):
     (student.post_connector if student.config.taf else student.connector).requires_grad_(True)
     if train_llm if train_llm is not None else stage != "dpt":
         student.llm.requires_grad_(True)
+    if train_vision:
+        student.vision_tower.requires_grad_(True)
     return [p for p in student.parameters() if p.requires_grad]
 
 

@@ -53,6 +53,7 @@ DEFAULTS = dict(
     kd_weight=0.0, vat_weight=0.0, kd_temperature=1.0,
     taf=False,                    # TAF: student takes the teacher connector (frozen) + a post_connector
     train_llm=-1,                 # -1: the stage's default (LLM trains in DFT/SFT, not in DPT); 0/1 force it
+    train_vision=False,           # train the vision tower too (a from-scratch tower; never while distilling)
     student_layers=None, teacher_layers=None,  # None: the preset / "intermediate"; a name, (lo, hi) or a list
     matching="group",
     vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum",
@@ -232,7 +233,10 @@ def build_model(cfg, resume_dir):
     if cfg["taf"] and not student.config.taf:
         ts.apply_taf()
     train_llm = None if cfg["train_llm"] == -1 else bool(cfg["train_llm"])
-    params = set_trainable(student, cfg["stage"], train_llm)
+    if cfg["train_vision"] and teacher is not None:
+        raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
+                         "frozen vision tower")
+    params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
 
 
@@ -291,7 +295,9 @@ def train(cfg):
         student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg["compile"]:
         student.llm.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
-    model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None) if ddp else ts
+    # A trained tower's layers above vision_feature_layer get no gradient: let DDP expect that.
+    model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg["train_vision"]) if ddp else ts
 
     # data
     tok, N_v = student.tokenizer, student.num_image_tokens

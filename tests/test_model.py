@@ -189,3 +189,16 @@ def test_vat_gradients_are_the_same_with_gradient_checkpointing():
     assert got.keys() == want.keys() and any(g.abs().sum() > 0 for g in want.values())
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+def test_train_vision_gives_the_tower_gradients_only_when_asked():
+    m = tiny_vlm()
+    b = _batch()
+    for train_vision in (False, True):
+        m.zero_grad(set_to_none=True)
+        set_trainable(m, "sft", train_vision=train_vision)
+        m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])["loss"].backward()
+        grads = {n: p.grad is not None for n, p in m.vision_tower.named_parameters()}
+        # features come from layer -2: the patch embedding and the first layer learn, the last layer is unused
+        used = [n for n in grads if ".embeddings." in n or ".layers.0." in n]
+        assert used and all(grads[n] for n in used) if train_vision else not any(grads.values())

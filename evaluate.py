@@ -592,7 +592,7 @@ def heatmap_size(n_pairs, n_rows, panel=HEAT["panel"]):
     return HEAT["label_w"] + (1 + n_pairs) * panel, HEAT["title_h"] + HEAT["header_h"] + n_rows * panel
 
 
-def _font(size=12):
+def load_font(size=12):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -635,7 +635,7 @@ def draw_heatmaps(path, image, title, rows, col_titles, panel=HEAT["panel"]):
     W, H = heatmap_size(len(col_titles), len(rows), panel)
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    font = _font(12)
+    font = load_font(12)
     for i, line in enumerate(_wrap(d, title, font, W - 8)):
         d.text((4, 2 + 15 * i), line, fill=(0, 0, 0), font=font)
     y0 = HEAT["title_h"]

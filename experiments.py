@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from configurator import configure
-from evaluate import _font
+from evaluate import load_font
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -173,7 +173,7 @@ def chart(path, entries, title):
     height, scale = top + len(entries) * (2 * bar + gap) + 30, width - label_w - 70
     img = Image.new("RGB", (width, height), "white")
     d, colors = ImageDraw.Draw(img), dict(VQA=(66, 133, 244), CR=(240, 150, 0))
-    font = _font(12)
+    font = load_font(12)
     d.text((10, 8), title, fill="black", font=font)
     for i, (k, c) in enumerate(colors.items()):
         d.rectangle([10 + 60 * i, 28, 20 + 60 * i, 38], fill=c)

@@ -493,11 +493,13 @@ def run_wino(r, items, caption_prompt=CAPTION_PROMPT):
 
 def matched_layers(student, teacher, student_layers=None, teacher_layers=None, matching=None):
     """
-    (student layers, teacher windows) as in training: explicit arguments, else the student's training
-    config (config.extra["train_config"], written by trainer.py), else the presets. Without a teacher the
-    windows are None. Adaptive matching is reported on its group windows (it picks per step in training).
+    (student layers, teacher windows) as in training: explicit arguments, else the layers the student was
+    distilled on (config.extra["distill"], carried by trainer.py through later stages), else its training
+    config, else the presets. Without a teacher the windows are None. Adaptive matching is reported on its
+    group windows (it picks per step in training).
     """
-    tc = (student.config.extra or {}).get("train_config", {})
+    extra = student.config.extra or {}
+    tc = extra.get("distill") or extra.get("train_config", {})
     student_layers = student_layers if student_layers is not None else tc.get("student_layers")
     teacher_layers = teacher_layers if teacher_layers is not None else tc.get("teacher_layers")
     matching = matching or tc.get("matching") or "group"

@@ -160,11 +160,11 @@ def summary(per_seed, key, sub=None):
         return dict(mean=statistics.mean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.0, n=len(xs))
 
 
-def cell(s, pct=True, digits=1):
-    f = 100 if pct else 1
+def cell(s, pct=True, digits=1, sci=False):
+    f, spec = (100 if pct else 1), f".{digits}{'e' if sci else 'f'}"  # sci: VAT losses go down to 1e-5
     if s is None:
         return "-"
-    return f"{f * s['mean']:.{digits}f}" + (f" ± {f * s['std']:.{digits}f}" if s["n"] > 1 else "")
+    return f"{f * s['mean']:{spec}}" + (f" ± {f * s['std']:{spec}}" if s["n"] > 1 else "")
 
 
 def chart(path, entries, title):
@@ -302,7 +302,7 @@ def write_results(o, results, subsets, header, info):
         m, seeds = r["mean"], str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
         cells = ([r["name"], r["setting"], seeds, cell(m["vqa"]), cell(m["cr"])] +
                  [cell(m["cr_subsets"][s]) for s in subsets] +
-                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["vat_final"], False, 4),
+                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["vat_final"], False, 2, sci=True),
                   cell(m["wall_s"], False, 0)])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Scores in %, mean ± sample std over seeds 0..n-1. align: 1 - the image-query VAT distance on the "

@@ -36,7 +36,6 @@ $PY train_sft.py config/shapes_sft.py --init_from="$OUT/base_dft" --out_dir="$OU
 
 stamp "5/6 evaluation: teacher, SFT-only student, CompoDistill student"
 $PY evaluate.py --compare="teacher=$OUT/teacher,sft_only=$OUT/base_sft,compodistill=$OUT/sft" \
-    --teacher="$OUT/teacher" --data="$OUT" --out="$OUT/eval" --heatmaps=4 \
-    --student_layers="[1,2]" --teacher_layers="[2,3,4]"
+    --teacher="$OUT/teacher" --data="$OUT" --out="$OUT/eval" --heatmaps=4
 
 stamp "6/6 done: results in $OUT/eval (report.md, report.json, heat maps)"

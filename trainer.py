@@ -285,6 +285,10 @@ def train(cfg):
 
     ts, params = build_model(cfg, resume_dir)
     student = ts.student
+    # The layer pairs the student was distilled on travel with every later checkpoint (SFT has no
+    # teacher), so evaluate.py measures alignment where training aligned it.
+    distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
+               if ts.teacher is not None else (student.config.extra or {}).get("distill"))
     ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
     use_bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and device.type == "cuda")
@@ -342,7 +346,7 @@ def train(cfg):
         else:
             rngs = [rng_state()]
         if master:
-            student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg}
+            student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
             save_checkpoint(out_dir, student, {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
                                                "config": cfg, "log": log}, log)
         if ddp:

@@ -82,6 +82,9 @@ def test_stage_handoff_and_trainable_sets(world, monkeypatch):
     loaded.clear()
     run_stage(SFT, init_from=str(root / "dft"), data=world["instruct"], out_dir=str(root / "sft"))
     assert loaded == [str(root / "dft")]  # SFT never loads the teacher
+    # the distillation layer pairs travel with the SFT checkpoint (evaluate.py measures alignment there)
+    assert VLM.from_pretrained(str(root / "sft")).config.extra["distill"] == \
+        {"student_layers": [0, 1], "teacher_layers": [1, 2, 3], "matching": "group"}
     sft = weights(root / "sft")
     assert changed(dft, sft) == ["llm", "post_connector"]
     log = [l for l in open(root / "dft" / "train_log.jsonl")]

@@ -333,13 +333,20 @@ class TeacherStudent(nn.Module):
         s.connector = copy.deepcopy(t.connector).requires_grad_(False)
         s.post_connector = nn.Linear(d_t, d_s).to(device=p.device, dtype=p.dtype)
         s.config.taf, s.config.teacher_hidden_size, s.config.connector = True, d_t, t.config.connector
+        self._same_connector = None  # compare again on the next forward
         return self
 
     def _reuses_teacher_connector(self):
         # Under TAF with a shared tower, the student's frozen connector equals the teacher's, so the
         # teacher's connector output is the student's pre-post_connector input: compute it once.
+        # The weight comparison is done once (both connectors are frozen), not every step: on GPU
+        # it would be a host sync per step.
         s = self.student
-        return s.config.taf and self.shared_vision and same_weights(s.connector, self.teacher.connector)
+        if not (s.config.taf and self.shared_vision):
+            return False
+        if getattr(self, "_same_connector", None) is None:
+            self._same_connector = same_weights(s.connector, self.teacher.connector)
+        return self._same_connector
 
     def forward(self, batch, kd=True, vat=True):
         s, t = self.student, self.teacher

@@ -135,7 +135,7 @@ def reference_losses(ts, batch):
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
     nv = s.num_image_tokens
-    pos = is_img.int().argsort(dim=1, descending=True, stable=True)[:, :nv].sort(1).values  # (B, Nv)
+    pos = s.image_columns(is_img)  # (B, Nv)
 
     def forward(m):
         return m.llm(inputs_embeds=m.embed(ids, m.project(m.vision_features(px))), attention_mask=mask,

@@ -517,7 +517,7 @@ def attention_maps(model, b, layers):
     if not bool(has_img.all()):
         raise ValueError("attention maps need an image in every sample")
     B, T = ids.shape
-    cols = is_img.int().argsort(dim=1, descending=True, stable=True)[:, :model.num_image_tokens].sort(1).values
+    cols = model.image_columns(is_img)
     rows = torch.arange(T, device=ids.device).expand(B, T)
     with ad.capture_attention(model.llm, layers, rows, cols) as maps:
         model.hidden_states(ids, mask, model.project(model.vision_features(b["pixel_values"])))

@@ -141,6 +141,11 @@ class VLM(nn.Module):
                              "consecutive image-token ids, or be absent")
         return is_img, counts > 0
 
+    def image_columns(self, is_img):
+        """(B, N_v) sorted positions of each sample's image tokens (any N_v positions for a text-only
+        sample, which callers mask out): the rows / columns attention capture reads."""
+        return is_img.int().argsort(dim=1, descending=True, stable=True)[:, :self.num_image_tokens].sort(1).values
+
     def embed(self, input_ids, image_embeds=None):
         """Token embeddings with the visual tokens written at the image positions."""
         is_img, has_img = self.image_positions(input_ids)
@@ -370,8 +375,8 @@ class TeacherStudent(nn.Module):
 
         # 2. which attention rows / columns VAT needs: each sample's own image positions
         if vat:
-            Nv, (B, T) = s.num_image_tokens, ids.shape
-            cols = is_img.int().argsort(dim=1, descending=True, stable=True)[:, :Nv].sort(1).values
+            B, T = ids.shape
+            cols = s.image_columns(is_img)
             rows, row_mask = cols, None
             if self.vat_queries != "image":
                 rows = torch.arange(T, device=ids.device).expand(B, T)

@@ -1,5 +1,6 @@
 """The three stages end to end on a tiny shapes world: hand-off, trainable sets, DDP, resume, crash safety."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -149,9 +150,12 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(world):
     run_stage(DFT, out_dir=str(root / "single"), grad_accum=2, **{k: v for k, v in common.items() if k != "batch_size"},
               batch_size=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as s:  # a free port: a fixed one hangs when two suites run at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "train_dft.py"), *args({**common, "out_dir": str(root / "ddp"), "grad_accum": 1})]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(root / "single"), weights(root / "ddp")
     assert a.keys() == b.keys()

@@ -239,11 +239,16 @@ class VLM(nn.Module):
             model.image_processor = AutoImageProcessor.from_pretrained(path)
         return model.to(dtype) if dtype is not None else model
 
+    @staticmethod
+    def load_vision_tower(path, dtype=None):
+        """The vision tower of a checkpoint (id or path), e.g. SiglipVisionModel from a full SigLIP."""
+        vcfg = _vision_config(AutoConfig.from_pretrained(path))
+        return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
+
     @classmethod
     def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, **kw):
         """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer."""
-        vcfg = _vision_config(AutoConfig.from_pretrained(vision))
-        tower = MODEL_MAPPING[type(vcfg)].from_pretrained(vision, dtype=dtype)  # e.g. SiglipVisionModel
+        tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
         tok = AutoTokenizer.from_pretrained(llm)
         if image_token not in tok.get_vocab():

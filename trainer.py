@@ -36,7 +36,8 @@ DEFAULTS = dict(
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
     init_from="",                 # previous stage's directory; "scratch" (from llm/vision config dicts);
                                   # or "backbones" (pretrained HF vision_model + llm_model)
-    vision_model="",              # backbones only: HF id or path of the vision tower, e.g. a SigLIP checkpoint
+    vision_model="",              # HF id or path of a pretrained vision tower, e.g. a SigLIP checkpoint (backbones,
+                                  # or scratch: a new LM on this tower, as the shapes teacher on shapes.py's tower)
     llm_model="",                 # backbones only: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
     teacher="",                   # teacher checkpoint directory (needed when kd_weight or vat_weight > 0)
     data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
@@ -203,11 +204,16 @@ def build_student(cfg, teacher, resume_dir):
         vision_tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
         vision = teacher.config.vision
     else:
-        if not cfg["vision"]:
-            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict")
-        vision_tower, vision = None, cfg["vision"]
         tok = AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer"))
-        proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or os.path.join(data_dir, "image_processor"))
+        if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
+            vision_tower = VLM.load_vision_tower(cfg["vision_model"])
+            vision = vision_tower.config.to_dict()
+            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or cfg["vision_model"])
+        elif cfg["vision"]:
+            vision_tower, vision = None, cfg["vision"]
+            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or os.path.join(data_dir, "image_processor"))
+        else:
+            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
     llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"],
                        image_token_id=tok.convert_tokens_to_ids("<image>"))

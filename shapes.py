@@ -393,7 +393,7 @@ def _write(path, obj):
             f.write(json.dumps(obj, sort_keys=True, indent=1) + "\n")
 
 
-def generate(out, seed=0, n_train=4000, n_test=200, image_size=64, grid=3, text_only_frac=0.02, progress=True):
+def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True):
     """Write the whole world under `out` and return its meta dict (also saved as meta.json)."""
     if grid < 2 or image_size < 8 * grid:
         raise ValueError(f"shapes world: need grid >= 2 and image_size >= 8 * grid, got grid={grid}, image_size={image_size}")
@@ -472,10 +472,102 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=64, grid=3, text_
     return meta
 
 
+# ----------------------------------------------------------------------------- the world's "pretrained SigLIP"
+# image_size comes from the world; patch_size defaults to one patch per grid cell (48 px / 3 -> 16 px, 9 tokens)
+TOWER = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+             num_attention_heads=4)
+
+
+def cell_labels(objects, image_size, patches, grid):
+    """Per patch (row-major, patches x patches), what lies in the cell under the patch centre and where:
+    (colour, shape, size, row, col); colour/shape/size are 0 for an empty cell, else 1 + the index in
+    COLORS / SHAPES / SIZES; row/col are the cell's."""
+    by_cell = {(o["row"], o["col"]): o for o in objects}
+    labels = []
+    for k in range(patches * patches):
+        r, c = divmod(k, patches)
+        cell = (int((r + 0.5) / patches * grid), int((c + 0.5) / patches * grid))
+        o = by_cell.get(cell)
+        what = (0, 0, 0) if o is None else (1 + list(COLORS).index(o["color"]), 1 + SHAPES.index(o["shape"]),
+                                            1 + list(SIZES).index(o["size"]))
+        labels.append(what + cell)
+    return labels
+
+
+def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2e-3, seed=0, progress=True):
+    """
+    Train a SigLIP tower from scratch to name what lies in each cell and where (colour, shape, size, row,
+    column; linear heads on the feature layer the VLM reads), then save it where the VLMs load it (`vision_model=<world>/vision_tower`).
+    It stands in for the real recipe's pretrained SigLIP: teacher and students share it, frozen, so they
+    differ only where CompoDistill says they do, in the LM's use of the visual tokens. (A tower learned
+    through the teacher's LM gets too little signal on a CPU budget: the teacher ignored the image.)
+    Returns the per-attribute accuracy on the world's test images.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from model import VLMConfig
+    meta = json.load(open(os.path.join(world, "meta.json")))
+    scenes = json.load(open(os.path.join(world, "scenes.json")))
+    proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
+    vision = dict(vision, image_size=meta["image_size"])
+    vision.setdefault("patch_size", meta["image_size"] // meta["grid"])
+    patches = vision["image_size"] // vision["patch_size"]
+    torch.manual_seed(seed)
+    cfg = dict(vision)
+    tower = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    layer = VLMConfig.vision_feature_layer  # what the VLM reads (LLaVA: second to last)
+    n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
+    heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
+
+    def load(split):
+        paths = sorted(p for p, s in scenes.items() if s["split"] == split)
+        px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+        y = torch.tensor([cell_labels(scenes[p]["objects"], meta["image_size"], patches, meta["grid"]) for p in paths])
+        return px, y
+
+    def losses(px, y):
+        z = heads(tower(pixel_values=px, output_hidden_states=True).hidden_states[layer]).split(n_out, -1)
+        return sum(F.cross_entropy(zi.flatten(0, 1), y[..., i].flatten()) for i, zi in enumerate(z)), z
+
+    F = torch.nn.functional
+    train_px, train_y = load("train")
+    test_px, test_y = load("test")
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="shapes vision tower", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(train_px), (batch_size,), generator=g)
+        loss, _ = losses(train_px[idx], train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.no_grad():
+        _, z = losses(test_px, test_y)
+    acc = {k: float((zi.argmax(-1) == test_y[..., i]).float().mean()) for i, (k, zi) in enumerate(zip(["color", "shape", "size", "row", "col"], z))}
+    if out:
+        tower.save_pretrained(out)
+        proc.save_pretrained(out)
+        _write(os.path.join(out, "pretraining.json"), dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                                           feature_layer=layer, test_accuracy=acc))
+    return acc
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Generate the synthetic shapes world (see the module docstring).")
-    for key, default in dict(out="out/shapes", seed=0, n_train=4000, n_test=200, image_size=64, grid=3).items():
+    for key, default in dict(out="out/shapes", seed=0, n_train=4000, n_test=200, image_size=48, grid=3,
+                             tower_steps=800).items():
         p.add_argument(f"--{key}", type=type(default), default=default)
-    args = p.parse_args()
-    meta = generate(**vars(args))
-    print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {args.out}")
+    args = vars(p.parse_args())
+    tower_steps = args.pop("tower_steps")
+    meta = generate(**args)
+    print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {args['out']}")
+    if tower_steps:  # the world's pretrained vision tower (0: skip, e.g. for a from-scratch tower)
+        acc = pretrain_tower(args["out"], os.path.join(args["out"], "vision_tower"), steps=tower_steps, seed=args["seed"])
+        print("vision tower test accuracy per cell:", json.dumps({k: round(v, 4) for k, v in acc.items()}),
+              f"-> {args['out']}/vision_tower")

@@ -14,7 +14,7 @@ from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, image_size=24, patch_size=8)  # 9 visual tokens
+              num_attention_heads=2, image_size=24, patch_size=8)  # 9 visual tokens (24 px world, 3x3 grid)
 
 
 def llm(hidden, layers):
@@ -45,8 +45,10 @@ def world(tmp_path_factory):
     shapes.generate(str(data), n_train=24, n_test=4, image_size=24, progress=False)
     d = dict(pretrain=str(data / "pretrain.json"), instruct=str(data / "instruct.json"),
              teacher=str(root / "teacher"), dpt=str(root / "dpt"), root=root)
+    d["tower"] = str(data / "vision_tower")
+    shapes.pretrain_tower(str(data), d["tower"], vision=VISION, steps=2, batch_size=4, progress=False)
     run_stage(SFT, init_from="scratch", data=d["pretrain"] + "," + d["instruct"], out_dir=d["teacher"],
-              vision=VISION, llm=llm(48, 4))
+              vision_model=d["tower"], llm=llm(48, 4))
     run_stage(DPT, init_from="scratch", teacher=d["teacher"], data=d["pretrain"], out_dir=d["dpt"],
               llm=llm(32, 2), student_layers=[0, 1], teacher_layers=[1, 2, 3])
     return d
@@ -90,6 +92,14 @@ def test_stage_handoff_and_trainable_sets(world, monkeypatch):
     assert changed(dft, sft) == ["llm", "post_connector"]
     log = [l for l in open(root / "dft" / "train_log.jsonl")]
     assert len(log) == 2 and '"vat"' in log[0]
+
+
+def test_everyone_sees_through_the_pretrained_tower(world):
+    """The teacher (init_from=scratch + vision_model) and the students it makes all carry the pretrained tower."""
+    tower = load_file(os.path.join(world["tower"], "model.safetensors"))
+    for path in (world["teacher"], world["dpt"]):
+        w = weights(path)
+        assert all(torch.equal(w["vision_tower." + k], v) for k, v in tower.items()), path
 
 
 def test_dpt_trains_post_connector_only(world):

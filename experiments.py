@@ -66,13 +66,14 @@ TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4,
 # Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage.
 SIZES = {
     "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
+                 tower=dict(vision=TINY_VISION, steps=2, batch_size=4, progress=False),
                  all=dict(batch_size=2, max_length=64, max_steps=1, warmup_frac=0.0, log_interval=1, eval_interval=0),
-                 teacher=dict(vision=TINY_VISION, llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
+                 teacher=dict(llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
                  dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2), sft={}),
-    "quick": dict(world=dict(n_train=4000, n_test=200, image_size=48), eval_limit=100, jobs=1,
+    "quick": dict(world=dict(n_train=4000, n_test=200, image_size=48), eval_limit=0, jobs=2, tower={},
                   all={}, teacher={}, dpt={}, dft={}, sft={}),
     # Teacher past its binding transition (~2000 x 128, SHAPES_NOTES.md), student budget below its own.
-    "full": dict(world=dict(n_train=8000, n_test=200, image_size=48), eval_limit=0, jobs=6,
+    "full": dict(world=dict(n_train=8000, n_test=200, image_size=48), eval_limit=0, jobs=6, tower={},
                  all=dict(batch_size=128, num_workers=2, log_interval=50),
                  teacher=dict(max_steps=2000, eval_interval=500, save_interval=1000),
                  dpt=dict(max_steps=600, eval_interval=300, save_interval=600),
@@ -203,16 +204,21 @@ def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
     pipelines = sorted({(shared[name], s) for name, kind, _, _ in rows for s in seeds(kind)})
     dpts = sorted({(spec[name][0], s) for name, s in pipelines})
     data = o["data"] or os.path.join(base, "shapes")
+    import shapes
     if not os.path.exists(os.path.join(data, "meta.json")):
-        import shapes
         shapes.generate(data, **S["world"])
+    tower = os.path.join(data, "vision_tower")
+    if not os.path.exists(os.path.join(tower, "model.safetensors")):  # the world's "pretrained SigLIP"
+        t0 = time.time()
+        shapes.pretrain_tower(data, tower, **S["tower"])
+        print(f"[{time.time() - t0:.0f}s] vision tower -> {tower}", flush=True)
     pretrain, instruct = os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")
     teacher, walls = o["teacher"] or os.path.join(base, "teacher"), {"teacher": 0.0}
     if o["teacher"] and not os.path.exists(os.path.join(teacher, "model.safetensors")):
         raise FileNotFoundError(f"--teacher={teacher}: no checkpoint there (omit --teacher to train one)")
     if not o["teacher"]:
         walls["teacher"] = run("train_sft.py", stage_args(o["size"], "teacher", out_dir=teacher, seed=0,
-                                                          data=f"{pretrain},{instruct}"),
+                                                          data=f"{pretrain},{instruct}", vision_model=tower),
                                teacher, os.path.join(teacher, "model.safetensors"), jobs)
     ev = dict(tasks="vqa,cr,pope,align", cr_protocol=o["cr_protocol"], limit=limit, data=data)
     t_eval = os.path.join(base, "teacher_eval")

@@ -12,11 +12,11 @@ start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 D="--data=$OUT"
 
-stamp "1/6 data: the shapes world"
-[ -f "$OUT/meta.json" ] || $PY shapes.py --out="$OUT" --image_size=48
+stamp "1/6 data: the shapes world and its pretrained vision tower"
+[ -f "$OUT/vision_tower/model.safetensors" ] || $PY shapes.py --out="$OUT"
 
-stamp "2/6 teacher (6x256 LM from scratch, captions + instructions)"
-$PY train_sft.py config/shapes_teacher.py --out_dir="$OUT/teacher" \
+stamp "2/6 teacher (6x256 LM from scratch on the frozen tower, captions + instructions)"
+$PY train_sft.py config/shapes_teacher.py --out_dir="$OUT/teacher" --vision_model="$OUT/vision_tower" \
     --data="$OUT/pretrain.json,$OUT/instruct.json" "${EXTRA[@]}"
 
 stamp "3/6 CompoDistill student: DPT (LM + KD, TAF) -> DFT (LM + KD + VAT) -> SFT (LM)"

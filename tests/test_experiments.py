@@ -95,7 +95,9 @@ def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
     assert [r["name"] for r in sub] == ["teacher", "sft_only"]
     assert (tmp_path / "out" / "test" / "seed0" / "sft_only" / "dft.log").is_file()
     strip = lambda p: {k: v for k, v in p.items() if k not in ("dir", "wall_s")}
-    assert strip(sub[1]["per_seed"][0]) == strip(results[1]["per_seed"][0])
+    # equal up to float noise (a subprocess may run with another thread count, e.g. OMP_NUM_THREADS set outside)
+    a, b = strip(sub[1]["per_seed"][0]), strip(results[1]["per_seed"][0])
+    assert a.pop("cr_subsets") == b.pop("cr_subsets") and a == pytest.approx(b, rel=1e-5)
 
 
 @pytest.mark.parametrize("size", sorted(experiments.SIZES))

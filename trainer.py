@@ -369,14 +369,14 @@ def train(cfg):
             batch = next(loader)
             if batch is None:  # every sample of this micro-batch was dropped (counted in dataset.dropped)
                 continue
+            tokens += int(batch["attention_mask"].sum()) * world  # counted on the host, before the copy
             batch = to_device(batch, device)
             sync = not ddp or micro == cfg["grad_accum"] - 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 out = model(batch, kd=kd, vat=vat)
             (out["total"] / cfg["grad_accum"]).backward()
-            tokens += int(batch["attention_mask"].sum()) * world
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / cfg["grad_accum"]
+            for k, v in out.items():  # summed on the device; read (one sync) only at log time
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg["grad_accum"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -387,7 +387,7 @@ def train(cfg):
 
         if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
             dt = time.time() - t0
-            rec = {"step": step, "lr": lr, **{k: v / since_log for k, v in sums.items()},
+            rec = {"step": step, "lr": lr, **{k: float(v) / since_log for k, v in sums.items()},
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "tok_per_s": tokens / dt, "mem_gb": _memory_gb(device)}
             log.append(rec)

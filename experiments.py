@@ -1,6 +1,6 @@
 """
 Every row of the CompoDistill comparison on the shapes world (teacher; student alone; KD; +TAF; +VAT; CompoDistill;
-matching, layer, VAT-loss and VAT-weight ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on each SFT checkpoint,
+matching, layer, VAT-loss, VAT-weight and VAT-stage ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on each SFT checkpoint,
 then <results>/shapes_table.md, shapes_results.json and shapes_chart.png.
 
     python experiments.py --size=quick             # CPU: the steps of config/shapes_*.py, as run_shapes.sh uses them
@@ -32,7 +32,8 @@ from evaluate import load_font
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # DPT variants (overrides on config/shapes_dpt.py): rows naming the same variant share one DPT run per seed.
-DPT = {"kd_taf": {}, "kd": dict(taf=False), "none": dict(kd_weight=0, vat_weight=0, taf=False)}
+DPT = {"kd_taf": {}, "kd": dict(taf=False), "none": dict(kd_weight=0, vat_weight=0, taf=False),
+       "kd_taf_vat": dict(vat_weight=1.0), "kd_vat": dict(taf=False, vat_weight=1.0)}  # last two: VAT in DPT too
 
 # (row, kind, DPT variant, DFT overrides on config/shapes_dft.py); SFT is config/shapes_sft.py for every row. A row
 # whose resolved DFT config equals an earlier row's reuses its runs: group, intermediate, cosine and the reference
@@ -61,6 +62,10 @@ ROWS = [
     # the end of DFT), so does a 10x weight change what VAT adds?
     ("kd_vat_w10", "vat_weight", "kd", dict(taf=False, vat_weight=10.0)),
     ("compodistill_w10", "vat_weight", "kd_taf", dict(vat_weight=10.0)),
+    # Also not in the paper: VAT in DPT as well as DFT. CR scores captions, which the students learn in DPT, where
+    # the method has no VAT; do the captions change when the attention is aligned there too?
+    ("kd_vat_dpt", "vat_stage", "kd_vat", dict(taf=False)),
+    ("compodistill_vat_dpt", "vat_stage", "kd_taf_vat", {}),
 ]
 
 TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -45,7 +45,7 @@ def test_every_row_in_table_json_and_chart(first):
     saved = json.load(open(root / "results" / "shapes_results.json"))
     assert [r["name"] for r in saved["rows"]] == names
     for r in saved["rows"]:
-        assert r["kind"] in ("teacher", "main", "matching", "layers", "vat_loss", "vat_form", "vat_weight")
+        assert r["kind"] in ("teacher", "main", "matching", "layers", "vat_loss", "vat_form", "vat_weight", "vat_stage")
         assert [p["seed"] for p in r["per_seed"]] == [0]
         for p in r["per_seed"]:
             scores = [p[k] for k in ("vqa", "cr", "pope_f1")] + list(p["cr_subsets"].values())
@@ -59,6 +59,7 @@ def test_every_row_in_table_json_and_chart(first):
     assert by["layers_intermediate"]["per_seed"] == by["compodistill"]["per_seed"]
     assert by["vat_paper_form"]["overrides"]["dft"] == dict(vat_queries="all", vat_pool="flat")
     assert by["kd_vat_w10"]["overrides"] == dict(dpt=dict(taf=False), dft=dict(taf=False, vat_weight=10.0))
+    assert by["compodistill_vat_dpt"]["overrides"] == dict(dpt=dict(vat_weight=1.0), dft={})
 
     png = root / "results" / "shapes_chart.png"
     assert png.stat().st_size > 0

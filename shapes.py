@@ -478,7 +478,7 @@ TOWER = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_siz
              num_attention_heads=4)
 
 
-def cell_labels(objects, image_size, patches, grid):
+def cell_labels(objects, patches, grid):
     """Per patch (row-major, patches x patches), what lies in the cell under the patch centre and where:
     (colour, shape, size, row, col); colour/shape/size are 0 for an empty cell, else 1 + the index in
     COLORS / SHAPES / SIZES; row/col are the cell's."""
@@ -503,10 +503,10 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
     through the teacher's LM gets too little signal on a CPU budget: the teacher ignored the image.)
     Returns the per-attribute accuracy on the world's test images.
     """
-    import numpy as np
     import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
-    from model import VLMConfig
+    import torch.nn.functional as F
+    from transformers import AutoImageProcessor, AutoModel
+    from model import VLMConfig, _hf_config
     meta = json.load(open(os.path.join(world, "meta.json")))
     scenes = json.load(open(os.path.join(world, "scenes.json")))
     proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
@@ -514,8 +514,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
     vision.setdefault("patch_size", meta["image_size"] // meta["grid"])
     patches = vision["image_size"] // vision["patch_size"]
     torch.manual_seed(seed)
-    cfg = dict(vision)
-    tower = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    tower = AutoModel.from_config(_hf_config(vision))
     layer = VLMConfig.vision_feature_layer  # what the VLM reads (LLaVA: second to last)
     n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
     heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
@@ -523,14 +522,13 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
     def load(split):
         paths = sorted(p for p, s in scenes.items() if s["split"] == split)
         px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
-        y = torch.tensor([cell_labels(scenes[p]["objects"], meta["image_size"], patches, meta["grid"]) for p in paths])
+        y = torch.tensor([cell_labels(scenes[p]["objects"], patches, meta["grid"]) for p in paths])
         return px, y
 
     def losses(px, y):
         z = heads(tower(pixel_values=px, output_hidden_states=True).hidden_states[layer]).split(n_out, -1)
         return sum(F.cross_entropy(zi.flatten(0, 1), y[..., i].flatten()) for i, zi in enumerate(z)), z
 
-    F = torch.nn.functional
     train_px, train_y = load("train")
     test_px, test_y = load("test")
     params = list(tower.parameters()) + list(heads.parameters())

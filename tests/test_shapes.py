@@ -235,11 +235,11 @@ def test_cell_labels_hand_case():
             dict(color="red", shape="circle", size="small", row=2, col=1)]
     blue_star = (1 + 2, 1 + 5, 2)  # COLORS index 2, SHAPES index 5, SIZES index 1, each +1 (0 = empty)
     red_circle = (1 + 0, 1 + 0, 1)
-    lab = shapes.cell_labels(objs, 48, patches=3, grid=3)
+    lab = shapes.cell_labels(objs, patches=3, grid=3)
     assert lab == [(0, 0, 0, 0, 0), (0, 0, 0, 0, 1), blue_star + (0, 2),
                    (0, 0, 0, 1, 0), (0, 0, 0, 1, 1), (0, 0, 0, 1, 2),
                    (0, 0, 0, 2, 0), red_circle + (2, 1), (0, 0, 0, 2, 2)]
-    fine = shapes.cell_labels(objs, 48, patches=6, grid=3)
+    fine = shapes.cell_labels(objs, patches=6, grid=3)
     assert [k for k, x in enumerate(fine) if x[0]] == [4, 5, 10, 11, 26, 27, 32, 33]
 
 

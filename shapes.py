@@ -35,6 +35,31 @@ Pitfalls this world avoids (each one measured in a prototype before the project)
 Determinism: every image and sample draws from its own random.Random seeded by a string
 ("{seed}/{stream}/{index}"), so files are byte-identical for a seed and a smaller run is a prefix of a
 larger one. Test images use separate streams from training images.
+
+The hard world (`python shapes.py --world=hard`, WORLDS["hard"], written to out/shapes_hard). In the default
+world each grid cell is one 16 px patch, i.e. one visual token, and the pretrained tower names that cell's
+colour, shape and size: the token already *is* the object, so there is little for the LM's attention to get
+right (a student trained without a teacher attends almost as the teacher does). The hard world changes what a
+token carries and how many tokens an object has, and keeps the grammar, the tests and their pitfalls:
+  * 48 px images, 8 px patches: 36 visual tokens. A 4x4 grid of 12 px cells, so cell and patch borders do not
+    line up: an object covers several patches, and 20 of the 36 patches straddle two or four cells, so they can
+    hold parts of two objects. Sizes are 0.36 / 0.46 of a cell (4.3 / 5.5 px radius).
+  * 3-5 objects (not 2-4): more objects to tell apart in every caption and question. Five at most, so a shape
+    is always absent (replace_obj / add_obj negatives and "no" answers draw from the absent ones).
+  * Clutter: 1-3 grey specks, each in its own empty cell. No text ever names them; they take up tokens (and
+    share patches with objects) that a model must learn to look past.
+  * The tower is pretrained per patch, on what that patch itself shows (`tower_labels="blocks+shape"`,
+    `patch_labels`): what covers each of its 4x4 blocks of 2x2 px (background, one of the 8 colours, clutter),
+    the shape of the object that covers most of it, and the patch's own row and column. It is never told a
+    size, which patches form one object, or anything about the other objects in a shared patch. So a token says
+    "red on my upper left, mostly part of a star"; an object's size, and the shape of an object that is the
+    minority in its patches, need several patches gathered, which is the LM's attention's job; and every
+    question about one object means finding its 2-6 tokens among 36.
+    Tried first, and dropped: `tower_labels="blocks"` (no shape label at all, so a shape is only a silhouette
+    spread over patches). At step 1000 of 1500 the teacher still had not learned shapes from it (CR likelihood
+    64.5: replace_obj 56.0, swap_att 41.0, swap_obj 43.5), so there was no binding for anyone to distill.
+  * No position words (no "top left" on a 4x4 grid): relations are the only way to talk about place.
+What it costs: 36 instead of 9 visual tokens make every step about 1.5x slower on a CPU (config/shapes_hard_*.py).
 """
 import argparse
 import json
@@ -60,6 +85,23 @@ PROMPT = "describe the image ."
 CR_SUBSETS = ["swap_att", "replace_att", "replace_obj", "replace_rel", "swap_obj", "add_obj", "add_att"]
 POPE_SPLITS = ["random", "popular", "adversarial"]
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, still deterministic
+CLUTTER_COLOR, CLUTTER_RADIUS = (120, 120, 120), (1.0, 1.8)  # grey specks (hard world): no word names them
+CLUTTER_ID = 1 + len(COLORS)  # the specks' class in label_map (0 = background, 1..8 = an object's colour)
+SUB = 4  # patch-evidence tower: each patch is labelled as SUB x SUB blocks (8 px patches -> 2 px blocks)
+# What the world's tower is pretrained to name: "cell" (default world: each cell's colour, shape, size, row, column);
+# "blocks" (per patch: what covers each of its SUB x SUB blocks, and where the patch is); "blocks+shape" (the same,
+# plus the shape of the object covering most of the patch). See the module docstring for why the hard world uses
+# the last one.
+TOWER_LABELS = ("cell", "blocks", "blocks+shape")
+
+
+# The world's rules. "default" is the world of run_shapes.sh and the committed results; "hard" is the world where a
+# model has to look in the right place (module docstring). generate(**WORLDS[name]) builds one.
+WORLDS = {
+    "default": dict(image_size=48, grid=3),
+    "hard": dict(image_size=48, grid=4, n_objects=(3, 5), sizes={"small": 0.36, "large": 0.46}, clutter=(1, 3),
+                 patch_size=8, tower_labels="blocks+shape"),
+}
 
 
 def position_words(grid):
@@ -92,11 +134,11 @@ def _weighted_sample(rng, items, weights, k, exclude=()):
     return out
 
 
-def sample_scene(rng, grid, image_size, forced=None, forbid=()):
-    """2-4 objects in distinct cells; unique colours and shapes; `forced` (color, shape) included,
-    no object's (color, shape) in `forbid` (training scenes forbid the held-out combos)."""
+def sample_scene(rng, grid, image_size, forced=None, forbid=(), n_objects=(2, 4), sizes=SIZES):
+    """`n_objects` (min, max) objects in distinct cells; unique colours and shapes; `forced` (color, shape)
+    included, no object's (color, shape) in `forbid` (training scenes forbid the held-out combos)."""
     while True:
-        n = rng.randint(2, min(4, grid * grid))
+        n = rng.randint(n_objects[0], min(n_objects[1], grid * grid))
         cells = rng.sample(range(grid * grid), n)
         first = [forced] if forced else []
         colors = [c for c, _ in first] + _weighted_sample(rng, list(COLORS), COLOR_WEIGHTS, n - len(first),
@@ -108,8 +150,8 @@ def sample_scene(rng, grid, image_size, forced=None, forbid=()):
     cell = image_size / grid
     objects = []
     for cell_id, color, shape in zip(cells, colors, kinds):
-        size = rng.choice(list(SIZES))
-        r = SIZES[size] * cell
+        size = rng.choice(list(sizes))
+        r = sizes[size] * cell
         slack = max(0.0, cell / 2 - r - 1) * 0.6  # jitter, but never out of the cell
         row, col = divmod(cell_id, grid)
         x = (col + 0.5) * cell + rng.uniform(-slack, slack)
@@ -135,21 +177,58 @@ def _polygon(shape, x, y, r):
     raise ValueError(shape)
 
 
-def render(objects, image_size):
-    """Filled shapes on black, drawn at SUPERSAMPLE x resolution and box-filtered down."""
+def _draw(draw, o, s, fill):
+    x, y, r = o["x"] * s, o["y"] * s, o["r"] * s
+    if o["shape"] == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif o["shape"] == "square":
+        h = 0.82 * r
+        draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
+    else:
+        draw.polygon(_polygon(o["shape"], x, y, r), fill=fill)
+
+
+def render(objects, image_size, clutter=()):
+    """Filled shapes (then clutter specks) on black, drawn at SUPERSAMPLE x resolution and box-filtered down."""
     s = SUPERSAMPLE
     img = Image.new("RGB", (image_size * s, image_size * s), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for o in objects:
-        x, y, r, fill = o["x"] * s, o["y"] * s, o["r"] * s, COLORS[o["color"]]
-        if o["shape"] == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif o["shape"] == "square":
-            h = 0.82 * r
-            draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
-        else:
-            draw.polygon(_polygon(o["shape"], x, y, r), fill=fill)
+        _draw(draw, o, s, COLORS[o["color"]])
+    for c in clutter:
+        _draw(draw, dict(c, shape="circle"), s, CLUTTER_COLOR)
     return img.resize((image_size, image_size), Image.BOX)
+
+
+def sample_clutter(rng, objects, grid, image_size, k):
+    """`k` (min, max) grey specks, each inside its own empty cell (so never touching an object's cell interior):
+    things in the image that no text names, which a model has to learn to look past."""
+    used = {o["row"] * grid + o["col"] for o in objects}
+    empty = [c for c in range(grid * grid) if c not in used]
+    cell, out = image_size / grid, []
+    for c in rng.sample(empty, min(len(empty), rng.randint(*k))):
+        row, col = divmod(c, grid)
+        r = rng.uniform(*CLUTTER_RADIUS)
+        m = cell / 2 - r - 1  # keep the speck inside its cell
+        out.append(dict(x=round((col + 0.5) * cell + rng.uniform(-m, m), 2),
+                        y=round((row + 0.5) * cell + rng.uniform(-m, m), 2), r=round(r, 2)))
+    return out
+
+
+def label_map(objects, image_size, block, clutter=()):
+    """What covers each `block` x `block` px square of the image, by majority of its (supersampled) pixels, ties to
+    the lower id: 0 background, 1 + the COLORS index for an object, CLUTTER_ID for a speck. (H/block, W/block) ints."""
+    import numpy as np
+    s, n = SUPERSAMPLE, image_size // block
+    img = Image.new("L", (image_size * s, image_size * s), 0)
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        _draw(draw, o, s, 1 + list(COLORS).index(o["color"]))
+    for c in clutter:
+        _draw(draw, dict(c, shape="circle"), s, CLUTTER_ID)
+    a = np.asarray(img).reshape(n, block * s, n, block * s).transpose(0, 2, 1, 3).reshape(n, n, -1)
+    counts = (a[..., None] == np.arange(CLUTTER_ID + 1)).sum(2)
+    return counts.argmax(-1)
 
 
 # ----------------------------------------------------------------------------- text: grammar and truth
@@ -393,10 +472,24 @@ def _write(path, obj):
             f.write(json.dumps(obj, sort_keys=True, indent=1) + "\n")
 
 
-def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True):
-    """Write the whole world under `out` and return its meta dict (also saved as meta.json)."""
+def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True,
+             n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell"):
+    """Write the whole world under `out` and return its meta dict (also saved as meta.json). The keywords after
+    `progress` are the world's rules (WORLDS holds the two presets); patch_size and tower_labels are stored for
+    pretrain_tower. The default world writes exactly what it wrote before these options existed."""
+    sizes = dict(sizes or SIZES)
     if grid < 2 or image_size < 8 * grid:
         raise ValueError(f"shapes world: need grid >= 2 and image_size >= 8 * grid, got grid={grid}, image_size={image_size}")
+    most = min(len(SHAPES) - 1, grid * grid)  # unique shapes, and one always absent (negatives, "no" answers)
+    if not 2 <= n_objects[0] <= n_objects[1] <= most or list(sizes) != list(SIZES):
+        raise ValueError(f"shapes world: n_objects={n_objects} must lie in 2..{most} (shapes are unique in an image "
+                         f"and one must stay absent), and sizes must name {list(SIZES)}")
+    if tower_labels not in TOWER_LABELS or (tower_labels != "cell" and (not patch_size or patch_size % SUB)):
+        raise ValueError(f"shapes world: tower_labels={tower_labels!r} / patch_size={patch_size}: use 'cell', or "
+                         f"{TOWER_LABELS[1:]} with a patch size divisible by {SUB}")
+    world = dict(n_objects=list(n_objects), sizes=sizes, clutter=list(clutter), patch_size=patch_size,
+                 tower_labels=tower_labels)
+    default_world = world == dict(n_objects=[2, 4], sizes=SIZES, clutter=[0, 0], patch_size=0, tower_labels="cell")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     bar = lambda it, desc: tqdm(it, desc=desc, disable=not progress, leave=False)
     R = lambda *key: random.Random("/".join(map(str, (seed,) + key)))
@@ -404,9 +497,10 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     forbid = set(HELD_OUT)
     for i in bar(range(n_train), "train images"):
         path = f"images/train_{i:05d}.png"
-        objects = sample_scene(R("train", i), grid, image_size, forbid=forbid)
-        scenes[path] = dict(split="train", objects=objects)
-        render(objects, image_size).save(os.path.join(out, path), format="PNG", compress_level=1)
+        objects = sample_scene(R("train", i), grid, image_size, forbid=forbid, n_objects=n_objects, sizes=sizes)
+        specks = sample_clutter(R("clutter", "train", i), objects, grid, image_size, clutter) if clutter[1] else []
+        scenes[path] = dict(split="train", objects=objects, **({"clutter": specks} if clutter[1] else {}))
+        render(objects, image_size, specks).save(os.path.join(out, path), format="PNG", compress_level=1)
         cap = pretrain_caption(R("pretrain", i), objects)
         pretrain.append({"id": f"train_{i:05d}", "image": path, "conversations": [
             {"from": "human", "value": "<image>\n" + PROMPT}, {"from": "gpt", "value": cap}]})
@@ -422,9 +516,10 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     for i in bar(range(n_test), "test images"):
         path = f"images/test_{i:05d}.png"
         forced = HELD_OUT[(i // 2) % len(HELD_OUT)] if i % 2 == 0 else None  # half carry a held-out combo
-        objects = sample_scene(R("test", i), grid, image_size, forced=forced)
-        scenes[path] = dict(split="test", objects=objects)
-        render(objects, image_size).save(os.path.join(out, path), format="PNG", compress_level=1)
+        objects = sample_scene(R("test", i), grid, image_size, forced=forced, n_objects=n_objects, sizes=sizes)
+        specks = sample_clutter(R("clutter", "test", i), objects, grid, image_size, clutter) if clutter[1] else []
+        scenes[path] = dict(split="test", objects=objects, **({"clutter": specks} if clutter[1] else {}))
+        render(objects, image_size, specks).save(os.path.join(out, path), format="PNG", compress_level=1)
         q, a, kind = question(R("vqa", i), objects, grid)
         vqa.append({"id": f"test_{i:05d}", "question": q, "answer": a, "image": path, "type": kind})
         for subset in CR_SUBSETS:
@@ -460,7 +555,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     image_processor(image_size).save_pretrained(os.path.join(out, "image_processor"))
 
     meta = dict(seed=seed, n_train=n_train, n_test=n_test, image_size=image_size, grid=grid,
-                colors={c: list(v) for c, v in COLORS.items()}, shapes=SHAPES, sizes=SIZES,
+                colors={c: list(v) for c, v in COLORS.items()}, shapes=SHAPES, sizes=sizes,
                 held_out=[list(h) for h in HELD_OUT], prompt=PROMPT, vocab=vocab, vocab_size=len(tok),
                 counts=dict(train_images=n_train, test_images=n_test, pretrain=len(pretrain),
                             instruct=len(instruct), instruct_text_only=n_text, vqa=len(vqa),
@@ -468,6 +563,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                             **{f"pope_{s}": len(v) for s, v in pope.items()}),
                 pope_definitions=pope_items.__doc__.split("\n", 1)[1].strip(),
                 image_paths="relative to this directory (also in test/*)")
+    if not default_world:  # (the default world's meta.json stays as it always was)
+        meta["world"] = world
     _write(os.path.join(out, "meta.json"), meta)
     return meta
 
@@ -494,6 +591,24 @@ def cell_labels(objects, patches, grid):
     return labels
 
 
+def patch_labels(objects, image_size, patch_size, clutter=(), shape=True):
+    """Per patch (row-major), what the patch itself shows: what covers each of its SUB x SUB blocks (label_map
+    ids: 0 background, 1 + colour index, CLUTTER_ID); with `shape`, the shape of the object that covers most of its
+    blocks (0: no object; 1 + SHAPES index; ties to the lower colour id); then the patch's own row and column.
+    Never a size, and never what another patch shows."""
+    blocks = label_map(objects, image_size, patch_size // SUB, clutter)
+    n, shape_of = image_size // patch_size, {1 + list(COLORS).index(o["color"]): 1 + SHAPES.index(o["shape"])
+                                             for o in objects}
+    out = []
+    for r in range(n):
+        for c in range(n):
+            b = [int(v) for v in blocks[r * SUB:(r + 1) * SUB, c * SUB:(c + 1) * SUB].flatten()]
+            ids = Counter(v for v in b if v in shape_of)
+            main = min(ids, key=lambda v: (-ids[v], v)) if ids else None
+            out.append(tuple(b) + ((shape_of[main] if main else 0,) if shape else ()) + (r, c))
+    return out
+
+
 def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2e-3, seed=0, progress=True):
     """
     Train a SigLIP tower from scratch to name what lies in each cell and where (colour, shape, size, row,
@@ -510,19 +625,34 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
     meta = json.load(open(os.path.join(world, "meta.json")))
     scenes = json.load(open(os.path.join(world, "scenes.json")))
     proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
+    rules = meta.get("world", {})  # absent: the default world (per-cell labels, one patch per cell)
+    mode = rules.get("tower_labels", "cell")
+    by_patch, with_shape = mode != "cell", mode == "blocks+shape"
     vision = dict(vision, image_size=meta["image_size"])
-    vision.setdefault("patch_size", meta["image_size"] // meta["grid"])
+    vision.setdefault("patch_size", rules.get("patch_size") or meta["image_size"] // meta["grid"])
     patches = vision["image_size"] // vision["patch_size"]
     torch.manual_seed(seed)
     tower = AutoModel.from_config(_hf_config(vision))
     layer = VLMConfig.vision_feature_layer  # what the VLM reads (LLaVA: second to last)
-    n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
+    if by_patch:
+        names = [f"block{k}" for k in range(SUB * SUB)] + ["shape"] * with_shape + ["row", "col"]
+        n_out = [CLUTTER_ID + 1] * SUB * SUB + [1 + len(SHAPES)] * with_shape + [patches, patches]
+    else:
+        names = ["color", "shape", "size", "row", "col"]
+        n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
     heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
+
+    def labels(p):
+        sc = scenes[p]
+        if by_patch:
+            return patch_labels(sc["objects"], meta["image_size"], vision["patch_size"], sc.get("clutter", ()),
+                                shape=with_shape)
+        return cell_labels(sc["objects"], patches, meta["grid"])
 
     def load(split):
         paths = sorted(p for p, s in scenes.items() if s["split"] == split)
         px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
-        y = torch.tensor([cell_labels(scenes[p]["objects"], patches, meta["grid"]) for p in paths])
+        y = torch.tensor([labels(p) for p in paths])
         return px, y
 
     def losses(px, y):
@@ -547,7 +677,14 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
         bar.set_postfix(loss=f"{loss.item():.3f}")
     with torch.no_grad():
         _, z = losses(test_px, test_y)
-    acc = {k: float((zi.argmax(-1) == test_y[..., i]).float().mean()) for i, (k, zi) in enumerate(zip(["color", "shape", "size", "row", "col"], z))}
+    acc = {k: float((zi.argmax(-1) == test_y[..., i]).float().mean()) for i, (k, zi) in enumerate(zip(names, z))}
+    if by_patch:  # one number per kind of evidence: every block; blocks that show an object; blocks of clutter
+        pred = torch.stack([zi.argmax(-1) for zi in z[:SUB * SUB]], -1)
+        y = test_y[..., :SUB * SUB]
+        acc = dict(block=float((pred == y).float().mean()),
+                   object_block=float((pred == y)[(y > 0) & (y < CLUTTER_ID)].float().mean()),
+                   clutter_block=float((pred == y)[y == CLUTTER_ID].float().mean()) if (y == CLUTTER_ID).any() else None,
+                   **{k: acc[k] for k in ("shape", "row", "col") if k in acc})
     if out:
         tower.save_pretrained(out)
         proc.save_pretrained(out)
@@ -558,14 +695,15 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Generate the synthetic shapes world (see the module docstring).")
-    for key, default in dict(out="out/shapes", seed=0, n_train=4000, n_test=200, image_size=48, grid=3,
-                             tower_steps=800).items():
+    p.add_argument("--world", choices=list(WORLDS), default="default", help="the world's rules (WORLDS)")
+    for key, default in dict(out="", seed=0, n_train=4000, n_test=200, tower_steps=800).items():
         p.add_argument(f"--{key}", type=type(default), default=default)
     args = vars(p.parse_args())
-    tower_steps = args.pop("tower_steps")
-    meta = generate(**args)
+    tower_steps, world = args.pop("tower_steps"), args.pop("world")
+    args["out"] = args["out"] or ("out/shapes" if world == "default" else f"out/shapes_{world}")
+    meta = generate(**args, **WORLDS[world])
     print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {args['out']}")
     if tower_steps:  # the world's pretrained vision tower (0: skip, e.g. for a from-scratch tower)
         acc = pretrain_tower(args["out"], os.path.join(args["out"], "vision_tower"), steps=tower_steps, seed=args["seed"])
-        print("vision tower test accuracy per cell:", json.dumps({k: round(v, 4) for k, v in acc.items()}),
+        print("vision tower test accuracy per " + ("cell:" if world == "default" else "patch block:"), json.dumps({k: round(v, 4) for k, v in acc.items()}),
               f"-> {args['out']}/vision_tower")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 
 import pytest
 
@@ -20,10 +21,11 @@ def _hashes(root):
     return out
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+# Every test that takes `world` runs on both worlds: the hard one must keep the default one's rules and pitfalls.
+@pytest.fixture(scope="module", params=["default", "hard"])
+def world(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes") / "w")
-    meta = shapes.generate(out, seed=0, n_train=40, n_test=20, progress=False)
+    meta = shapes.generate(out, seed=0, n_train=40, n_test=20, progress=False, **shapes.WORLDS[request.param])
     scenes = json.load(open(os.path.join(out, "scenes.json")))
     return out, meta, scenes
 
@@ -36,14 +38,18 @@ def _jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
+def _rules(meta):
+    return shapes.WORLDS["hard" if "world" in meta else "default"]
+
+
 def test_determinism(world, tmp_path):
-    out, _, _ = world
+    out, meta, _ = world
     same = str(tmp_path / "same")
-    shapes.generate(same, seed=0, n_train=40, n_test=20, progress=False)
+    shapes.generate(same, seed=0, n_train=40, n_test=20, progress=False, **_rules(meta))
     h0, h1 = _hashes(out), _hashes(same)
     assert len(h0) == 40 + 20 + 15 + 3 and h0 == h1  # images, json(l) files, tokenizer + processor files
     other = str(tmp_path / "other")
-    shapes.generate(other, seed=1, n_train=40, n_test=20, progress=False)
+    shapes.generate(other, seed=1, n_train=40, n_test=20, progress=False, **_rules(meta))
     h2 = _hashes(other)
     assert h2.keys() == h0.keys()
     differ = [k for k in h0 if h0[k] != h2[k]]
@@ -68,11 +74,27 @@ def test_files_and_counts(world):
     assert all(len(_cr(out, s)) == 20 for s in shapes.CR_SUBSETS)
 
 
+def test_default_world_unchanged(tmp_path):
+    """The default world's files (not the tokenizer's, which the transformers version formats) are byte for byte
+    those the committed results were made with, hard world options or not."""
+    out = str(tmp_path / "w")
+    shapes.generate(out, seed=0, n_train=40, n_test=20, progress=False)
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(out)):
+        for f in sorted(files):
+            rel = os.path.relpath(os.path.join(root, f), out)
+            if not rel.startswith(("tokenizer", "image_processor")):
+                h.update(rel.encode())
+                h.update(open(os.path.join(root, f), "rb").read())
+    assert h.hexdigest() == "53ecfc5e4bcad41f48761f63426cd5c97b96f3d1d8e13131fe2a948facbc3800"
+
+
 def test_scenes_obey_rules(world):
-    _, _, scenes = world
+    _, meta, scenes = world
+    lo, hi = meta.get("world", {}).get("n_objects", (2, 4))
     for sc in scenes.values():
         objs = sc["objects"]
-        assert 2 <= len(objs) <= 4
+        assert lo <= len(objs) <= hi
         for key in ("color", "shape"):
             assert len({o[key] for o in objs}) == len(objs)
         assert len({(o["row"], o["col"]) for o in objs}) == len(objs)
@@ -257,3 +279,84 @@ def test_pretrained_tower_learns_the_cells(tmp_path):
     assert acc["shape"] > empty + 0.15, acc
     tower = VLM.load_vision_tower(str(tmp_path / "tower"))
     assert (tower.config.image_size, tower.config.patch_size) == (24, 8)
+
+
+# ----------------------------------------------------------------------------- the hard world's own rules
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes_hard") / "w")
+    meta = shapes.generate(out, seed=0, n_train=60, n_test=20, progress=False, **shapes.WORLDS["hard"])
+    return out, meta, json.load(open(os.path.join(out, "scenes.json")))
+
+
+def test_hard_world_meta_and_counts(hard):
+    _, meta, scenes = hard
+    assert meta["grid"] == 4 and meta["world"]["tower_labels"] == "blocks+shape" and meta["world"]["patch_size"] == 8
+    assert not {"top", "middle", "bottom", "center"} & set(meta["vocab"])  # no position words on a 4x4 grid
+    counts = Counter(len(s["objects"]) for s in scenes.values())
+    assert set(counts) == {3, 4, 5}
+    assert all(1 <= len(s["clutter"]) <= 3 for s in scenes.values())
+
+
+def test_hard_questions_never_ask_for_a_position(hard):
+    out, _, _ = hard
+    qs = [t["value"] for s in json.load(open(os.path.join(out, "instruct.json"))) for t in s["conversations"][::2]]
+    assert len(qs) > 60 and not [q for q in qs if "where is" in q or "what is in the" in q]
+
+
+def test_hard_clutter_sits_alone_in_empty_cells(hard):
+    _, meta, scenes = hard
+    cell = meta["image_size"] / meta["grid"]
+    for sc in scenes.values():
+        used = {(o["row"], o["col"]) for o in sc["objects"]}
+        cells = [(int(c["y"] // cell), int(c["x"] // cell)) for c in sc["clutter"]]
+        assert len(set(cells)) == len(cells) and not set(cells) & used
+        for c in sc["clutter"]:  # the whole speck inside its cell
+            for v in (c["x"], c["y"]):
+                assert (v - c["r"]) // cell == (v + c["r"]) // cell == v // cell
+
+
+def test_hard_objects_span_several_patches(hard):
+    """Counted on the rendered label map at 1 px: a large object has >= 4 px in at least 3 patches, every object
+    has pixels in at least 2; on average an object spreads over more than 3 visual tokens."""
+    _, meta, scenes = hard
+    n, p = meta["image_size"] // 8, 8
+    spans = []
+    for sc in scenes.values():
+        m = shapes.label_map(sc["objects"], meta["image_size"], 1, sc["clutter"])
+        for o in sc["objects"]:
+            per = (m == 1 + list(shapes.COLORS).index(o["color"])).reshape(n, p, n, p).sum((1, 3))
+            assert (per >= 1).sum() >= 2, o
+            if o["size"] == "large":
+                assert (per >= 4).sum() >= 3, o
+            spans.append(int((per >= 1).sum()))
+    assert sum(spans) / len(spans) > 3
+
+
+def test_patch_labels_hand_case():
+    """A red square 8 px wide straddling two patches, and a grey speck: each patch knows only its own blocks, and
+    the shape of the object covering most of it."""
+    red, grey, square = 1 + list(shapes.COLORS).index("red"), shapes.CLUTTER_ID, 1 + shapes.SHAPES.index("square")
+    sq = dict(color="red", shape="square", size="large", row=3, col=1, x=16.0, y=36.0, r=4 / 0.82)  # [12,20)x[32,40)
+    speck = dict(x=43.0, y=5.0, r=1.5)  # covers the 2 px block [42,44)x[4,6) whole, slivers of its neighbours
+    lab = shapes.patch_labels([sq], 48, 8, [speck])
+    assert len(lab) == 36 and all(len(x) == shapes.SUB * shapes.SUB + 3 for x in lab)
+    assert lab[4 * 6 + 1] == (0, 0, red, red) * 4 + (square, 4, 1)  # right half of patch (4, 1)
+    assert lab[4 * 6 + 2] == (red, red, 0, 0) * 4 + (square, 4, 2)  # left half of patch (4, 2)
+    others = [x for k, x in enumerate(lab) if k not in (4 * 6 + 1, 4 * 6 + 2, 0 * 6 + 5)]
+    assert all(set(x[:17]) == {0} for x in others)  # empty, and no shape
+    assert lab[5] == tuple(grey if k == 2 * 4 + 1 else 0 for k in range(16)) + (0, 0, 5)  # block row 2, col 1
+    assert [r * 6 + c for *_, r, c in lab] == list(range(36))
+    assert shapes.patch_labels([sq], 48, 8, shape=False)[25] == (0, 0, red, red) * 4 + (4, 1)  # "blocks" labels
+
+
+def test_patch_shape_is_the_majority_objects():
+    """Patch (1, 1) holds a 3x3-block red square and a few blocks of a blue cross: it names the square."""
+    red, blue = 1 + list(shapes.COLORS).index("red"), 1 + list(shapes.COLORS).index("blue")
+    sq = dict(color="red", shape="square", size="small", row=0, col=0, x=11.0, y=11.0, r=3 / 0.82)  # [8,14)^2
+    cross = dict(color="blue", shape="cross", size="large", row=0, col=1, x=19.5, y=12.0, r=5.0)
+    lab = shapes.patch_labels([sq, cross], 48, 8)[1 * 6 + 1]
+    blocks = lab[:16]
+    assert [k for k, v in enumerate(blocks) if v == red] == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert 0 < blocks.count(blue) < 9 and set(blocks) == {0, red, blue}
+    assert lab[16:] == (1 + shapes.SHAPES.index("square"), 1, 1)

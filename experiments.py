@@ -6,13 +6,17 @@ then <results>/shapes_table.md, shapes_results.json and shapes_chart.png.
     python experiments.py --size=quick             # CPU: the steps of config/shapes_*.py, as run_shapes.sh uses them
     python experiments.py --size=full --jobs=6     # one GPU (not yet run): longer teacher, batch 128, 6 pipelines at once
     python experiments.py --size=test --seeds=1    # tiny world and models, 1-2 steps (tests/test_experiments.py)
-    also: --seeds=3 --ablation_seeds=1 --rows=<row names or kinds, e.g. main,layers> --out=out/experiments
-          --results=results --data=<shapes dir> --teacher=<trained teacher dir> --eval_limit=N --cr_protocol=likelihood
+    python experiments.py --size=hard --ablation_seeds=3   # the hard world (shapes.WORLDS["hard"]): module ablation
+                                                   # and VAT forms -> <results>/shapes_hard_table.md, ...json, ...png
+    also: --seeds=3 --ablation_seeds=1 --seed_offset=0 --rows=<row names or kinds, e.g. main,layers>
+          --out=out/experiments --results=results --data=<shapes dir> --teacher=<trained teacher dir> --eval_limit=N
+          --cr_protocol=likelihood
 
 Runs go under <out>/<size>/: shapes/, teacher/, seed<s>/dpt_<variant>/, seed<s>/<row>/{dft,sft,eval}/. A finished
 stage writes <dir>.done.json (its arguments and wall time) and is skipped next time, so an interrupted call is just
 rerun. --jobs=1: every stage in this process; --jobs=N: N pipelines at once, each stage a subprocess (log in
-<dir>.log). Student seeds 0..n-1 are passed as --seed to every stage; the teacher (seed 0) is trained once.
+<dir>.log). Student seeds seed_offset..seed_offset+n-1 are passed as --seed to every stage; the teacher (seed 0) is
+trained once.
 """
 import importlib
 import json
@@ -26,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, ImageDraw
 
+import shapes
 from configurator import configure
 from evaluate import load_font
 
@@ -68,11 +73,27 @@ ROWS = [
     ("compodistill_vat_dpt", "vat_stage", "kd_taf_vat", {}),
 ]
 
+# The hard world (shapes.WORLDS["hard"], presets config/shapes_hard_*.py, whose DFT preset fixes the VAT weight for
+# every row): the module ablation, and VAT's three forms (reference: image queries, column-pooled; the paper's Eq. 2:
+# all queries, flattened; text queries only, flattened). The "pilot" rows run only when named in --rows: they chose
+# the VAT weight on a seed that is not one of the table's (--seed_offset).
+HARD_ROWS = [
+    ("sft_only", "main", "none", dict(kd_weight=0, vat_weight=0, taf=False)),
+    ("kd", "main", "kd", dict(vat_weight=0, taf=False)),
+    ("kd_taf", "main", "kd_taf", dict(vat_weight=0)),
+    ("kd_vat", "main", "kd", dict(taf=False)),
+    ("compodistill", "main", "kd_taf", {}),
+    ("kd_vat_paper_form", "vat_form", "kd", dict(taf=False, vat_queries="all", vat_pool="flat")),
+    ("kd_vat_text_form", "vat_form", "kd", dict(taf=False, vat_queries="text", vat_pool="flat")),
+] + [(f"kd_vat_w{w:g}", "pilot", "kd", dict(taf=False, vat_weight=float(w))) for w in (1, 3, 10, 30)]
+
 TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=2, image_size=24, patch_size=8)  # 9 visual tokens, like the real size
+TINY_HARD = dict(TINY_VISION, image_size=32)  # 16 visual tokens on the hard world's 4x4 grid
 TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=256, tie_word_embeddings=True)
-# Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage.
+# Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage; the hard
+# sizes also name their presets (config/<presets>_<stage>.py), rows and results files (<results>/<prefix>_table.md).
 SIZES = {
     "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
                  tower=dict(vision=TINY_VISION, steps=2, batch_size=4, progress=False),
@@ -89,26 +110,50 @@ SIZES = {
                  dpt=dict(max_steps=40, eval_interval=40, save_interval=40),
                  dft=dict(max_steps=50, eval_interval=50, save_interval=50),
                  sft=dict(max_steps=13, eval_interval=13, save_interval=13)),
+    # The hard world at the quick size's budgets and batch (its own presets); CPU, 2 pipelines at once.
+    "hard": dict(world=dict(shapes.WORLDS["hard"], n_train=4000, n_test=200), eval_limit=0, jobs=2, tower={},
+                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS,
+                 prefix="shapes_hard"),
+    "hard_test": dict(world=dict(shapes.WORLDS["hard"], n_train=24, n_test=4, image_size=32), eval_limit=2, jobs=1,
+                      tower=dict(vision=TINY_HARD, steps=2, batch_size=4, progress=False),
+                      all=dict(batch_size=2, max_length=96, max_steps=1, warmup_frac=0.0, log_interval=1,
+                               eval_interval=0),
+                      teacher=dict(llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
+                      dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2),
+                      sft={}, presets="shapes_hard", rows=HARD_ROWS, prefix="shapes_hard"),
 }
-OPTIONS = dict(size="quick", seeds=3, ablation_seeds=1, jobs=0, rows="", out="out/experiments", results="results",
-               data="", teacher="", eval_limit=-1, cr_protocol="likelihood")
-SCORES = ["vqa", "cr", "pope_f1", "align"]  # fractions in [0, 1]
+OPTIONS = dict(size="quick", seeds=3, ablation_seeds=1, seed_offset=0, jobs=0, rows="", out="out/experiments",
+               results="results", data="", teacher="", eval_limit=-1, cr_protocol="likelihood")
+SCORES = ["vqa", "cr", "pope_f1", "align", "align_text"]  # fractions in [0, 1]
 
 
 def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
+def preset(size, stage):
+    return os.path.join(ROOT, "config", f"{SIZES[size].get('presets', 'shapes')}_{stage}.py")
+
+
+def size_rows(size):
+    return SIZES[size].get("rows", ROWS)
+
+
+def select_rows(size, names=""):
+    """The size's rows named (by row or kind) in `names` (comma-separated), else all but the "pilot" kind."""
+    want = set(names.split(",")) if names else None
+    return [r for r in size_rows(size) if (want is None and r[1] != "pilot") or (want and {r[0], r[1]} & want)]
+
+
 def stage_args(size, stage, **kw):
-    """config/shapes_<stage>.py, then the size's overrides, then this run's."""
+    """config/<presets>_<stage>.py, then the size's overrides, then this run's."""
     overrides = {**SIZES[size]["all"], **SIZES[size][stage], **kw}
-    return [os.path.join(ROOT, "config", f"shapes_{stage}.py"), *args(overrides)]
+    return [preset(size, stage), *args(overrides)]
 
 
-def resolved_dft(overrides):
+def resolved_dft(overrides, size="quick"):
     import train_dft, trainer
-    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS),
-                     [os.path.join(ROOT, "config", "shapes_dft.py"), *args(overrides)])
+    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS), [preset(size, "dft"), *args(overrides)])
 
 
 def load(path):
@@ -159,6 +204,7 @@ def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
              cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()})
     if "align" in report:
         m["align"] = report["align"]["cr"]["image_queries"]["vat_cos"]
+        m["align_text"] = report["align"]["cr"]["text_queries"]["flat_cos"]
     if dft_dir and vat_on:
         with open(os.path.join(dft_dir, "train_log.jsonl")) as f:
             m["vat_final"] = [r for r in map(json.loads, f) if "vat" in r][-1]["vat"]
@@ -210,11 +256,10 @@ def chart(path, entries, title):
 
 def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
     """Data, teacher, then (in parallel) the teacher's eval and the DPT runs, then the DFT -> SFT -> eval pipelines."""
-    spec = {name: (dpt, dft) for name, _, dpt, dft in ROWS}
+    spec = {name: (dpt, dft) for name, _, dpt, dft in size_rows(o["size"])}
     pipelines = sorted({(shared[name], s) for name, kind, _, _ in rows for s in seeds(kind)})
     dpts = sorted({(spec[name][0], s) for name, s in pipelines})
     data = o["data"] or os.path.join(base, "shapes")
-    import shapes
     if not os.path.exists(os.path.join(data, "meta.json")):
         shapes.generate(data, **S["world"])
     tower = os.path.join(data, "vision_tower")
@@ -269,18 +314,19 @@ def main(argv=None):
     S, t_start, base = SIZES[o["size"]], time.time(), os.path.join(o["out"], o["size"])
     jobs = o["jobs"] or S["jobs"]
     limit = S["eval_limit"] if o["eval_limit"] < 0 else o["eval_limit"]
-    want = set(o["rows"].split(",")) if o["rows"] else None
-    rows = [r for r in ROWS if want is None or r[0] in want or r[1] in want]
-    seeds = lambda kind: list(range(o["seeds"] if kind == "main" else o["ablation_seeds"]))
-    # rows with the same DPT variant and resolved DFT config share runs (decided over all ROWS: stable dirs)
+    all_rows, rows = size_rows(o["size"]), select_rows(o["size"], o["rows"])
+    seeds = lambda kind: list(range(o["seed_offset"], o["seed_offset"] + (o["seeds"] if kind == "main"
+                                                                          else o["ablation_seeds"])))
+    # rows with the same DPT variant and resolved DFT config share runs (decided over all rows: stable dirs)
     cfgs, shared, first = {}, {}, {}
-    for name, kind, dpt, dft in ROWS:
-        cfgs[name] = resolved_dft(dft)
+    for name, kind, dpt, dft in all_rows:
+        cfgs[name] = resolved_dft(dft, o["size"])
         shared[name] = first.setdefault((dpt, json.dumps(cfgs[name], sort_keys=True)), name)
     walls, t_eval, n_pipe, n_dpt = train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared)
 
     t_m = metrics(load(os.path.join(t_eval, "report.json")), o["cr_protocol"])
-    results = [dict(name="teacher", kind="teacher", setting="config/shapes_teacher.py, trained once, shared",
+    teacher_setting = os.path.relpath(preset(o["size"], "teacher"), ROOT) + ", trained once, shared"
+    results = [dict(name="teacher", kind="teacher", setting=teacher_setting,
                     shared_with=None, seeds=[0], per_seed=[dict(seed=0, wall_s=walls["teacher"] + walls["teacher_eval"],
                                                                 **t_m)])]
     for name, kind, dpt, dft in rows:
@@ -311,32 +357,39 @@ def main(argv=None):
 def write_results(o, results, subsets, header, info):
     proto = "likelihood" if "likelihood" in o["cr_protocol"] else "mcq"
     cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
-            ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "final VAT loss (DFT)", "wall (s)"])
-    lines = [f"# CompoDistill on the shapes world, size `{o['size']}`", "", header, "",
+            ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "align CR (text q, flat cos)", "final VAT loss (DFT)",
+             "wall (s)"])
+    prefix = SIZES[o["size"]].get("prefix", "shapes")
+    world = "hard shapes world" if prefix == "shapes_hard" else "shapes world"
+    lines = [f"# CompoDistill on the {world}, size `{o['size']}`", "", header, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         m, seeds = r["mean"], str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
         cells = ([r["name"], r["setting"], seeds, cell(m["vqa"]), cell(m["cr"])] +
                  [cell(m["cr_subsets"][s]) for s in subsets] +
-                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["vat_final"], False, 2, sci=True),
-                  cell(m["wall_s"], False, 0)])
+                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["align_text"], digits=2),
+                  cell(m["vat_final"], False, 2, sci=True), cell(m["wall_s"], False, 0)])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores in %, mean ± sample std over seeds 0..n-1. align: 1 - the image-query VAT distance on the "
-              "CR captions, on each row's own DFT layer sets and matching. Final VAT loss: the DFT run's last logged "
+    first = o["seed_offset"]
+    lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. align: 1 - the image-query VAT "
+              "distance on the CR captions, on each row's own DFT layer sets and matching; text q: cosine similarity "
+              "of the caption tokens' attention over the image, flattened (evaluate.py's text_queries.flat_cos). "
+              "Final VAT loss: the DFT run's last logged "
               "training value (scales differ across vat_loss and VAT forms; '-' when vat_weight=0). wall: DPT + DFT "
               "+ SFT + eval of one seed (a shared DPT run counted in full); teacher: training + eval. Rows whose "
               "settings resolve to the same config reuse those runs (seeds column).", "",
-              "DPT variants (overrides on config/shapes_dpt.py, which is KD + TAF): " +
+              f"DPT variants (overrides on config/{SIZES[o['size']].get('presets', 'shapes')}_dpt.py, which is "
+              "KD + TAF): " +
               "; ".join(f"{k}: {v or 'no overrides'}" for k, v in DPT.items()), ""]
     os.makedirs(o["results"], exist_ok=True)
-    with open(os.path.join(o["results"], "shapes_table.md"), "w") as f:
+    with open(os.path.join(o["results"], f"{prefix}_table.md"), "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(o["results"], "shapes_results.json"), "w") as f:
+    with open(os.path.join(o["results"], f"{prefix}_results.json"), "w") as f:
         json.dump(dict(info, rows=results), f, indent=1)
-    chart(os.path.join(o["results"], "shapes_chart.png"),
+    chart(os.path.join(o["results"], f"{prefix}_chart.png"),
           [(r["name"] + (f" (= {r['shared_with']})" if r["shared_with"] else ""), r["mean"]) for r in results],
-          f"Shapes world ({o['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
-    print("\n".join(lines) + f"\n-> {o['results']}/shapes_table.md, shapes_results.json, shapes_chart.png")
+          f"{world[0].upper() + world[1:]} ({o['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
+    print("\n".join(lines) + f"\n-> {o['results']}/{prefix}_table.md, {prefix}_results.json, {prefix}_chart.png")
 
 
 if __name__ == "__main__":

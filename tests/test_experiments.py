@@ -13,7 +13,8 @@ import trainer
 
 SUBSETS = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 COLUMNS = (["row", "setting", "seeds", "VQA", "CR avg (likelihood)"] + SUBSETS +
-           ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "final VAT loss (DFT)", "wall (s)"])
+           ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "align CR (text q, flat cos)", "final VAT loss (DFT)",
+            "wall (s)"])
 SHARED = {"match_group", "layers_intermediate", "vat_cosine", "vat_reference_form"}  # = compodistill's runs
 
 
@@ -38,9 +39,9 @@ def test_every_row_in_table_json_and_chart(first):
     assert [r[0] for r in rows] == names and all(len(r) == len(COLUMNS) for r in rows)
     for r in rows:
         assert r[2].startswith("1") and ("runs of compodistill" in r[2]) == (r[0] in SHARED)
-        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + [r[-4]])  # VQA, CR, subsets, POPE everywhere
+        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + [r[-5]])  # VQA, CR, subsets, POPE everywhere
         assert (r[-2] == "-") == (r[0] in ("teacher", "sft_only", "kd", "kd_taf"))  # VAT loss iff vat_weight > 0
-        assert (r[-3] == "-") == (r[0] == "teacher")  # alignment needs a teacher
+        assert (r[-3] == "-") == (r[-4] == "-") == (r[0] == "teacher")  # alignment (both kinds) needs a teacher
 
     saved = json.load(open(root / "results" / "shapes_results.json"))
     assert [r["name"] for r in saved["rows"]] == names
@@ -49,7 +50,7 @@ def test_every_row_in_table_json_and_chart(first):
         assert [p["seed"] for p in r["per_seed"]] == [0]
         for p in r["per_seed"]:
             scores = [p[k] for k in ("vqa", "cr", "pope_f1")] + list(p["cr_subsets"].values())
-            scores += [p["align"]] if r["name"] != "teacher" else []
+            scores += [p["align"], p["align_text"]] if r["name"] != "teacher" else []
             assert list(p["cr_subsets"]) == SUBSETS
             assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in scores), (r["name"], scores)
             assert p["wall_s"] >= 0
@@ -106,7 +107,45 @@ def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
 def test_every_size_and_row_resolves(size):
     for stage in ("teacher", "dpt", "dft", "sft"):  # unknown keys or wrong types would raise here
         trainer.configure(dict(trainer.DEFAULTS), experiments.stage_args(size, stage))
-    for name, kind, dpt, dft in experiments.ROWS:  # layer sets valid on the 4-layer student / 6-layer teacher
-        c = experiments.resolved_dft(dft)
+    for name, kind, dpt, dft in experiments.size_rows(size):  # layer sets valid on the 4-layer student / 6-layer teacher
+        c = experiments.resolved_dft(dft, size)
         s, t = ad.resolve_layers(c["student_layers"], 4), ad.resolve_layers(c["teacher_layers"], 6)
         assert len(ad.group_matching(s, t)) == len(s)
+    hard = size.startswith("hard")
+    assert os.path.basename(experiments.stage_args(size, "dft")[0]) == ("shapes_hard_dft.py" if hard else "shapes_dft.py")
+
+
+def test_hard_rows_and_vat_forms():
+    """The hard world's table: the four modules and SFT-only, VAT's paper and text-query forms (on KD, no TAF); the
+    VAT-weight pilot rows only when asked for; every row's VAT weight is the DFT preset's."""
+    main = ["sft_only", "kd", "kd_taf", "kd_vat", "compodistill", "kd_vat_paper_form", "kd_vat_text_form"]
+    assert [r[0] for r in experiments.select_rows("hard")] == main
+    assert [r[0] for r in experiments.select_rows("hard", "pilot")] == ["kd_vat_w1", "kd_vat_w3", "kd_vat_w10",
+                                                                        "kd_vat_w30"]
+    assert [r[0] for r in experiments.select_rows("hard", "main,kd_vat_w3")] == main[:5] + ["kd_vat_w3"]
+    c = {name: experiments.resolved_dft(dft, "hard") for name, _, _, dft in experiments.size_rows("hard")}
+    assert (c["kd_vat_paper_form"]["vat_queries"], c["kd_vat_paper_form"]["vat_pool"]) == ("all", "flat")
+    assert (c["kd_vat_text_form"]["vat_queries"], c["kd_vat_text_form"]["vat_pool"]) == ("text", "flat")
+    assert (c["kd_vat"]["vat_queries"], c["kd_vat"]["vat_pool"], c["kd_vat"]["taf"]) == ("image", "column", False)
+    w = c["kd_vat"]["vat_weight"]
+    assert w > 0 and all(c[n]["vat_weight"] == w for n in ("compodistill", "kd_vat_paper_form", "kd_vat_text_form"))
+    assert c["kd"]["vat_weight"] == c["kd_taf"]["vat_weight"] == 0
+
+
+def test_hard_size_end_to_end(tmp_path):
+    """One hard-world row at the tiny size: its world (patch-evidence tower, 4x4 grid), its presets, its seed, its
+    results files."""
+    res = experiments.main(["--size=hard_test", "--seeds=1", "--ablation_seeds=1", "--seed_offset=7",
+                            "--rows=kd_vat_text_form", f"--out={tmp_path / 'out'}", f"--results={tmp_path / 'res'}"])
+    assert [r["name"] for r in res] == ["teacher", "kd_vat_text_form"] and res[1]["seeds"] == [7]
+    base = tmp_path / "out" / "hard_test"
+    meta = json.load(open(base / "shapes" / "meta.json"))
+    assert meta["grid"] == 4 and meta["world"]["tower_labels"] == "blocks+shape"
+    tower = json.load(open(base / "shapes" / "vision_tower" / "config.json"))
+    assert (tower["image_size"], tower["patch_size"]) == (32, 8)
+    cfg = json.load(open(base / "seed7" / "kd_vat_text_form" / "dft" / "config.json"))["extra"]["train_config"]
+    assert (cfg["vat_queries"], cfg["vat_pool"], cfg["seed"]) == ("text", "flat", 7)
+    head, _, rows = table_rows(tmp_path / "res" / "shapes_hard_table.md")
+    assert head == COLUMNS and [r[0] for r in rows] == ["teacher", "kd_vat_text_form"]
+    assert rows[1][COLUMNS.index("align CR (text q, flat cos)")] != "-"
+    assert (tmp_path / "res" / "shapes_hard_chart.png").stat().st_size > 0

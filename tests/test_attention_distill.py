@@ -227,3 +227,36 @@ def test_attention_probs_gradients_match_plain_autograd(mask_kind):
     p = s.softmax(-1).nan_to_num(0.0)
     want = torch.stack([p[b][:, rows[b]][:, :, cols[b]] for b in range(B)]).mean(1)
     torch.testing.assert_close(ad.attention_probs(q, k, mask, rows, cols), want)
+
+
+def test_attention_probs_are_float32_under_bf16_autocast():
+    """Under bf16 autocast the probabilities (forward and the recomputing backward) stay float32: the same numbers
+    as outside autocast, so the forward and the backward see one softmax."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 9, 8
+    q = torch.randn(B, H, T, D).bfloat16()
+    k = torch.randn(B, Hkv, T, D).bfloat16()
+    rows, cols = torch.tensor([[3, 5, 8], [4, 6, 7]]), torch.tensor([[0, 1, 2], [1, 2, 3]])
+
+    def run(autocast):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            p = ad.attention_probs(qq, kk, None, rows, cols)
+        (p * torch.arange(p.numel()).view_as(p)).sum().backward()
+        return p, qq.grad, kk.grad
+
+    (p0, dq0, dk0), (p1, dq1, dk1) = run(False), run(True)
+    assert p1.dtype == torch.float32
+    assert torch.equal(p0, p1) and torch.equal(dq0, dq1) and torch.equal(dk0, dk1)
+
+
+def test_adaptive_matching_ignores_text_only_samples():
+    # Sample 1 is text-only (its "image columns" are arbitrary positions): it must not decide the match.
+    torch.manual_seed(0)
+    s = torch.rand(1, 2, 4, 4)
+    t = {0: s[0].clone(), 1: s[0].clone()}
+    t[0][0] = s[0, 0] + 0.5 * torch.rand(4, 4)  # layer 1 matches the image sample exactly ...
+    t[0][1] = s[0, 1]
+    t[1][1] = torch.rand(4, 4) * 10  # ... layer 0 only the text-only sample
+    assert ad.adaptive_matching(s, t, [[0, 1]], sample_mask=torch.tensor([True, False])) == [1]
+    assert ad.adaptive_matching(s[:, :1], {l: m[:1] for l, m in t.items()}, [[0, 1]]) == [1]

@@ -617,11 +617,14 @@ def _wrap(draw, text, font, width, max_lines=2):
     return lines
 
 
-def patch_grid(profile, drop_first_patch=False):
-    """(N_v,) attention over image tokens -> (g, g) patch grid (a dropped first patch shows as 0)."""
+def patch_grid(profile, patches=None):
+    """(N_v,) attention over image tokens -> (g, g) patch grid for a tower with `patches` patches: a dropped first
+    patch (SigLIP under the "default" strategy) shows as 0, a CLS token (CLIP under "full") is left out."""
     v = profile.detach().float().cpu().numpy()
-    if drop_first_patch:
+    if patches is not None and len(v) == patches - 1:
         v = np.concatenate([[0.0], v])
+    elif patches is not None and len(v) == patches + 1:
+        v = v[1:]
     g = int(round(math.sqrt(len(v))))
     if g * g != len(v):
         raise ValueError(f"{len(v)} image tokens do not form a square patch grid")
@@ -680,7 +683,8 @@ def _profiles(A, cols, text_rows, b):
 
 def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
     paths = []
-    drop = r.model.config.drop_first_patch
+    vc = r.model.vision_tower.config
+    patches = (vc.image_size // vc.patch_size) ** 2
     if windows is not None:
         cols_t = [f"s{s}<-t{w[0]}" + (f"..{w[-1]}" if len(w) > 1 else "") for s, w in zip(s_layers, windows)]
     else:
@@ -693,12 +697,12 @@ def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
             rows = []
             if A_t is not None:
                 img_t, txt_t = _profiles(A_t, cols, text_rows, i)
-                rows.append(("teacher, image queries", [patch_grid(p, drop) for p in img_t]))
+                rows.append(("teacher, image queries", [patch_grid(p, patches) for p in img_t]))
             who = "student" if A_t is not None else "model"
-            rows.append((f"{who}, image queries", [patch_grid(p, drop) for p in img_s]))
+            rows.append((f"{who}, image queries", [patch_grid(p, patches) for p in img_s]))
             if A_t is not None:
-                rows.append(("teacher, text queries", [patch_grid(p, drop) for p in txt_t]))
-            rows.append((f"{who}, text queries", [patch_grid(p, drop) for p in txt_s]))
+                rows.append(("teacher, text queries", [patch_grid(p, patches) for p in txt_t]))
+            rows.append((f"{who}, text queries", [patch_grid(p, patches) for p in txt_s]))
             with Image.open(os.path.join(r.folder, spec[1])) as im:
                 image = im.convert("RGB")
             path = os.path.join(out_dir, f"heatmap_{k:03d}.png")

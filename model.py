@@ -43,7 +43,10 @@ class VLMConfig:
     image_token: str = "<image>"
     image_token_id: int = -1
     vision_feature_layer: int = -2     # SigLIP's second-to-last layer, as LLaVA
-    drop_first_patch: bool = False     # the reference code drops SigLIP's first patch (728 tokens, not 729)
+    # LLaVA's name: "default" drops the tower's first feature (CLIP's CLS token; on SigLIP, which has none, the
+    # first patch, as the reference code does: 728 tokens, not 729), "full" keeps them all. "" picks when the
+    # model is built: "default" for a tower with a CLS token, else "full".
+    vision_feature_select_strategy: str = ""
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the training stage that wrote it)
 
     def save(self, path):
@@ -53,7 +56,10 @@ class VLMConfig:
     @classmethod
     def load(cls, path):
         with open(os.path.join(path, "config.json")) as f:
-            return cls(**json.load(f))
+            d = json.load(f)
+        if "drop_first_patch" in d:  # checkpoints written before the LLaVA name
+            d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
+        return cls(**d)
 
 
 def _hf_config(spec):
@@ -67,6 +73,32 @@ def _hf_config(spec):
 def _vision_config(cfg):
     # A full CLIP / SigLIP checkpoint holds text and vision configs; the tower is the vision part.
     return getattr(cfg, "vision_config", cfg)
+
+
+def tower_tokens(tower):
+    """(features per image, whether the first one is a CLS token) of a vision tower: CLIP emits its patches plus a
+    CLS token in front, SigLIP its patches only."""
+    vc = tower.config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    emb = next((m for n, m in tower.named_modules() if n.split(".")[-1] == "embeddings"), None)
+    n = getattr(emb, "num_positions", patches)
+    return n, n == patches + 1
+
+
+def prepare_tokenizer(tok):
+    """Llama-style tokenizers have no pad token: pad with eos (padding is masked everywhere, so any id will do)."""
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def same_tokenizer(a, b):
+    """True when two tokenizers give every text the same ids: same vocabulary, special tokens and merges."""
+    if a is b:
+        return True
+    probe = "A chat: USER: <image>\nWhat colour is the 3rd cube? ASSISTANT: Red, 42 cm. \u00e9\u4e2d"
+    return (a.get_vocab() == b.get_vocab() and a.bos_token == b.bos_token and a.eos_token == b.eos_token
+            and a(probe).input_ids == b(probe).input_ids)
 
 
 def build_connector(kind, d_in, d_out):
@@ -90,6 +122,13 @@ class VLM(nn.Module):
         llm.set_attn_implementation(ad.ATTN_IMPLEMENTATION)
         self.vision_tower, self.llm = vision_tower, llm
         self.vision_tower.requires_grad_(False)  # always frozen (LLaVA / the paper)
+        n_feat, has_cls = tower_tokens(vision_tower)
+        if not config.vision_feature_select_strategy:
+            config.vision_feature_select_strategy = "default" if has_cls else "full"
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: use 'default' "
+                             "(drop the first feature: CLIP's CLS token) or 'full' (keep all)")
+        self._num_image_tokens = n_feat - (config.vision_feature_select_strategy == "default")
         d_vis = vision_tower.config.hidden_size
         d_llm = llm.config.hidden_size
         if config.taf:
@@ -106,9 +145,14 @@ class VLM(nn.Module):
     # -- images --------------------------------------------------------------------------------
     @property
     def num_image_tokens(self):
-        vc = self.vision_tower.config
-        n = (vc.image_size // vc.patch_size) ** 2
-        return n - 1 if self.config.drop_first_patch else n
+        """Visual tokens per image: the tower's features, less the first under the "default" strategy."""
+        return self._num_image_tokens
+
+    @property
+    def image_adapter(self):
+        """The trainable image-to-LM module: post_connector under TAF (the connector is the teacher's, frozen),
+        else the connector."""
+        return self.post_connector if self.config.taf else self.connector
 
     @property
     def image_token_id(self):
@@ -122,7 +166,14 @@ class VLM(nn.Module):
             dtype = p.dtype
             out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             z = out.hidden_states[self.config.vision_feature_layer]
-        return z[:, 1:] if self.config.drop_first_patch else z
+        if self.config.vision_feature_select_strategy == "default":
+            z = z[:, 1:]
+        if z.shape[1] != self.num_image_tokens:  # the splice would shift every later image token
+            raise ValueError(f"the vision tower gave {z.shape[1]} features per image, the text holds "
+                             f"{self.num_image_tokens} image tokens; check the image processor's size "
+                             f"({tuple(pixel_values.shape[-2:])} given, the tower expects "
+                             f"{self.vision_tower.config.image_size})")
+        return z
 
     def project(self, z):
         """Vision features -> LLM-space visual tokens (connector, then post_connector under TAF)."""
@@ -219,6 +270,10 @@ class VLM(nn.Module):
         cfg.vision = _vision_config(self.vision_tower.config).to_dict()
         cfg.llm = self.llm.config.to_dict()
         cfg.llm.pop("_attn_implementation_autoset", None)
+        # transformers builds a model from a config in the config's dtype: say the dtype the weights are saved in
+        # (a bf16 Qwen config would otherwise turn float32 weights back into bf16 on load)
+        for d, m in ((cfg.vision, self.vision_tower), (cfg.llm, self.llm)):
+            d["dtype"] = str(next(m.parameters()).dtype).removeprefix("torch.")
         cfg.save(path)
         save_model(self, os.path.join(path, "model.safetensors"))
         if self.tokenizer is not None:
@@ -234,7 +289,7 @@ class VLM(nn.Module):
         model = cls(VLMConfig.load(path))
         load_model(model, os.path.join(path, "model.safetensors"))
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
+            model.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
             model.image_processor = AutoImageProcessor.from_pretrained(path)
         return model.to(dtype) if dtype is not None else model
@@ -250,7 +305,7 @@ class VLM(nn.Module):
         """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer."""
         tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
-        tok = AutoTokenizer.from_pretrained(llm)
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(llm))
         if image_token not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": [image_token]})
         if len(tok) > lm.get_input_embeddings().num_embeddings:
@@ -278,7 +333,7 @@ def set_trainable(student, stage, train_llm=None, train_vision=False):
     if stage not in ("dpt", "dft", "sft"):
         raise ValueError(f"unknown stage '{stage}': use dpt, dft or sft")
     student.requires_grad_(False)
-    (student.post_connector if student.config.taf else student.connector).requires_grad_(True)
+    student.image_adapter.requires_grad_(True)
     if train_llm if train_llm is not None else stage != "dpt":
         student.llm.requires_grad_(True)
     if train_vision:
@@ -287,8 +342,14 @@ def set_trainable(student, stage, train_llm=None, train_vision=False):
 
 
 def same_weights(a, b):
+    """Same parameter names, shapes and values; a bf16 copy of float32 weights counts as the same (compared in
+    the narrower dtype), so the answer does not change when the frozen teacher is cast to bf16."""
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
+
+    def equal(x, y):
+        dt = x.dtype if x.element_size() <= y.element_size() else y.dtype
+        return x.shape == y.shape and torch.equal(x.to(dt), y.to(dt))
+    return pa.keys() == pb.keys() and all(equal(pa[k], pb[k]) for k in pa)
 
 
 class TeacherStudent(nn.Module):
@@ -320,14 +381,30 @@ class TeacherStudent(nn.Module):
             raise ValueError("teacher and student must share the tokenizer's image token and the number of "
                              f"visual tokens (teacher {teacher.image_token_id}/{teacher.num_image_tokens}, "
                              f"student {student.image_token_id}/{student.num_image_tokens})")
+        # KD compares the two next-token distributions id by id: that needs one tokenizer. Embedding matrices may
+        # be padded to different sizes; KD then reads only the tokenizer's real vocabulary.
+        if teacher.tokenizer is not None and student.tokenizer is not None:
+            if not same_tokenizer(teacher.tokenizer, student.tokenizer):
+                raise ValueError(f"the teacher's tokenizer ({teacher.tokenizer.name_or_path or 'teacher'}) and the "
+                                 f"student's ({student.tokenizer.name_or_path or 'student'}) differ (vocabulary, "
+                                 "special tokens or merges): logit KD would compare unrelated tokens. Use a teacher "
+                                 "and a student LM of one family, sharing the tokenizer")
+            self.vocab_size = len(student.tokenizer)
+        else:
+            self.vocab_size = min(m.llm.get_output_embeddings().out_features for m in (teacher, student))
         self.student_layers = ad.resolve_layers(student_layers, student.llm.config.num_hidden_layers)
         self.teacher_layers = ad.resolve_layers(teacher_layers, teacher.llm.config.num_hidden_layers)
         if matching == "simple":
             self.windows = [[t] for t in ad.simple_matching(self.student_layers, self.teacher_layers)]
         else:
             self.windows = ad.group_matching(self.student_layers, self.teacher_layers)
-        # Checked once: a shared frozen tower lets one vision forward serve both models.
-        self.shared_vision = same_weights(teacher.vision_tower, student.vision_tower)
+        # Checked once, before any cast to bf16: a shared frozen tower lets one vision forward serve both models.
+        self.shared_vision = (same_weights(teacher.vision_tower, student.vision_tower)
+                              and teacher.config.vision_feature_layer == student.config.vision_feature_layer
+                              and teacher.num_image_tokens == student.num_image_tokens)
+        self._same_connector = None
+        if student.config.taf:
+            self._check_taf()
 
     def to(self, *args, **kwargs):
         if self.teacher is not None:
@@ -343,20 +420,25 @@ class TeacherStudent(nn.Module):
         s.connector = copy.deepcopy(t.connector).requires_grad_(False)
         s.post_connector = nn.Linear(d_t, d_s).to(device=p.device, dtype=p.dtype)
         s.config.taf, s.config.teacher_hidden_size, s.config.connector = True, d_t, t.config.connector
-        self._same_connector = None  # compare again on the next forward
+        self._check_taf()
         return self
+
+    def _check_taf(self):
+        """TAF feeds the student's tower features into the teacher's connector: refuse any other tower. Then
+        compare the two frozen connectors once (not every step: on GPU that is a host sync per step), before
+        the teacher is cast to bf16."""
+        if not self.shared_vision:
+            raise ValueError("TAF needs the teacher's vision tower: the student's tower (or its feature layer / "
+                             "selection) differs from the teacher's, so the teacher's connector would read features "
+                             "it was never trained on. Build the student on the teacher's tower (init_from=scratch "
+                             "with a teacher shares it; with init_from=backbones pass the teacher's vision_model), or "
+                             "run without TAF (taf=False)")
+        self._same_connector = same_weights(self.student.connector, self.teacher.connector)
 
     def _reuses_teacher_connector(self):
         # Under TAF with a shared tower, the student's frozen connector equals the teacher's, so the
         # teacher's connector output is the student's pre-post_connector input: compute it once.
-        # The weight comparison is done once (both connectors are frozen), not every step: on GPU
-        # it would be a host sync per step.
-        s = self.student
-        if not (s.config.taf and self.shared_vision):
-            return False
-        if getattr(self, "_same_connector", None) is None:
-            self._same_connector = same_weights(s.connector, self.teacher.connector)
-        return self._same_connector
+        return bool(self.student.config.taf and self.shared_vision and self._same_connector)
 
     def forward(self, batch, kd=True, vat=True):
         s, t = self.student, self.teacher
@@ -404,12 +486,12 @@ class TeacherStudent(nn.Module):
         # 4. losses
         zero = h_s.sum() * 0.0
         lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero
-        kd_l = ad.kd_loss_selected(logits_s, logits_t, self.kd_temperature) if kd else zero
+        kd_l = ad.kd_loss_selected(logits_s, logits_t, self.kd_temperature, self.vocab_size) if kd else zero
         vat_l = zero
         if vat:
             A_s = torch.stack([maps_s[l] for l in self.student_layers])
             if self.matching == "adaptive":
-                chosen = ad.adaptive_matching(A_s, maps_t, self.windows)
+                chosen = ad.adaptive_matching(A_s, maps_t, self.windows, sample_mask=has_img)
                 A_t = torch.stack([maps_t[l] for l in chosen])
             else:
                 A_t = torch.stack([torch.stack([maps_t[l] for l in w]).mean(0) for w in self.windows])
@@ -417,5 +499,7 @@ class TeacherStudent(nn.Module):
                 A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
             vat_l = ad.vat_loss(A_s, A_t, sample_mask=has_img, **self.vat_kwargs)
         total = lm + self.kd_weight * kd_l + self.vat_weight * vat_l
+        if img_s is None:  # text only: under DDP every trainable parameter must join the backward, the adapter too
+            total = total + sum(p.sum() for p in s.image_adapter.parameters() if p.requires_grad) * 0.0
         return {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
 

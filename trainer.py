@@ -13,10 +13,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -27,8 +28,8 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
-from data import LLaVADataset, collate
-from model import VLM, TeacherStudent, VLMConfig, set_trainable
+from data import LLaVADataset, check_dataset, collate, too_many_dropped
+from model import VLM, TeacherStudent, VLMConfig, prepare_tokenizer, set_trainable
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
@@ -49,6 +50,8 @@ DEFAULTS = dict(
     llm={},                       # scratch only: HF causal-LM config dict for the new model
     vision={},                    # scratch only: HF vision config dict (ignored when a teacher gives the tower)
     connector="mlp2x_gelu",
+    vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", its CLS token dropped; SigLIP: "full");
+                                  # "default" on SigLIP drops the first patch, as the reference code does
     max_length=512,
     # losses (METHOD.md)
     kd_weight=0.0, vat_weight=0.0, kd_temperature=1.0,
@@ -61,12 +64,18 @@ DEFAULTS = dict(
     # optimisation
     batch_size=16, grad_accum=1, max_steps=1000, lr=2e-4, min_lr_frac=0.0, warmup_frac=0.03,
     weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, seed=0,
-    dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16
+    dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16 / float16 (with a
+                                  # GradScaler). Trainable weights are float32 masters whatever this says.
     grad_ckpt=False, compile=False, num_workers=0,
     # bookkeeping
     log_interval=10, eval_interval=200, eval_batches=10, save_interval=500,
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
 )
+# Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
+RESUME_FREE = {"log_interval", "eval_interval", "eval_batches", "save_interval", "stop_after", "num_workers",
+               "compile", "grad_ckpt"}
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOSSES = ("lm", "kd", "vat", "total")
 
 
 def print0(*args, **kwargs):
@@ -90,7 +99,10 @@ def compute_init():
 
 
 def compute_cleanup():
+    """After a successful run only (a rank that died leaves the others in a collective; torchrun ends them). The
+    barrier first: a rank that tears down its process group while another is still in the last collective can hang."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -185,10 +197,12 @@ def build_student(cfg, teacher, resume_dir):
     if resume_dir:
         return VLM.from_pretrained(resume_dir)
     src = cfg["init_from"]
+    select = cfg["vision_feature_select_strategy"]
     if src == "backbones":
         if not (cfg["vision_model"] and cfg["llm_model"]):
             raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
-        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"])
+        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"],
+                                  vision_feature_select_strategy=select)
     if src and src != "scratch":
         ckpt = checkpoint_dir(src)
         if ckpt is None:
@@ -203,8 +217,9 @@ def build_student(cfg, teacher, resume_dir):
     if teacher is not None:  # share the teacher's tower, tokenizer and image processor: KD and VAT need them equal
         vision_tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
         vision = teacher.config.vision
+        select = teacher.config.vision_feature_select_strategy
     else:
-        tok = AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer"))
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer")))
         if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
             vision_tower = VLM.load_vision_tower(cfg["vision_model"])
             vision = vision_tower.config.to_dict()
@@ -215,7 +230,7 @@ def build_student(cfg, teacher, resume_dir):
         else:
             raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
     llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"],
+    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"], vision_feature_select_strategy=select,
                        image_token_id=tok.convert_tokens_to_ids("<image>"))
     student = VLM(config, vision_tower=vision_tower)
     student.tokenizer, student.image_processor = tok, proc
@@ -231,6 +246,9 @@ def build_model(cfg, resume_dir):
                                     "need one (train it with train_sft.py config/shapes_teacher.py)")
         teacher = VLM.from_pretrained(ckpt)
     student = build_student(cfg, teacher, resume_dir)
+    # Whatever dtype the checkpoint was saved in (transformers 5 follows a bf16 Qwen config), AdamW updates
+    # float32 master weights: in bf16, updates smaller than 1/256 of a weight round away. bf16 lives in autocast.
+    student.float()
     ts = TeacherStudent(teacher, student, cfg["student_layers"], cfg["teacher_layers"],
                         matching=cfg["matching"], vat_queries=cfg["vat_queries"], vat_pool=cfg["vat_pool"],
                         vat_loss=cfg["vat_loss"], vat_layer_reduce=cfg["vat_layer_reduce"],
@@ -246,6 +264,77 @@ def build_model(cfg, resume_dir):
     return ts, params
 
 
+def compile_models(ts, **kwargs):
+    """torch.compile what training runs: the LMs' decoders (llm.base_model, called directly so that logits are
+    computed only where the losses need them), in place, so state_dict keys and checkpoints do not change."""
+    for m in (ts.student, ts.teacher):
+        if m is not None:
+            m.llm.base_model.compile(**kwargs)
+
+
+def check_resume(saved, cfg, out_dir):
+    """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
+    diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with other settings (" +
+                         "; ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} now" for k in diff) +
+                         "): rerun with its settings to resume or finish it, or choose another out_dir")
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
+    this yields holds the signals received. A second Ctrl-C stops at once."""
+    got = []
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        old = {}
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _quiet_worker(_):
+    # A Ctrl-C reaches the DataLoader workers too; they must keep serving while the main process saves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class DataMonitor:
+    """Counts, for this process, what the data loader fetched, dropped (once per sample, by reason) and cut at
+    max_length; prints the first drops of each reason."""
+
+    def __init__(self, show=True, max_shown=5):
+        self.fetched = self.dropped_fetches = 0
+        self.dropped, self.truncated = {}, set()
+        self.show, self.max_shown, self.shown = show, max_shown, Counter()
+        self.first = []
+
+    def add(self, batch):
+        n_kept = len(batch["input_ids"]) if "input_ids" in batch else 0
+        self.fetched += n_kept + len(batch["dropped"])
+        self.dropped_fetches += len(batch["dropped"])
+        self.truncated.update(batch["truncated"])
+        for d in batch["dropped"]:
+            if d.key in self.dropped:
+                continue
+            self.dropped[d.key] = d.reason
+            if len(self.first) < 3:
+                self.first.append(d)
+            self.shown[d.reason] += 1
+            if self.show and self.shown[d.reason] <= self.max_shown:
+                more = " (further ones are only counted)" if self.shown[d.reason] == self.max_shown else ""
+                tqdm.write(f"skipping {d.message}{more}")
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -257,7 +346,7 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
     for batch in loader:
         if n == n_batches:
             break
-        if batch is None:
+        if "input_ids" not in batch:  # every sample dropped
             continue
         with autocast:
             out = model(to_device(batch, device), kd=kd, vat=vat)
@@ -270,16 +359,17 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
 
 def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
+        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
     ddp, rank, world, device = compute_init()
     master = rank == 0
     out_dir = cfg["out_dir"]
     resume_dir = checkpoint_dir(out_dir)
     state = None
     if resume_dir:
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=False)
-        if state["config"]["stage"] != cfg["stage"]:
-            raise ValueError(f"{out_dir} holds a '{state['config']['stage']}' checkpoint, this is '{cfg['stage']}': "
-                             "choose another out_dir")
+        # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        check_resume(state["config"], cfg, out_dir)
         if state["step"] >= cfg["max_steps"]:
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
             compute_cleanup()
@@ -297,23 +387,33 @@ def train(cfg):
                if ts.teacher is not None else (student.config.extra or {}).get("distill"))
     ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
-    use_bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    if ts.teacher is not None and use_bf16:
-        ts.teacher.to(torch.bfloat16)  # frozen: half the memory, and it runs under bf16 autocast anyway
+    amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    if ts.teacher is not None and amp is not None:
+        ts.teacher.to(amp)  # frozen: half the memory, and it runs under autocast anyway
     if cfg["grad_ckpt"]:
         student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg["compile"]:
-        student.llm.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
+        compile_models(ts)
     # A trained tower's layers above vision_feature_layer get no gradient: let DDP expect that.
     model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=cfg["train_vision"]) if ddp else ts
 
-    # data
+    # data: every file is read a little before training, so a wrong path or image folder stops here, not
+    # after hours of training on nothing
     tok, N_v = student.tokenizer, student.num_image_tokens
     folder = cfg["image_folder"] or None
-    load = lambda paths: torch.utils.data.ConcatDataset(
-        [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")])
+    placeholder = None
+
+    def load(paths):
+        nonlocal placeholder
+        parts = [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")]
+        for d in parts:
+            good, _ = check_dataset(d)
+            placeholder = placeholder or good
+        return torch.utils.data.ConcatDataset(parts)
     dataset = load(cfg["data"])
     if cfg["val_data"]:
         val_set, train_idx = load(cfg["val_data"]), list(range(len(dataset)))
@@ -321,13 +421,21 @@ def train(cfg):
         n_val = max(1, int(cfg["val_frac"] * len(dataset))) if cfg["eval_interval"] > 0 else 0
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()
         val_set, train_idx = torch.utils.data.Subset(dataset, perm[:n_val]), perm[n_val:]
+    if not train_idx:
+        raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
+                         "a separate val_data file, or eval_interval=0")
     train_set = torch.utils.data.Subset(dataset, train_idx)
     step = state["step"] if state else 0
     sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])
     collate_fn = partial(collate, pad_id=tok.pad_token_id)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda"))
+                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                                              worker_init_fn=_quiet_worker if cfg["num_workers"] else None))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"], collate_fn=collate_fn)
+    # A micro-batch whose samples were all dropped still runs forward and backward, on this one good sample with
+    # weight 0: under DDP every rank must join every gradient all-reduce, or the others wait forever.
+    placeholder = collate([placeholder], tok.pad_token_id)
+    monitor = DataMonitor(show=master)
 
     # optimizer (AdamW; no weight decay on biases and norms)
     decay = [p for p in params if p.dim() >= 2]
@@ -339,11 +447,13 @@ def train(cfg):
     log = []
     if state:
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log = state["log"]
     n_params = sum(p.numel() for p in params)
     print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
-           f"world {world}, device {device}, kd={kd} vat={vat} taf={student.config.taf}")
+           f"world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} taf={student.config.taf}")
 
     def checkpoint():
         rngs = [None] * world
@@ -354,65 +464,103 @@ def train(cfg):
         if master:
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
             save_checkpoint(out_dir, student, {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
+                                               "scaler": scaler.state_dict() if scaler else None,
                                                "config": cfg, "log": log}, log)
         if ddp:
             dist.barrier()
 
+    def all_ranks(values, op=dist.ReduceOp.SUM):
+        """A float64 tensor of `values` (host numbers or 0-d device tensors), reduced over the ranks."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        if ddp:
+            dist.all_reduce(t, op=op)
+        return t
+
     model.train()  # the teacher is not a submodule: it stays in eval()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=cfg["stage"], dynamic_ncols=True)
-    t0, tokens, sums, since_log, done_here = time.time(), 0, {}, 0, 0
-    while step < cfg["max_steps"]:
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg["grad_accum"]):
-            batch = next(loader)
-            if batch is None:  # every sample of this micro-batch was dropped (counted in dataset.dropped)
-                continue
-            tokens += int(batch["attention_mask"].sum()) * world  # counted on the host, before the copy
-            batch = to_device(batch, device)
-            sync = not ddp or micro == cfg["grad_accum"] - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                out = model(batch, kd=kd, vat=vat)
-            (out["total"] / cfg["grad_accum"]).backward()
-            for k, v in out.items():  # summed on the device; read (one sync) only at log time
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg["grad_accum"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        done_here += 1
-        since_log += 1
-        bar.update(1)
+    t0, tokens, done_here = time.time(), 0, 0
+    sums, n_micro = torch.zeros(len(LOSSES), device=device), 0
+    with stop_signals() as signals:
+        while step < cfg["max_steps"]:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for micro in range(cfg["grad_accum"]):
+                batch = next(loader)
+                monitor.add(batch)
+                real = "input_ids" in batch
+                if real:
+                    tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+                    n_micro += 1
+                batch = to_device(batch if real else placeholder, device)
+                sync = not ddp or micro == cfg["grad_accum"] - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    out = model(batch, kd=kd, vat=vat)
+                loss = out["total"] * ((1.0 if real else 0.0) / cfg["grad_accum"])
+                (scaler.scale(loss) if scaler else loss).backward()
+                if real:  # summed on the device; read (one sync) only at log time
+                    sums += torch.stack([out[k].detach().float() for k in LOSSES])
+            if scaler:
+                scaler.unscale_(optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+            if scaler:
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            done_here += 1
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-            dt = time.time() - t0
-            rec = {"step": step, "lr": lr, **{k: float(v) / since_log for k, v in sums.items()},
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tok_per_s": tokens / dt, "mem_gb": _memory_gb(device)}
-            log.append(rec)
-            bar.set_postfix(lm=f"{rec.get('lm', 0):.3f}", kd=f"{rec.get('kd', 0):.3f}", vat=f"{rec.get('vat', 0):.3f}")
-            if master:
-                bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                      if k != "step" and v is not None))
-            t0, tokens, sums, since_log = time.time(), 0, {}, 0
-        if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
-            if master:
-                ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
-                log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
-                bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if ddp:
-                dist.barrier()
-        stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
-        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop:
-            checkpoint()
-        if stop:
-            print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
-            break
+            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+                # every rank's losses, tokens and drops (one collective, one sync)
+                tot = all_ranks([*sums, n_micro, tokens, monitor.fetched, monitor.dropped_fetches]).tolist()
+                losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
+                dt = time.time() - t0
+                rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tok_per_s": ntok / dt, "mem_gb": _memory_gb(device)}
+                if n_drop:
+                    rec["dropped_frac"] = n_drop / fetched
+                log.append(rec)
+                bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
+                if master:
+                    bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                          if k != "step" and v is not None))
+                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:
+                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched),
+                                                      [d for d in monitor.first]) +
+                                     "\n(counted since this run started, over all ranks; no checkpoint written)")
+                t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
+            if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
+                if master:
+                    ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
+                    log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+                    bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if ddp:
+                    dist.barrier()
+            # A signal may reach the ranks at different steps: they agree (one tiny collective per step) so that
+            # all of them stop after the same step.
+            got = int(all_ranks([max(signals, default=0)], op=dist.ReduceOp.MAX)[0]) if ddp else max(signals, default=0)
+            stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
+            if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop or got:
+                checkpoint()
+            if got:
+                bar.close()
+                print0(f"{signal.Signals(got).name}: saved step {step} to {out_dir}; rerun the same command to resume")
+                compute_cleanup()
+                raise SystemExit(128 + got)
+            if stop:
+                print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
+                break
     bar.close()
-    dropped = sum((d.dropped for d in dataset.datasets), Counter())
-    if dropped:
-        print0(f"dropped samples (this process): {dict(dropped)}")
+    counts = Counter(monitor.dropped.values())
+    reasons = sorted(set(counts) | {"bad_sample", "missing_image", "image_truncated", "no_supervised_tokens"})
+    tot = all_ranks([counts[r] for r in reasons] + [len(monitor.truncated)]).tolist()
+    summary = {r: int(n) for r, n in zip(reasons, tot) if n}
+    if summary or tot[-1]:
+        print0(f"data: dropped samples {summary or 'none'}; {int(tot[-1])} cut at max_length={cfg['max_length']}")
     compute_cleanup()
     return log[-1] if log else {}
 

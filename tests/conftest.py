@@ -39,3 +39,90 @@ def tiny_vlm(arch="qwen2", seed=0, vision_tower=None, **llm_kw):
 @pytest.fixture
 def make_vlm():
     return tiny_vlm
+
+
+# -----------------------------------------------------------------------------
+# Tiny Hugging Face checkpoints on disk, as real ones come: byte-level BPE tokenizers with a chat template and no
+# pad token (Qwen / Llama style), LMs saved in bf16, SigLIP and CLIP towers with their image processors.
+
+CORPUS = ["a red circle left of a blue square", "what color is the square ?", "describe the image .",
+          "the green triangle is above the star", "yes", "no", "how many objects are there ?",
+          "A chat between a user and an assistant that answers questions about an image.", " USER: ", " ASSISTANT:"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(bos=False, corpus=CORPUS, vocab_size=320):
+    """A byte-level BPE tokenizer trained here. eos <|endoftext|>, no pad token; bos=True: <s> in front of every
+    encoding, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<s>"] if bos else [])
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.train_from_iterator(list(corpus) * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", bos_token="<s>" if bos else None)
+    tok.chat_template = CHATML
+    return tok
+
+
+def save_lm(path, tok, arch="qwen2", hidden=32, layers=2, heads=4, kv_heads=2, pad_rows=0, dtype=torch.bfloat16,
+            seed=0):
+    """A random causal LM saved with save_pretrained in `dtype` (as Qwen checkpoints are: bf16), its embedding
+    padded `pad_rows` past the tokenizer, and the tokenizer beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    extra = dict(head_dim=hidden // heads) if arch == "qwen3" else {}
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok) + pad_rows, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                               max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.bos_token_id, pad_token_id=None, dtype=dtype, **extra)
+    AutoModelForCausalLM.from_config(cfg).to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def save_tower(path, kind="siglip", image_size=16, patch_size=8, seed=0):
+    """A random SigLIP or CLIP vision tower (CLIP adds a CLS token to its patches) with its image processor."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, \
+        SiglipVisionModel
+    from data import image_processor
+    torch.manual_seed(seed)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=image_size, patch_size=patch_size)
+    if kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**kw)).save_pretrained(path)
+        CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**kw)).save_pretrained(path)
+        image_processor(image_size).save_pretrained(path)
+    return str(path)
+
+
+def write_llava(path, kinds, image_dir="images", seed=0):
+    """A LLaVA-format file with one sample per entry of `kinds`: "image" (an image that exists), "text" (no image),
+    "missing" (an image path that does not exist). Images are small coloured PNGs under `image_dir`."""
+    import json
+    import random
+    from PIL import Image
+    rng = random.Random(seed)
+    root = os.path.dirname(str(path))
+    os.makedirs(os.path.join(root, image_dir), exist_ok=True)
+    recs = []
+    for i, kind in enumerate(kinds):
+        q, a = rng.choice([("what color is the square ?", "red"), ("how many objects are there ?", "two"),
+                           ("describe the image .", "a red circle left of a blue square")])
+        rec = {"id": f"s{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        if kind != "text":
+            rec["image"] = f"{image_dir}/{i}.png"
+            rec["conversations"][0]["value"] = "<image>\n" + q
+            if kind == "image":
+                Image.new("RGB", (20, 20), tuple(rng.randrange(256) for _ in range(3))).save(os.path.join(root, rec["image"]))
+        recs.append(rec)
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return str(path)

@@ -277,7 +277,8 @@ def check_dataset(dataset, n=64):
     """Read up to `n` samples spread evenly over `dataset` (one LLaVADataset) before training starts. Raises
     ValueError when most of them cannot be used, naming the file, the reasons and the first messages (a wrong
     image_folder drops every image sample). Returns (one usable sample or None, [Dropped])."""
-    idx = sorted({round(k * (len(dataset) - 1) / max(1, n - 1)) for k in range(min(n, len(dataset)))})
+    m = min(n, len(dataset))
+    idx = sorted({round(k * (len(dataset) - 1) / max(1, m - 1)) for k in range(m)})
     good, drops = None, []
     for i in idx:
         s = dataset[i]

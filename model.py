@@ -417,7 +417,7 @@ class TeacherStudent(nn.Module):
         s, t = self.student, self.teacher
         d_t, d_s = t.llm.config.hidden_size, s.llm.config.hidden_size
         p = next(s.llm.parameters())
-        s.connector = copy.deepcopy(t.connector).requires_grad_(False)
+        s.connector = copy.deepcopy(t.connector).requires_grad_(False).to(device=p.device, dtype=p.dtype)
         s.post_connector = nn.Linear(d_t, d_s).to(device=p.device, dtype=p.dtype)
         s.config.taf, s.config.teacher_hidden_size, s.config.connector = True, d_t, t.config.connector
         self._check_taf()

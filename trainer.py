@@ -549,6 +549,7 @@ def train(cfg):
             if got:
                 bar.close()
                 print0(f"{signal.Signals(got).name}: saved step {step} to {out_dir}; rerun the same command to resume")
+                model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
                 compute_cleanup()
                 raise SystemExit(128 + got)
             if stop:
@@ -561,6 +562,7 @@ def train(cfg):
     summary = {r: int(n) for r, n in zip(reasons, tot) if n}
     if summary or tot[-1]:
         print0(f"data: dropped samples {summary or 'none'}; {int(tot[-1])} cut at max_length={cfg['max_length']}")
+    model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -263,7 +263,9 @@ class VLM(nn.Module):
         return torch.stack(new, 1)
 
     # -- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
+        """Write the checkpoint directory. `state_dict`: the weights to write instead of this module's own (a
+        LoRA-merged or an FSDP-gathered one, with this module's plain names)."""
         os.makedirs(path, exist_ok=True)
         cfg = copy.deepcopy(self.config)
         # Store the backbone configs inline, so a checkpoint rebuilds without the original ids.
@@ -272,10 +274,17 @@ class VLM(nn.Module):
         cfg.llm.pop("_attn_implementation_autoset", None)
         # transformers builds a model from a config in the config's dtype: say the dtype the weights are saved in
         # (a bf16 Qwen config would otherwise turn float32 weights back into bf16 on load)
-        for d, m in ((cfg.vision, self.vision_tower), (cfg.llm, self.llm)):
-            d["dtype"] = str(next(m.parameters()).dtype).removeprefix("torch.")
+        weights = state_dict if state_dict is not None else plain_state_dict(self)
+        for d, prefix in ((cfg.vision, "vision_tower."), (cfg.llm, "llm.")):
+            d["dtype"] = str(next(v for k, v in weights.items() if k.startswith(prefix)).dtype).removeprefix("torch.")
         cfg.save(path)
-        save_model(self, os.path.join(path, "model.safetensors"))
+        shared, unique = set(), {}
+        for k, v in weights.items():  # tied weights (an LM head sharing the embedding) are written once
+            where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if where not in shared:
+                shared.add(where)
+                unique[k] = v.contiguous()
+        save_file(unique, os.path.join(path, "model.safetensors"))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.image_processor is not None:
@@ -326,19 +335,59 @@ def set_trainable(student, stage, train_llm=None, train_vision=False):
     """
     Freeze everything, then unfreeze the stage's trainable set (METHOD.md, "Stages"): the image
     adapter (post_connector under TAF, else the student's own connector) always; the LLM in DFT
-    and SFT (or wherever `train_llm` says). A TAF connector never trains; the vision tower only
-    with train_vision (a model trained from scratch, e.g. the shapes teacher; never when distilling).
-    Returns the trainable parameters.
+    and SFT (or wherever `train_llm` says), or only its LoRA adapters when it has them. A TAF
+    connector never trains; the vision tower only with train_vision (a model trained from scratch,
+    e.g. the shapes teacher; never when distilling). Returns the trainable parameters.
     """
     if stage not in ("dpt", "dft", "sft"):
         raise ValueError(f"unknown stage '{stage}': use dpt, dft or sft")
     student.requires_grad_(False)
     student.image_adapter.requires_grad_(True)
     if train_llm if train_llm is not None else stage != "dpt":
-        student.llm.requires_grad_(True)
+        lora = [p for n, p in student.llm.named_parameters() if is_lora(n)]
+        for p in lora or student.llm.parameters():
+            p.requires_grad_(True)
     if train_vision:
         student.vision_tower.requires_grad_(True)
     return [p for p in student.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# LoRA (optional: peft), as the reference recipe trains DFT and SFT
+
+
+def add_lora(student, rank, alpha=0.0, dropout=0.0, targets="all-linear"):
+    """Rank-`rank` LoRA adapters (peft) on the student LM's linears: by default every Linear of the decoder
+    layers (not the LM head). B starts at zero, so the model's outputs do not change. alpha 0: 2 * rank (the
+    reference's r 128 / alpha 256). The attention modules stay where they were, so VAT capture works unchanged."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError(f"lora_rank={rank} needs peft, an optional dependency: pip install peft") from e
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets)
+    inject_adapter_in_model(cfg, student.llm)
+    return student
+
+
+def is_lora(name):
+    return ".lora_" in name
+
+
+def plain_state_dict(module, state_dict=None):
+    """`module`'s weights (its state_dict, or the given one with the same names, e.g. gathered from FSDP shards)
+    with LoRA adapters merged into their base weights, W + scale * B @ A in float32, under the plain names
+    (q_proj.weight, not q_proj.base_layer.weight): what a later stage, evaluate.py or transformers loads without
+    peft. Without adapters: the weights as they are."""
+    sd = dict(module.state_dict() if state_dict is None else state_dict)
+    for name, m in module.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):  # a peft LoRA layer
+            a, b = sd.pop(f"{name}.lora_A.default.weight"), sd.pop(f"{name}.lora_B.default.weight")
+            w = sd.pop(f"{name}.base_layer.weight")
+            sd[f"{name}.weight"] = (w.float() + m.scaling["default"] * (b.float() @ a.float())).to(w.dtype)
+            if f"{name}.base_layer.bias" in sd:
+                sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
+    return sd
 
 
 def same_weights(a, b):

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
-from model import VLM, TeacherStudent, VLMConfig, prepare_tokenizer, set_trainable
+from model import VLM, TeacherStudent, VLMConfig, add_lora, plain_state_dict, prepare_tokenizer, set_trainable
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
@@ -58,6 +59,10 @@ DEFAULTS = dict(
     taf=False,                    # TAF: student takes the teacher connector (frozen) + a post_connector
     train_llm=-1,                 # -1: the stage's default (LLM trains in DFT/SFT, not in DPT); 0/1 force it
     train_vision=False,           # train the vision tower too (a from-scratch tower; never while distilling)
+    lora_rank=0,                  # >0: LoRA adapters (peft) on the LM instead of training all of it (reference: 128)
+    lora_alpha=0.0,               # 0: 2 * lora_rank (the reference's 256 for r 128)
+    lora_dropout=0.05,
+    lora_targets="all-linear",    # every Linear of the LM's decoder layers; or names, e.g. "q_proj,v_proj"
     student_layers=None, teacher_layers=None,  # None: the preset / "intermediate"; a name, (lo, hi) or a list
     matching="group",
     vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum",
@@ -67,6 +72,8 @@ DEFAULTS = dict(
     dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16 / float16 (with a
                                   # GradScaler). Trainable weights are float32 masters whatever this says.
     grad_ckpt=False, compile=False, num_workers=0,
+    fsdp=False,                   # shard the student (and its optimizer) over the ranks with FSDP2 (fully_shard)
+    fsdp_teacher=True,            # with fsdp: shard the frozen teacher's decoder layers too (else every rank holds it)
     # bookkeeping
     log_interval=10, eval_interval=200, eval_batches=10, save_interval=500,
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
@@ -83,11 +90,16 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def compute_init():
-    """Plain python: one process. torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    ddp = "RANK" in os.environ
+def compute_init(single_group=False):
+    """Plain python: one process (with single_group, in a process group of its own, which FSDP needs).
+    torchrun: a process group (nccl on GPU, gloo on CPU)."""
+    ddp = "RANK" in os.environ or single_group
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -96,6 +108,13 @@ def compute_init():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return ddp, rank, world, device
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compute_cleanup():
@@ -110,10 +129,10 @@ def compute_cleanup():
 # checkpoints: a directory, written to a temporary name then swapped in
 
 
-def save_checkpoint(out_dir, student, train_state, log):
+def save_checkpoint(out_dir, student, train_state, log, weights=None):
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=weights)
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
@@ -260,8 +279,62 @@ def build_model(cfg, resume_dir):
     if cfg["train_vision"] and teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")
+    if cfg["lora_rank"] > 0:
+        if not (train_llm if train_llm is not None else cfg["stage"] != "dpt"):
+            raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
+                             "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
+        add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
     params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
+
+
+def decoder_layers(llm):
+    return llm.base_model.layers
+
+
+def shard(ts, amp, teacher_too):
+    """FSDP2: each decoder layer of the student's LM is a unit, the rest (tower, connectors, embeddings, head) is
+    the root unit, TeacherStudent, whose forward is the step; bf16 compute with float32 gradient reduction under
+    autocast. The frozen teacher's decoder layers are sharded one by one (its forward calls them directly)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp is not None else MixedPrecisionPolicy()
+    for layer in decoder_layers(ts.student.llm):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(ts, mp_policy=mp)
+    if ts.teacher is not None and teacher_too:
+        for layer in decoder_layers(ts.teacher.llm):
+            fully_shard(layer)
+
+
+def gather_state(ts, optimizer, fsdp):
+    """(weights with the student's names, optimizer state): the live ones, or under FSDP gathered from every
+    rank's shards to rank 0 on the CPU (every rank must call it; the others get empty dicts)."""
+    if not fsdp:
+        return ts.student.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(ts, options=opts)
+    return {k.removeprefix("student."): v for k, v in weights.items()}, get_optimizer_state_dict(ts, optimizer, options=opts)
+
+
+def restore_lora(student, state, resume_dir):
+    """A LoRA run resumes from its base (init_from, rebuilt) plus the adapters and other trainable weights kept in
+    train_state.pt: the checkpoint's merged weights cannot be split back into base and adapters bit for bit. The
+    base must still be what it was: the merge must give the checkpoint's weights exactly."""
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and n not in state["trainable"]]
+    if missing:
+        raise ValueError(f"{resume_dir}: train_state.pt lacks the trainable weights {missing[:3]}...; "
+                         "it was not written by a LoRA run with these settings")
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n in state["trainable"]:
+                p.copy_(state["trainable"][n])
+    saved = load_file(os.path.join(resume_dir, "model.safetensors"))
+    merged = plain_state_dict(student)
+    if any(not torch.equal(merged[k], v) for k, v in saved.items()):
+        raise ValueError(f"cannot resume the LoRA run in {resume_dir}: its base weights (init_from) changed since the "
+                         "run started, so base + adapters no longer give the checkpoint. Start a new out_dir")
 
 
 def compile_models(ts, **kwargs):
@@ -361,7 +434,7 @@ def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
     if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
         raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
-    ddp, rank, world, device = compute_init()
+    ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
     master = rank == 0
     out_dir = cfg["out_dir"]
     resume_dir = checkpoint_dir(out_dir)
@@ -379,8 +452,11 @@ def train(cfg):
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
 
-    ts, params = build_model(cfg, resume_dir)
+    lora = cfg["lora_rank"] > 0
+    ts, params = build_model(cfg, None if lora else resume_dir)
     student = ts.student
+    if lora and state:
+        restore_lora(student, state, resume_dir)
     # The layer pairs the student was distilled on travel with every later checkpoint (SFT has no
     # teacher), so evaluate.py measures alignment where training aligned it.
     distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
@@ -397,9 +473,12 @@ def train(cfg):
         student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg["compile"]:
         compile_models(ts)
-    # A trained tower's layers above vision_feature_layer get no gradient: let DDP expect that.
-    model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg["train_vision"]) if ddp else ts
+    if cfg["fsdp"]:
+        shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
+        params, model = [p for p in student.parameters() if p.requires_grad], ts
+    else:  # a trained tower's layers above vision_feature_layer get no gradient: let DDP expect that
+        model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg["train_vision"]) if ddp else ts
 
     # data: every file is read a little before training, so a wrong path or image folder stops here, not
     # after hours of training on nothing
@@ -446,7 +525,11 @@ def train(cfg):
                                   fused=device.type == "cuda")
     log = []
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg["fsdp"]:  # the saved state is whole: each rank keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(ts, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
@@ -461,11 +544,17 @@ def train(cfg):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
         if master:
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
+            # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
+            # in train_state.pt for resume
+            trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs,
                                                "scaler": scaler.state_dict() if scaler else None,
-                                               "config": cfg, "log": log}, log)
+                                               "trainable": {n: weights[n].cpu() for n in trainable} if lora else None,
+                                               "config": cfg, "log": log}, log,
+                            weights=plain_state_dict(student, weights))
         if ddp:
             dist.barrier()
 
@@ -493,8 +582,10 @@ def train(cfg):
                     tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
                     n_micro += 1
                 batch = to_device(batch if real else placeholder, device)
-                sync = not ddp or micro == cfg["grad_accum"] - 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
+                sync = not ddp or micro == cfg["grad_accum"] - 1  # reduce gradients once, after the last micro-step
+                if cfg["fsdp"]:
+                    model.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or cfg["fsdp"] else model.no_sync()), autocast:
                     out = model(batch, kd=kd, vat=vat)
                 loss = out["total"] * ((1.0 if real else 0.0) / cfg["grad_accum"])
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -503,6 +594,8 @@ def train(cfg):
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             if scaler:
                 scaler.step(optimizer)  # skipped when the gradients overflowed
                 scaler.update()
@@ -534,8 +627,9 @@ def train(cfg):
                                      "\n(counted since this run started, over all ranks; no checkpoint written)")
                 t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
             if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
-                if master:
+                if master or cfg["fsdp"]:  # under FSDP every forward gathers shards: all ranks run the same batches
                     ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
+                if master:
                     log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 if ddp:

@@ -1,0 +1,185 @@
+"""
+Models in, against transformers' own LlavaForConditionalGeneration: Hugging Face LLaVA directories imported (logits,
+generation, key layouts, shards, errors; as teacher= and init_from= of a stage and in evaluate.py), and our
+checkpoints sharded.
+"""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_model
+
+import evaluate as ev
+import trainer
+from conftest import bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
+from data import tokenize_conversation
+from model import VLM, VLMConfig, read_weights, write_weights
+
+QUESTION = "what color is the square ?"
+TOL = 1e-4  # float32 logits, max abs difference
+
+
+def prompt_ids(m, question=QUESTION):
+    ids, _ = tokenize_conversation([{"from": "human", "value": question}], m.tokenizer, m.num_image_tokens, True)
+    return torch.tensor([ids])
+
+
+def picture(seed=0, size=20):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def pixels(m, img):
+    return m.image_processor(images=img, return_tensors="pt").pixel_values
+
+
+def hf_llava(path):
+    from transformers import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def against_transformers(ours, hf, ids, pv, **gen_kw):
+    """(max abs logit difference, our greedy ids, transformers' greedy ids) on one prompt."""
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        diff = (ours(ids, mask, pv)["logits"] - theirs).abs().max()
+        mine = ours.generate(ids, mask, pv, max_new_tokens=8)[0].tolist()
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=8, **gen_kw)
+    return float(diff), mine, theirs[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    return dict(root=root, siglip=save_llava(root / "siglip_qwen2"),
+                clip=save_llava(root / "clip_llama", tower="clip", arch="llama", bos=True, seed=1))
+
+
+# -- import ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["siglip_qwen2", "clip_llama", "siglip_qwen3_default_layer-1_tied"])
+def test_llava_import_gives_transformers_logits_and_generation(llava, case, tmp_path):
+    from transformers import AutoProcessor
+    path = {"siglip_qwen2": lambda: llava["siglip"], "clip_llama": lambda: llava["clip"],
+            "siglip_qwen3_default_layer-1_tied": lambda: save_llava(tmp_path / "q3", arch="qwen3", strategy="default",
+                                                                    feature_layer=-1, tie=True)}[case]()
+    ours = VLM.from_pretrained(path).eval()
+    hf = hf_llava(path)
+    assert next(ours.parameters()).dtype == torch.float32  # a bf16 checkpoint loads as float32
+    # visual tokens per image as LLaVA's processor counts them: SigLIP 2x2 patches; CLIP 2x2 patches + CLS, CLS
+    # dropped by "default"; the first SigLIP patch dropped by "default"
+    img = picture()
+    n = AutoProcessor.from_pretrained(path)(text="<image>", images=img).input_ids[0].count(ours.image_token_id)
+    assert ours.num_image_tokens == n == {"siglip_qwen2": 4, "clip_llama": 4}.get(case, 3)
+    assert ours.config.vision_feature_select_strategy == hf.config.vision_feature_select_strategy
+    assert ours.config.vision_feature_layer == hf.config.vision_feature_layer
+    diff, mine, theirs = against_transformers(ours, hf, prompt_ids(ours), pixels(ours, img), do_sample=False,
+                                              suppress_tokens=[ours.image_token_id])
+    print(f"{case}: import vs transformers, max |logit diff| = {diff:.3g}")
+    assert diff <= TOL
+    assert mine == theirs and len(mine) == 8
+
+
+def rename(tensors, old, new):
+    return {new + k[len(old):] if k.startswith(old) else k: t for k, t in tensors.items()}
+
+
+def test_llava_key_layouts_and_shards_load_the_same_and_strays_fail_loudly(llava, tmp_path):
+    src = llava["siglip"]
+    want = VLM.from_pretrained(src).state_dict()
+    saved = read_weights(src)
+    assert any(k.startswith("language_model.model.") for k in saved)  # what save_pretrained writes in transformers 5
+    tf5 = saved
+    for old, new in [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("multi_modal_projector.", "model.multi_modal_projector."),
+                     ("vision_tower.", "model.vision_tower.")]:
+        tf5 = rename(tf5, old, new)
+    hub = rename(saved, "vision_tower.", "vision_tower.vision_model.")  # older hub checkpoints (llava-hf/*)
+
+    def variant(name, tensors, shard_bytes=None):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        write_weights(tensors, str(d), shard_bytes or 2**40)
+        return str(d)
+
+    for name, tensors in [("tf5", tf5), ("hub", hub)]:
+        d = variant(name, tensors, shard_bytes=60_000)  # sharded, as hub checkpoints come
+        assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
+        assert not os.path.exists(os.path.join(d, "model.safetensors"))
+        assert len([f for f in os.listdir(d) if f.startswith("model-")]) >= 3
+        got = VLM.from_pretrained(d).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+
+    with pytest.raises(ValueError, match=r"1 tensors of this LLaVA checkpoint map to nothing.*mm_projector\.0\.weight"):
+        VLM.from_pretrained(variant("stray", dict(saved, **{"mm_projector.0.weight": torch.zeros(2)})))
+    with pytest.raises(ValueError, match=r"1 missing \['connector\.2\.bias'\], 0 unexpected"):
+        VLM.from_pretrained(variant("missing", {k: t for k, t in saved.items()
+                                                if k != "multi_modal_projector.linear_2.bias"}))
+    d = variant("lost_shard", hub, shard_bytes=60_000)
+    os.remove(os.path.join(d, sorted(f for f in os.listdir(d) if f.startswith("model-"))[1]))
+    with pytest.raises(FileNotFoundError, match="lists the shard model-00002"):
+        VLM.from_pretrained(d)
+
+
+def test_another_kind_of_directory_is_a_clear_error(tmp_path):
+    lm = save_lm(tmp_path / "qwen2_lm", bpe_tokenizer())
+    for load in (VLM.from_pretrained, ev._load):
+        with pytest.raises(ValueError, match=r"model_type 'qwen2' \(architectures \['Qwen2ForCausalLM'\]\).*"
+                                             r"CompoDistill checkpoint.*LLaVA directory.*init_from=backbones"):
+            load(lm)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json \(found: nothing\); expected a CompoDistill"):
+        ev._load(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="model_type 'qwen2'"):
+        trainer.main(dict(stage="sft"), [f"--init_from={lm}", f"--out_dir={tmp_path / 'out'}",
+                                         f"--data={write_llava(tmp_path / 'd.json', ['image'] * 2)}"])
+
+
+def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
+    """teacher=<LLaVA dir> (CLIP + Llama, bf16) for DPT with TAF, init_from=<LLaVA dir> for SFT, evaluate.py's
+    loader."""
+    data = write_llava(tmp_path / "data.json", ["image"] * 4 + ["text"])
+    base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
+                max_length=96, warmup_frac=0.0)
+    args = lambda d: [f"--{k}={v}" for k, v in d.items()]
+    llm = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    dpt = str(tmp_path / "dpt")
+    log = trainer.main(dict(stage="dpt", kd_weight=1.0, taf=True), args({
+        **base, "init_from": "scratch", "teacher": llava["clip"], "data": data, "out_dir": dpt, "llm": llm,
+        "student_layers": [0, 1], "teacher_layers": [0, 1]}))
+    assert log["kd"] > 0 and np.isfinite(log["total"])
+    student, teacher = VLM.from_pretrained(dpt), read_weights(llava["clip"])
+    assert student.config.taf and student.num_image_tokens == 4  # CLIP's CLS dropped, as in the teacher
+    assert torch.equal(student.connector[2].weight, teacher["multi_modal_projector.linear_2.weight"].float())
+    sft = str(tmp_path / "sft")
+    trainer.main(dict(stage="sft"), args({**base, "init_from": llava["siglip"], "data": data, "out_dir": sft}))
+    assert trainer.checkpoint_dir(llava["siglip"]) == llava["siglip"]
+    assert VLM.from_pretrained(sft).config.extra["stage"] == "sft"
+    m, p = ev._load(llava["siglip"])
+    assert p == llava["siglip"] and m.config.extra["imported_from"] == "llava"
+
+
+def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
+    torch.manual_seed(0)
+    m = VLM(VLMConfig(vision=vision_cfg(), llm=dict(llm_cfg(), tie_word_embeddings=True), image_token_id=3)).eval()
+    ids = torch.tensor([[5, 3, 3, 3, 3, 7, 8]])
+    pv = torch.randn(1, 3, 16, 16)
+    want = m(ids, torch.ones_like(ids), pv)["logits"]
+    m.save_pretrained(str(tmp_path / "sharded"), max_shard_bytes=40_000)
+    files = os.listdir(tmp_path / "sharded")
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert ev._load_path(str(tmp_path / "sharded")) == str(tmp_path / "sharded")
+    # checkpoints written before sharding (safetensors' save_model kept the tied weight as llm.lm_head.weight)
+    (tmp_path / "old").mkdir()
+    m.config.save(str(tmp_path / "old"))
+    save_model(m, str(tmp_path / "old" / "model.safetensors"))
+    assert "llm.model.embed_tokens.weight" not in load_file(str(tmp_path / "old" / "model.safetensors"))
+    for d in ("sharded", "old"):
+        m2 = VLM.from_pretrained(str(tmp_path / d)).eval()
+        assert m2.llm.lm_head.weight is m2.llm.model.embed_tokens.weight  # one parameter, still tied
+        assert torch.equal(m2(ids, torch.ones_like(ids), pv)["logits"], want)

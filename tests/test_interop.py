@@ -1,8 +1,9 @@
 """
-Models in, against transformers' own LlavaForConditionalGeneration: Hugging Face LLaVA directories imported (logits,
-generation, key layouts, shards, errors; as teacher= and init_from= of a stage and in evaluate.py), and our
-checkpoints sharded.
+Models in and out, against transformers' own LlavaForConditionalGeneration: Hugging Face LLaVA directories imported
+(logits, generation, key layouts, shards, errors; as teacher= and init_from= of a stage and in evaluate.py), our
+checkpoints sharded, and students exported to LLaVA (TAF folded, processor prompt, round trip, the refusal).
 """
+import json
 import os
 import shutil
 
@@ -15,8 +16,9 @@ from safetensors.torch import load_file, save_model
 import evaluate as ev
 import trainer
 from conftest import bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
-from data import tokenize_conversation
-from model import VLM, VLMConfig, read_weights, write_weights
+from data import image_processor, tokenize_conversation
+from export_hf import export
+from model import VLM, VLMConfig, TeacherStudent, prepare_tokenizer, read_weights, write_weights
 
 QUESTION = "what color is the square ?"
 TOL = 1e-4  # float32 logits, max abs difference
@@ -183,3 +185,99 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
         m2 = VLM.from_pretrained(str(tmp_path / d)).eval()
         assert m2.llm.lm_head.weight is m2.llm.model.embed_tokens.weight  # one parameter, still tied
         assert torch.equal(m2(ids, torch.ones_like(ids), pv)["logits"], want)
+
+
+# -- export ----------------------------------------------------------------------------------------------------------
+
+def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teacher_hidden=None):
+    """A random student with a BPE tokenizer (+ <image>) and its tower's image processor; with teacher_hidden, a TAF
+    student of a teacher that wide (the teacher's connector, frozen, and a random post_connector)."""
+    from transformers import CLIPImageProcessorPil
+    tok = prepare_tokenizer(bpe_tokenizer(bos=bos))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = dict(vision_cfg(), model_type="clip_vision_model") if tower == "clip" else vision_cfg()
+    proc = (CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+            if tower == "clip" else image_processor(16))
+
+    def vlm(width, seed, tower=None):
+        torch.manual_seed(seed)
+        llm = dict(llm_cfg(arch, hidden=width, layers=2), vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+        m = VLM(VLMConfig(vision=vision, llm=llm, image_token_id=tok.convert_tokens_to_ids("<image>")),
+                vision_tower=tower)
+        m.tokenizer, m.image_processor = tok, proc
+        return m.eval()
+    s = vlm(hidden, 1)
+    if teacher_hidden:
+        t = vlm(teacher_hidden, 0)
+        s.vision_tower = t.vision_tower
+        TeacherStudent(t, s, student_layers=[0], teacher_layers=[0]).apply_taf()
+    path = str(tmp_path / "student")
+    s.save_pretrained(path)
+    return s, path
+
+
+EXPORT_CASES = {"plain_siglip_qwen2": dict(), "taf_narrower_clip_llama": dict(tower="clip", arch="llama", bos=True,
+                                                                              teacher_hidden=24),
+                "taf_as_wide_siglip_qwen2": dict(teacher_hidden=32)}
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_export_loads_in_transformers_with_our_logits_prompt_and_generation(case, tmp_path):
+    from transformers import AutoProcessor
+    ours, path = student(tmp_path, **EXPORT_CASES[case])
+    out = export(path, str(tmp_path / "hf"))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["model_type"] == "llava" and cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert cfg["image_token_index"] == ours.image_token_id and cfg["image_seq_length"] == ours.num_image_tokens == 4
+    hf, proc = hf_llava(out), AutoProcessor.from_pretrained(out)
+    img = picture(1)
+
+    # the processor's chat template writes our training prompt, token for token (BOS only where the tokenizer adds it)
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": QUESTION}]}]
+    inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    assert inputs.input_ids.tolist() == prompt_ids(ours).tolist()
+    assert (inputs.input_ids[0, 0] == ours.tokenizer.bos_token_id) == (case == "taf_narrower_clip_llama")
+    assert torch.equal(inputs.pixel_values, pixels(ours, img))
+    turns = [{"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "describe the image ."}]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            {"role": "user", "content": "describe the image ."}]
+    text = proc.apply_chat_template(chat, add_generation_prompt=True)
+    assert proc(text=text, images=img).input_ids[0] == tokenize_conversation(turns, ours.tokenizer, 4, True)[0]
+    # lmms-eval's llava_hf way: the tokenizer's template on a string holding "<image>", then the processor
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + QUESTION}], tokenize=False,
+                                              add_generation_prompt=True)
+    assert proc(text=text, images=img).input_ids[0] == prompt_ids(ours)[0].tolist()
+
+    if ours.config.taf:  # folded: the teacher's connector width, zero-padded to the LM's
+        d_t = ours.config.teacher_hidden_size
+        W1 = hf.model.multi_modal_projector.linear_1.weight
+        assert W1.shape[0] == 32 and (W1[d_t:] == 0).all() and torch.equal(W1[:d_t], ours.connector[0].weight)
+    # logits and greedy generation (with the exported generation config: greedy, the image token suppressed)
+    diff, mine, theirs = against_transformers(ours, hf, inputs.input_ids, inputs.pixel_values)
+    print(f"{case}: export vs ours, max |logit diff| = {diff:.3g}")
+    assert diff <= TOL and mine == theirs
+
+    # round trip: export -> import -> export writes the same directory
+    again = VLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        back = (again(inputs.input_ids, inputs.attention_mask, inputs.pixel_values)["logits"]
+                - ours(inputs.input_ids, inputs.attention_mask, inputs.pixel_values)["logits"]).abs().max()
+    assert back <= TOL
+    out2 = export(again, str(tmp_path / "hf2"))
+    a, b = read_weights(out), read_weights(out2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("config.json", "generation_config.json", "chat_template.jinja", "processor_config.json"):
+        assert open(os.path.join(out, f)).read() == open(os.path.join(out2, f)).read(), f
+
+
+def test_export_refuses_a_taf_student_of_a_wider_teacher(tmp_path):
+    import export_hf
+    _, path = student(tmp_path, teacher_hidden=48)
+    with pytest.raises(ValueError, match=r"cannot be written as a Hugging Face LLaVA directory.*\(48 > 32 here\).*"
+                                         r"export refuses.*evaluate\.py, sample\.py.*at least as wide.*taf=False"):
+        export_hf.main([f"--model={path}", f"--out={tmp_path / 'hf'}"])
+    assert not os.path.exists(tmp_path / "hf")  # nothing written

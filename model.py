@@ -228,8 +228,9 @@ class VLM(nn.Module):
         return {"loss": loss, "logits": logits}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16):
-        """Greedy decoding with the LM's KV cache. Takes right-padded prompts; returns (B, <=max_new) ids."""
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0):
+        """Greedy decoding with the LM's KV cache (temperature > 0: sampling from softmax(logits / temperature), with
+        torch's global RNG). Takes right-padded prompts; returns (B, <=max_new) ids."""
         B, T = input_ids.shape
         # Left-align the prompts so every row's next token goes at the same column.
         lengths = attention_mask.sum(1)
@@ -249,7 +250,10 @@ class VLM(nn.Module):
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1]
             logits[:, self.image_token_id] = float("-inf")  # a generated image token would have no image
-            nxt = logits.argmax(-1)
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits.float() / temperature, -1), 1)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
             if eos is not None:
                 nxt = nxt.masked_fill(done, eos)
                 done |= nxt == eos

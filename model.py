@@ -642,7 +642,9 @@ def params_on_meta():
 def load_weights(model, tensors, source, dtype=torch.float32):
     """Give `model` (built under params_on_meta) the weights `tensors`, strictly: every weight of the model must be
     there and every tensor must have a place. Tied weights (an LM head sharing the embedding) may be stored under
-    either name and stay one parameter. Floating-point tensors are cast to `dtype`."""
+    either name and stay one parameter. The loaded tensors are cast to `dtype` (floating point only); buffers built
+    from the config (rotary frequencies) stay as built, float32, as transformers keeps them: in bfloat16 the rotary
+    angles of late positions would be off by radians."""
     aliases = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)

@@ -84,6 +84,19 @@ def test_llava_import_gives_transformers_logits_and_generation(llava, case, tmp_
     print(f"{case}: import vs transformers, max |logit diff| = {diff:.3g}")
     assert diff <= TOL
     assert mine == theirs and len(mine) == 8
+    # bfloat16 as transformers loads it: weights cast, the rotary frequencies kept in float32
+    from transformers import LlavaForConditionalGeneration
+    ours, hf = (VLM.from_pretrained(path, dtype=torch.bfloat16).eval(),
+                LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval())
+    assert next(ours.llm.parameters()).dtype == torch.bfloat16
+    rotary = (ours.llm.model.rotary_emb.inv_freq, hf.model.language_model.rotary_emb.inv_freq)
+    assert rotary[0].dtype == rotary[1].dtype == torch.float32
+    ids, pv = prompt_ids(ours), pixels(ours, img)
+    with torch.no_grad():
+        diff16 = (ours(ids, torch.ones_like(ids), pv)["logits"].float()
+                  - hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv).logits.float()).abs().max()
+    print(f"{case}: bfloat16 import vs transformers, max |logit diff| = {float(diff16):.3g}")
+    assert diff16 <= 1e-2
 
 
 def rename(tensors, old, new):

@@ -104,9 +104,9 @@ def hf_config(vlm, dtype):
 
 
 def chat_template(template=CHAT):
-    """A Jinja chat template that writes our training prompt, {system} USER: <image>\n{question} ASSISTANT:, and
+    """A Jinja chat template that writes our training prompt, {system} USER: <image>\\n{question} ASSISTANT:, and
     answers as " {answer}<eos>" (data.tokenize_conversation). A system message replaces the default system text; an
-    image part puts "<image>\n" before the message's text. BOS is not in the template: the tokenizer adds it where it
+    image part puts "<image>\\n" before the message's text. BOS is not in the template: the tokenizer adds it where it
     adds one (Llama), when the processor tokenizes the text, as for the llava-hf checkpoints; so the text goes to the
     processor as it is (what lmms-eval's llava_hf model does), or apply_chat_template(..., tokenize=True)."""
     def lit(s):

@@ -205,9 +205,10 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
 
 # -- export ----------------------------------------------------------------------------------------------------------
 
-def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teacher_hidden=None):
+def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teacher_hidden=None, tie=False):
     """A random student with a BPE tokenizer (+ <image>) and its tower's image processor; with teacher_hidden, a TAF
-    student of a teacher that wide (the teacher's connector, frozen, and a random post_connector)."""
+    student of a teacher that wide (the teacher's connector, frozen, and a random post_connector); tie: its LM head
+    shares the input embedding (as the shapes students' do)."""
     from transformers import CLIPImageProcessorPil
     tok = prepare_tokenizer(bpe_tokenizer(bos=bos))
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -218,7 +219,7 @@ def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teache
     def vlm(width, seed, tower=None):
         torch.manual_seed(seed)
         llm = dict(llm_cfg(arch, hidden=width, layers=2), vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=tie)
         m = VLM(VLMConfig(vision=vision, llm=llm, image_token_id=tok.convert_tokens_to_ids("<image>")),
                 vision_tower=tower)
         m.tokenizer, m.image_processor = tok, proc
@@ -233,8 +234,8 @@ def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teache
     return s, path
 
 
-EXPORT_CASES = {"plain_siglip_qwen2": dict(), "taf_narrower_clip_llama": dict(tower="clip", arch="llama", bos=True,
-                                                                              teacher_hidden=24),
+EXPORT_CASES = {"plain_siglip_qwen2": dict(), "plain_tied_siglip_qwen2": dict(tie=True),
+                "taf_narrower_clip_llama": dict(tower="clip", arch="llama", bos=True, teacher_hidden=24),
                 "taf_as_wide_siglip_qwen2": dict(teacher_hidden=32)}
 
 
@@ -246,7 +247,9 @@ def test_export_loads_in_transformers_with_our_logits_prompt_and_generation(case
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "llava" and cfg["architectures"] == ["LlavaForConditionalGeneration"]
     assert cfg["image_token_index"] == ours.image_token_id and cfg["image_seq_length"] == ours.num_image_tokens == 4
+    assert cfg["tie_word_embeddings"] == ("tied" in case)
     hf, proc = hf_llava(out), AutoProcessor.from_pretrained(out)
+    assert (hf.lm_head.weight is hf.get_input_embeddings().weight) == ("tied" in case)
     img = picture(1)
 
     # the processor's chat template writes our training prompt, token for token (BOS only where the tokenizer adds it)

@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 import attention_distill as ad
 from data import IGNORE_INDEX, collate, load_records, tokenize_conversation
-from model import VLM, TeacherStudent
+from model import VLM, TeacherStudent, checkpoint_kind, has_weights
 
 TASKS = ["vqa", "cr", "pope", "wino", "align"]
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
@@ -716,14 +716,16 @@ def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
 
 
 def _load_path(path):
+    """The checkpoint at `path`: ours or a Hugging Face LLaVA directory, weights in one file or sharded."""
     for p in (path, path + ".old"):  # trainer.py leaves the previous checkpoint at .old after a crash mid-swap
-        if os.path.isfile(os.path.join(p, "model.safetensors")):
+        if has_weights(p):
             return p
-    raise FileNotFoundError(f"{path}: no checkpoint (model.safetensors) there or at {path}.old")
+    checkpoint_kind(path)  # raises, saying what is there and what is accepted
+    raise FileNotFoundError(f"{path}: no checkpoint there")
 
 
 def _load(m, dtype=None):
-    """(VLM, its directory) from a checkpoint directory, or (m, None) for a VLM."""
+    """(VLM, its directory) from a checkpoint directory (ours or a Hugging Face LLaVA one), or (m, None) for a VLM."""
     if isinstance(m, str):
         p = _load_path(m)
         return VLM.from_pretrained(p, dtype=dtype), p

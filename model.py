@@ -16,7 +16,7 @@ frozen vision tower (plus the teacher connector under TAF) runs once for both mo
 
 import copy
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import json
 import os
 import re
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -228,8 +228,9 @@ class VLM(nn.Module):
         return {"loss": loss, "logits": logits}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16):
-        """Greedy decoding with the LM's KV cache. Takes right-padded prompts; returns (B, <=max_new) ids."""
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0):
+        """Greedy decoding with the LM's KV cache (temperature > 0: sampling from softmax(logits / temperature), with
+        torch's global RNG). Takes right-padded prompts; returns (B, <=max_new) ids."""
         B, T = input_ids.shape
         # Left-align the prompts so every row's next token goes at the same column.
         lengths = attention_mask.sum(1)
@@ -249,7 +250,10 @@ class VLM(nn.Module):
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1]
             logits[:, self.image_token_id] = float("-inf")  # a generated image token would have no image
-            nxt = logits.argmax(-1)
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits.float() / temperature, -1), 1)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
             if eos is not None:
                 nxt = nxt.masked_fill(done, eos)
                 done |= nxt == eos
@@ -263,9 +267,10 @@ class VLM(nn.Module):
         return torch.stack(new, 1)
 
     # -- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, path, state_dict=None):
-        """Write the checkpoint directory. `state_dict`: the weights to write instead of this module's own (a
-        LoRA-merged or an FSDP-gathered one, with this module's plain names)."""
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=None):
+        """config.json, the weights (model.safetensors; shards above max_shard_bytes), tokenizer, image processor.
+        `state_dict`: the weights to write instead of this module's own, under its names (gathered from FSDP
+        shards); LoRA adapters are merged into their base weights either way (see plain_state_dict)."""
         os.makedirs(path, exist_ok=True)
         cfg = copy.deepcopy(self.config)
         # Store the backbone configs inline, so a checkpoint rebuilds without the original ids.
@@ -274,17 +279,11 @@ class VLM(nn.Module):
         cfg.llm.pop("_attn_implementation_autoset", None)
         # transformers builds a model from a config in the config's dtype: say the dtype the weights are saved in
         # (a bf16 Qwen config would otherwise turn float32 weights back into bf16 on load)
-        weights = state_dict if state_dict is not None else plain_state_dict(self)
+        weights = plain_state_dict(self, state_dict)
         for d, prefix in ((cfg.vision, "vision_tower."), (cfg.llm, "llm.")):
             d["dtype"] = str(next(v for k, v in weights.items() if k.startswith(prefix)).dtype).removeprefix("torch.")
         cfg.save(path)
-        shared, unique = set(), {}
-        for k, v in weights.items():  # tied weights (an LM head sharing the embedding) are written once
-            where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-            if where not in shared:
-                shared.add(where)
-                unique[k] = v.contiguous()
-        save_file(unique, os.path.join(path, "model.safetensors"))
+        write_weights(unique_state_dict(self, weights), path, max_shard_bytes or SHARD_BYTES)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.image_processor is not None:
@@ -292,16 +291,27 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path} is not a CompoDistill checkpoint (no config.json); "
-                                    "pass a directory written by a stage script or VLM.save_pretrained")
-        model = cls(VLMConfig.load(path))
-        load_model(model, os.path.join(path, "model.safetensors"))
+        """A VLM from a checkpoint directory: ours (a stage's out_dir) or a Hugging Face LLaVA one (imported by an
+        explicit key mapping, see `llava_config` / `llava_key_to_ours`), weights in one file or sharded. Weights load
+        in float32 (trainable masters) unless `dtype` says otherwise; the model is built without random init."""
+        kind = checkpoint_kind(path)
+        config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
+        with params_on_meta():
+            model = cls(config)
+        tensors = read_weights(path)
+        nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
+        if kind == "llava":
+            tensors = llava_to_ours(tensors, model, path)
+        tensors = {match_tower_nesting(k, nested): t for k, t in tensors.items()}
+        load_weights(model, tensors, path, dtype or torch.float32)
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             model.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        # transformers 5 processors keep the image processor's settings inside processor_config.json
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
             model.image_processor = AutoImageProcessor.from_pretrained(path)
-        return model.to(dtype) if dtype is not None else model
+        if kind == "llava":
+            check_llava_tokenizer(model, path)
+        return model
 
     @staticmethod
     def load_vision_tower(path, dtype=None):
@@ -552,3 +562,256 @@ class TeacherStudent(nn.Module):
             total = total + sum(p.sum() for p in s.image_adapter.parameters() if p.requires_grad) * 0.0
         return {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
 
+
+# -----------------------------------------------------------------------------
+# checkpoint directories: ours or a Hugging Face LLaVA one; weights in one safetensors file or sharded
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}}, as on the hub
+SHARD_BYTES = 5 * 2**30  # the hub's usual shard size: a 7B model in float32 becomes 6 files
+ACCEPTED = ("a CompoDistill checkpoint (a stage's out_dir: config.json with 'vision' and 'llm', model.safetensors) or "
+            "a Hugging Face LLaVA directory (LlavaForConditionalGeneration: config.json with model_type 'llava', "
+            "model.safetensors or model.safetensors.index.json with its shards, tokenizer and image processor)")
+
+
+def has_weights(path):
+    """True when directory `path` holds safetensors weights: one file, or an index and its shards."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
+
+
+def checkpoint_kind(path):
+    """"ours" or "llava" for a directory VLM.from_pretrained can load; anything else is an error that says what was
+    found there and what is accepted."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory; expected {ACCEPTED}")
+    found = ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (found: {found}); expected {ACCEPTED}")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if "vision" in cfg and "llm" in cfg:
+        kind = "ours"
+    elif cfg.get("model_type") == "llava":
+        kind = "llava"
+    else:
+        raise ValueError(f"{cfg_path} describes model_type {cfg.get('model_type')!r} "
+                         f"(architectures {cfg.get('architectures')}), which is neither kind of checkpoint this "
+                         f"project loads: expected {ACCEPTED}. A separate vision tower and causal LM enter with "
+                         "init_from=backbones (vision_model=..., llm_model=...)")
+    if not has_weights(path):
+        raise FileNotFoundError(f"{path}: a {'LLaVA' if kind == 'llava' else 'CompoDistill'} config.json but no "
+                                f"weights (found: {found}); expected {WEIGHTS_NAME}, or {WEIGHTS_INDEX_NAME} and the "
+                                "shards it lists")
+    return kind
+
+
+def read_weights(path):
+    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists."""
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        return load_file(os.path.join(path, WEIGHTS_NAME))
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(path, shard)):
+            raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {path}: copy or download "
+                                    "every shard of the checkpoint")
+        tensors.update(load_file(os.path.join(path, shard)))
+    if tensors.keys() != weight_map.keys():
+        raise ValueError(f"{index} and its shards disagree on the tensor names (in the index only: "
+                         f"{sorted(weight_map.keys() - tensors.keys())[:5]}, in the shards only: "
+                         f"{sorted(tensors.keys() - weight_map.keys())[:5]}); the download is incomplete or mixed")
+    return tensors
+
+
+def write_weights(tensors, path, max_shard_bytes=SHARD_BYTES):
+    """Write name -> tensor as model.safetensors, or, past max_shard_bytes, as model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json (the layout of hub checkpoints). Earlier weight files in `path` are removed first,
+    so a directory never mixes two models."""
+    for f in os.listdir(path):
+        if f == WEIGHTS_INDEX_NAME or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f):
+            os.remove(os.path.join(path, f))
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(path, WEIGHTS_INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def unique_state_dict(module, weights=None):
+    """`weights` (default: the module's state dict) with each tensor once: a weight tied to another (an LM head
+    sharing the input embedding) is kept under its first name only, as safetensors cannot store one tensor twice."""
+    first, names = {}, set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+        names.add(name)
+    tied = names - set(first.values())
+    return {k: v for k, v in (module.state_dict() if weights is None else weights).items() if k not in tied}
+
+
+@contextmanager
+def params_on_meta():
+    """Build modules with their parameters on the meta device: no memory and no random init for weights that a
+    checkpoint is about to replace (a 7B LM would otherwise be initialised once for nothing). Buffers stay real: some
+    are computed at construction and never saved (rotary frequencies, position ids)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_weights(model, tensors, source, dtype=torch.float32):
+    """Give `model` (built under params_on_meta) the weights `tensors`, strictly: every weight of the model must be
+    there and every tensor must have a place. Tied weights (an LM head sharing the embedding) may be stored under
+    either name and stay one parameter. The loaded tensors are cast to `dtype` (floating point only); buffers built
+    from the config (rotary frequencies) stay as built, float32, as transformers keeps them: in bfloat16 the rotary
+    angles of late positions would be off by radians."""
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    expected = set(model.state_dict())
+    recomputed = {n for n, _ in model.named_buffers()} - expected  # non-persistent: rebuilt from the config
+    unexpected = sorted(k for k in tensors if k not in expected and k not in recomputed)
+    state = {k: t for k, t in tensors.items() if k in expected}
+    for names in aliases.values():
+        found = [n for n in names if n in state]
+        for n in names if found else ():
+            state[n] = state[found[0]]
+    missing = sorted(expected - state.keys())
+    if unexpected or missing:
+        raise ValueError(f"{source}: the weights do not fit the model its config describes: "
+                         f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
+    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    for names in aliases.values():  # assign gave each name its own Parameter: tie them again
+        p = model.get_parameter(names[0])
+        for n in names[1:]:
+            owner, _, leaf = n.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, p)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not left, f"parameters left without weights: {left[:8]}"
+    return model
+
+
+def match_tower_nesting(key, nested):
+    """CLIP and SigLIP towers of older transformers versions keep their weights under `vision_model.`, newer ones do
+    not: rename a vision_tower.* key to the nesting of the tower this transformers builds."""
+    if not key.startswith("vision_tower."):
+        return key
+    rest = key.removeprefix("vision_tower.").removeprefix("vision_model.")
+    return "vision_tower." + ("vision_model." if nested else "") + rest
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face LLaVA (LlavaForConditionalGeneration) <-> ours, by an explicit key mapping
+
+# (our prefix, the hub's prefix, transformers 5's prefix). Hub checkpoints (llava-hf/*) use the second form, and so
+# does save_pretrained in transformers 5; the third is transformers 5's module tree, which some checkpoints carry.
+# LLaVA's projector is our mlp2x_gelu connector: linear_1, GELU, linear_2.
+LLAVA_KEYS = [
+    ("llm.model.", "language_model.model.", "model.language_model."),
+    ("llm.lm_head.", "language_model.lm_head.", "lm_head."),
+    ("connector.0.", "multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_1."),
+    ("connector.2.", "multi_modal_projector.linear_2.", "model.multi_modal_projector.linear_2."),
+    ("vision_tower.", "vision_tower.", "model.vision_tower."),
+]
+
+
+def llava_key_to_ours(key):
+    """Our name for a LLaVA checkpoint's tensor, or None if the table has no row for it."""
+    for ours, hub, tf5 in LLAVA_KEYS:
+        for prefix in (hub, tf5):
+            if key.startswith(prefix):
+                return ours + key[len(prefix):]
+    return None
+
+
+def ours_to_llava_key(key):
+    """The hub name (what llava-hf checkpoints and older transformers versions use) of one of our tensors."""
+    for ours, hub, _ in LLAVA_KEYS:
+        if key.startswith(ours):
+            return match_tower_nesting(hub + key[len(ours):], nested=True) if ours == "vision_tower." else \
+                hub + key[len(ours):]
+    raise ValueError(f"{key}: no LLaVA name for this tensor (LLaVA holds a vision tower, a 2-layer projector and a "
+                     "causal LM)")
+
+
+def llava_to_ours(tensors, model, source):
+    """Rename a LLaVA checkpoint's tensors to ours; a tensor without a row in LLAVA_KEYS is an error that names it."""
+    if model.llm.base_model_prefix != "model" or model.llm.get_output_embeddings() is not model.llm.lm_head:
+        raise ValueError(f"{source}: LLaVA import maps the LM as `model` + `lm_head` (Llama, Qwen, Mistral, ...); "
+                         f"{type(model.llm).__name__} is laid out otherwise")
+    out, unmapped = {}, []
+    for key, t in tensors.items():
+        ours = llava_key_to_ours(key)
+        if ours is None:
+            unmapped.append(key)
+        else:
+            out[ours] = t
+    if unmapped:
+        raise ValueError(f"{source}: {len(unmapped)} tensors of this LLaVA checkpoint map to nothing of ours: "
+                         f"{sorted(unmapped)[:8]} (known prefixes: "
+                         f"{', '.join(p for row in LLAVA_KEYS for p in row[1:])})")
+    return out
+
+
+def llava_config(path):
+    """Our VLMConfig for a LLaVA directory: its vision and text configs, the projector as mlp2x_gelu, its image token,
+    vision_feature_layer and vision_feature_select_strategy."""
+    c = AutoConfig.from_pretrained(path)
+    problems = []
+    if c.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act is {c.projector_hidden_act!r}, not 'gelu'")
+    if not c.multimodal_projector_bias:
+        problems.append("the projector has no biases (multimodal_projector_bias=false)")
+    if not isinstance(c.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer is {c.vision_feature_layer} (several layers concatenated); one layer "
+                        "is supported")
+    if problems:
+        raise ValueError(f"{path}/config.json: this LLaVA checkpoint does not fit our VLM (a vision tower's one "
+                         f"feature layer -> mlp2x_gelu -> LM): {'; '.join(problems)}")
+    text = c.text_config.to_dict()
+    # LLaVA ties the LM head to the embedding when its own config says so (it inherits the text config's flag)
+    text["tie_word_embeddings"] = bool(c.tie_word_embeddings or text.get("tie_word_embeddings"))
+    return VLMConfig(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu",
+                     image_token_id=c.image_token_index, vision_feature_layer=c.vision_feature_layer,
+                     vision_feature_select_strategy=c.vision_feature_select_strategy,
+                     extra={"imported_from": "llava", "source": os.path.abspath(path)})
+
+
+def check_llava_tokenizer(model, path):
+    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
+    id its config gives the image token."""
+    tok = model.tokenizer
+    if tok is None or model.image_processor is None:
+        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
+                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
+                                "the processor files too")
+    got = tok.convert_tokens_to_ids(model.config.image_token)
+    if got != model.image_token_id:
+        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
+                         f"image_token_index is {model.image_token_id}; the image token must be "
+                         f"{model.config.image_token!r} with that id")

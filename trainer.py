@@ -30,7 +30,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
-from model import VLM, TeacherStudent, VLMConfig, add_lora, plain_state_dict, prepare_tokenizer, set_trainable
+from model import (VLM, TeacherStudent, VLMConfig, add_lora, has_weights, plain_state_dict, prepare_tokenizer,
+                   set_trainable)
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
@@ -144,9 +145,10 @@ def save_checkpoint(out_dir, student, train_state, log, weights=None):
 
 
 def checkpoint_dir(path):
-    """The loadable checkpoint at `path`; after a crash mid-swap, the previous one left at path.old."""
+    """The loadable checkpoint at `path` (ours or a Hugging Face LLaVA directory, weights in one file or sharded);
+    after a crash mid-swap, the previous one left at path.old."""
     for p in (path, path + ".old"):
-        if os.path.isfile(os.path.join(p, "model.safetensors")):
+        if has_weights(p):
             return p
     return None
 

@@ -126,3 +126,40 @@ def write_llava(path, kinds, image_dir="images", seed=0):
     with open(path, "w") as f:
         json.dump(recs, f)
     return str(path)
+
+
+def save_llava(path, tower="siglip", arch="qwen2", bos=False, hidden=32, layers=2, heads=4, kv_heads=2,
+               image_size=16, patch_size=8, strategy=None, feature_layer=-2, tie=False, dtype=torch.bfloat16, seed=0):
+    """A random Hugging Face LlavaForConditionalGeneration saved with save_pretrained (in `dtype`, as hub checkpoints
+    come), with its LlavaProcessor: the BPE tokenizer plus an <image> token, the tower's image processor. strategy:
+    LLaVA's vision_feature_select_strategy (default: "default" for CLIP, whose CLS token it drops; "full" for
+    SigLIP); feature_layer: its vision_feature_layer; tie: the LM head shares the input embedding."""
+    from transformers import (AutoConfig, CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
+    from data import image_processor
+    tok = bpe_tokenizer(bos=bos)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=image_size, patch_size=patch_size)
+    if tower == "clip":
+        vision = CLIPVisionConfig(**kw)
+        proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                     crop_size={"height": image_size, "width": image_size})
+    else:
+        vision = SiglipVisionConfig(**kw)
+        proc = image_processor(image_size)
+    strategy = strategy or ("default" if tower == "clip" else "full")
+    extra = dict(head_dim=hidden // heads) if arch == "qwen3" else {}
+    text = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                max_position_embeddings=512, tie_word_embeddings=tie, eos_token_id=tok.eos_token_id,
+                                bos_token_id=tok.bos_token_id, pad_token_id=None, **extra)
+    n_tokens = (image_size // patch_size) ** 2 - (strategy == "default") + (tower == "clip")
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+                      image_seq_length=n_tokens)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(cfg).to(dtype).save_pretrained(path)
+    LlavaProcessor(image_processor=proc, tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy=strategy,
+                   num_additional_image_tokens=int(tower == "clip")).save_pretrained(path)
+    return str(path)

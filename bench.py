@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import attention_distill as ad
 from configurator import configure
-from model import VLM, TeacherStudent, VLMConfig, set_trainable
+from model import VLM, TeacherStudent, VLMConfig, cast_weights, set_trainable
 
 preset = "tiny"                # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
 modes = "ours,reference,novat"
@@ -65,7 +65,12 @@ compile = False                # torch.compile the student's LM body
 grad_ckpt = False              # gradient checkpointing in the student's LM
 peak_tflops = 0.0              # the card's bf16 dense peak; 0: from its name
 json = ""                      # also write the results here as JSON
-config = configure(globals(), sys.argv[1:])
+memory_table = False           # print the per-GPU memory estimate of the preset's DFT step instead (no GPU needed)
+world = 8                      # memory_table: GPUs
+seq_len = 2048                 # memory_table: tokens per sample (the recipe's max_length; the worst case)
+sup_frac = 0.25                # memory_table: the fraction of tokens that are supervised (answers)
+lora_rank = 128                # memory_table: the reference's LoRA rank
+config = None  # the resolved settings, set from the command line in __main__ (importing bench reads none)
 
 VISION = dict(model_type="siglip_vision_model", num_channels=3)
 PRESETS = {
@@ -111,6 +116,13 @@ def build(p, dev):
     set_trainable(student, "dft")
     student.train()
     student.vision_tower.eval()  # shared with the frozen teacher
+    return ts
+
+
+def cast(ts, dtype):
+    """Both models' weights to `dtype` (rotary frequencies stay float32, as in training)."""
+    for m in (ts.student, ts.teacher):
+        cast_weights(m, dtype)
     return ts
 
 
@@ -243,7 +255,116 @@ def model_flops(ts, batch):
     return f_vis + lm_flops(ts.teacher.llm, B, T, n_sup) + 3 * lm_flops(ts.student.llm, B, T, n_sup)
 
 
+# -----------------------------------------------------------------------------
+# memory estimate (no GPU needed): what a DFT step holds per GPU, by setup
+
+GIB = 2 ** 30
+SETUPS = ("ddp", "ddp_lora", "fsdp", "fsdp_lora")
+
+
+def param_counts(p, rank=0):
+    """Parameter counts of the preset's models, built on the meta device from their configs (exact, no memory):
+    LM parts, tower, connectors, and LoRA adapters of rank `rank` on every Linear of the student's decoder layers."""
+    lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
+    with torch.device("meta"):
+        teacher = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["teacher"]), image_token_id=0))
+        student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=0, taf=True,
+                                teacher_hidden_size=p["teacher"]["hidden_size"]), vision_tower=teacher.vision_tower)
+    count = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
+    c = {}
+    for who, m in (("s", student), ("t", teacher)):
+        layers = m.llm.base_model.layers
+        c[who + "_layers"] = count(layers)
+        c[who + "_layer"] = count(layers[0])
+        c[who + "_lm_rest"] = count(m.llm) - c[who + "_layers"]  # embeddings, final norm, LM head
+        c[who + "_tower"] = count(m.vision_tower)
+        c[who + "_connectors"] = count(m.connector) + (count(m.post_connector) if m.post_connector is not None else 0)
+        c[who + "_linears"] = [(x.in_features, x.out_features) for x in layers[0].modules()
+                               if isinstance(x, torch.nn.Linear)]
+    c["lora"] = rank * sum(i + o for i, o in c["s_linears"]) * len(student.llm.base_model.layers)
+    c["post_connector"] = count(student.post_connector)
+    c["s_cfg"], c["t_cfg"] = student.llm.config, teacher.llm.config
+    return c
+
+
+def layer_activation_bytes(cfg):
+    """Bytes one decoder layer (Qwen/Llama style) keeps for backward per token, under bf16 autocast with a float32
+    residual stream and SDPA/flash attention (no T x T scores): two RMSNorm inputs (float32, 4d each), their bf16
+    outputs that the projections keep (2d each), q, k, v and the attention output (SDPA keeps them), the MLP's gate,
+    up, SiLU(gate) and product (2f each)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return 2 * 4 * d + 2 * 2 * d + 2 * (2 * q + 2 * kv) + 4 * 2 * f
+
+
+def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=128):
+    """Per-GPU GiB of one DFT step (TAF, VAT on), as this code keeps it: the student's trainable weights in float32
+    (and cached in bf16 by autocast), its frozen ones in bf16, float32 gradients and AdamW's two states for what
+    trains, the frozen teacher in bf16, activations. ddp: everything replicated, the whole LM trains. ddp_lora: LoRA adapters of
+    `rank` train instead of the LM. fsdp: the student, its gradients and optimizer states sharded over `world`,
+    plus what is gathered (the root unit for the step, two decoder layers in flight); the teacher's decoder layers
+    sharded too. An estimate: allocator slack, CUDA context (~0.5 GiB) and communication buffers are not counted."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup '{setup}': use one of {SETUPS}")
+    c = param_counts(p, rank)
+    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
+    s_root = s_all - c["s_layers"]
+    lora = setup.endswith("_lora")
+    train = c["lora"] + c["post_connector"] if lora else c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
+    t_all = c["t_layers"] + c["t_lm_rest"] + c["t_tower"] + c["t_connectors"]
+    tokens, n_sup = batch * seq, sup * batch * seq
+    V = c["s_cfg"].vocab_size
+    if setup.startswith("fsdp"):
+        lora_layer = c["lora"] / c["s_cfg"].num_hidden_layers if lora else 0
+        # shards, plus the gathered bf16 compute copies: the root unit for the whole step, two layers in flight
+        weights = 4 * (s_all + (c["lora"] if lora else 0)) / world + 2 * s_root + 2 * 2 * (c["s_layer"] + lora_layer)
+        grads = 4 * train / world + 4 * c["s_layer"]  # sharded, plus one layer's before its reduce-scatter
+        optim = 8 * train / world
+        teacher = 2 * (c["t_layers"] / world + t_all - c["t_layers"] + c["t_layer"])
+    else:  # what trains in float32 (+ autocast's bf16 copy of it); what is frozen in bf16
+        frozen = s_all + c["lora"] - train if lora else s_all - train
+        weights = 4 * train + 2 * train + 2 * frozen
+        grads, optim = 4 * train, 8 * train
+        teacher = 2 * t_all
+    per_layer = layer_activation_bytes(c["s_cfg"]) * tokens
+    L = c["s_cfg"].num_hidden_layers
+    layers = (L * 4 * c["s_cfg"].hidden_size * tokens + per_layer) if ckpt else L * per_layer
+    # logits only where an answer token is predicted: student bf16 + float32 log-softmaxes for the LM loss and KD,
+    # and the teacher's float32 log-softmax as the KD target
+    logits = n_sup * V * (2 + 4 + 4 + 4)
+    teacher_act = layer_activation_bytes(c["t_cfg"]) * tokens  # no graph: about one layer's working set at a time
+    acts = layers + logits + teacher_act
+    out = dict(weights=weights, grads=grads, optimizer=optim, teacher=teacher, activations=acts)
+    out = {k: v / GIB for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory_markdown(p, world=8, batch=4, seq=2048, sup=0.25, rank=128, cards=(24, 48, 80)):
+    rows = ["| setup | grad ckpt | student weights | gradients | optimizer | teacher | activations | total | "
+            + " | ".join(f"fits {g} GB" for g in cards) + " |",
+            "|---" * (8 + len(cards)) + "|"]
+    for setup in SETUPS:
+        for ckpt in (False, True):
+            e = memory_estimate(p, setup, ckpt, world, batch, seq, sup, rank)
+            name = {"ddp": "DDP, full fine-tuning", "ddp_lora": f"DDP + LoRA r{rank}", "fsdp": f"FSDP, {world} GPUs",
+                    "fsdp_lora": f"FSDP + LoRA r{rank}, {world} GPUs"}[setup]
+            fits = ["yes" if e["total"] * GIB * 1.1 < g * 1e9 else "no" for g in cards]  # 10 % for what is not counted
+            rows.append(f"| {name} | {'yes' if ckpt else 'no'} | " +
+                        " | ".join(f"{e[k]:.1f}" for k in ("weights", "grads", "optimizer", "teacher", "activations", "total"))
+                        + " | " + " | ".join(fits) + " |")
+    return "\n".join(rows)
+
+
 def main():
+    if memory_table:
+        p = PRESETS[preset]
+        print(f"Estimated per-GPU memory (GiB) of one DFT step, {preset}: batch {p['batch']} x {seq_len} tokens per "
+              f"GPU, {sup_frac:.0%} of them supervised; estimates, not measurements (bench.memory_estimate says "
+              "what is counted).\n")
+        print(memory_markdown(p, world, p["batch"], seq_len, sup_frac, lora_rank))
+        return
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': use one of {list(PRESETS)}")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -260,8 +381,8 @@ def main():
     res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=config, checks=[])
     if check_dtype:
         rtol = check_rtol or (1e-4 if dev.type == "cuda" else 1e-5)  # CUDA: SDPA and eager kernels differ more
-        res["checks"].append(check(ts.to(getattr(torch, check_dtype)), batch, rtol))
-    ts.to(run_dtype)
+        res["checks"].append(check(cast(ts, getattr(torch, check_dtype)), batch, rtol))
+    cast(ts, run_dtype)
     if check_dtype and run_dtype != getattr(torch, check_dtype):
         res["checks"].append(check(ts, batch, BF16_RTOL, decisive=False))
     if grad_ckpt:  # non-reentrant: a reentrant first pass runs without grad, the VAT maps would have none
@@ -333,5 +454,7 @@ def report(res):
 
 
 if __name__ == "__main__":
-    if any(c["decisive"] and not c["passed"] for c in main()["checks"]):
+    config = configure(globals(), sys.argv[1:])
+    res = main()
+    if res is not None and any(c["decisive"] and not c["passed"] for c in res["checks"]):
         sys.exit("ours and reference disagree beyond check_rtol (see the check line)")

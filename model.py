@@ -75,6 +75,19 @@ def _vision_config(cfg):
     return getattr(cfg, "vision_config", cfg)
 
 
+def cast_weights(module, dtype):
+    """Cast the parameters (and saved buffers) to `dtype`, in place. Buffers a model computes from its config stay as
+    built: rotary frequencies in bf16 would put the angle of position 1000 off by up to ~2 radians (module.to(dtype)
+    casts those too)."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = b.to(dtype)
+    return module
+
+
 def tower_tokens(tower):
     """(features per image, whether the first one is a CLS token) of a vision tower: CLIP emits its patches plus a
     CLS token in front, SigLIP its patches only."""
@@ -334,7 +347,7 @@ class VLM(nn.Module):
         model = cls(config, vision_tower=tower, llm=lm)
         model.tokenizer = tok
         model.image_processor = AutoImageProcessor.from_pretrained(vision)
-        return model.to(dtype) if dtype is not None else model
+        return cast_weights(model, dtype) if dtype is not None else model
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +399,7 @@ def is_lora(name):
 
 def plain_state_dict(module, state_dict=None):
     """`module`'s weights (its state_dict, or the given one with the same names, e.g. gathered from FSDP shards)
-    with LoRA adapters merged into their base weights, W + scale * B @ A in float32, under the plain names
+    with LoRA adapters merged into their base weights, W + scale * B @ A, in float32, under the plain names
     (q_proj.weight, not q_proj.base_layer.weight): what a later stage, evaluate.py or transformers loads without
     peft. Without adapters: the weights as they are."""
     sd = dict(module.state_dict() if state_dict is None else state_dict)
@@ -394,7 +407,7 @@ def plain_state_dict(module, state_dict=None):
         if hasattr(m, "lora_A") and hasattr(m, "base_layer"):  # a peft LoRA layer
             a, b = sd.pop(f"{name}.lora_A.default.weight"), sd.pop(f"{name}.lora_B.default.weight")
             w = sd.pop(f"{name}.base_layer.weight")
-            sd[f"{name}.weight"] = (w.float() + m.scaling["default"] * (b.float() @ a.float())).to(w.dtype)
+            sd[f"{name}.weight"] = w.float() + m.scaling["default"] * (b.float() @ a.float())
             if f"{name}.base_layer.bias" in sd:
                 sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
     return sd
@@ -407,7 +420,7 @@ def same_weights(a, b):
 
     def equal(x, y):
         dt = x.dtype if x.element_size() <= y.element_size() else y.dtype
-        return x.shape == y.shape and torch.equal(x.to(dt), y.to(dt))
+        return x is y or (x.shape == y.shape and torch.equal(x.to(dt), y.to(dt)))
     return pa.keys() == pb.keys() and all(equal(pa[k], pb[k]) for k in pa)
 
 

@@ -30,8 +30,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
-from model import (VLM, TeacherStudent, VLMConfig, add_lora, has_weights, plain_state_dict, prepare_tokenizer,
-                   set_trainable)
+from model import (VLM, TeacherStudent, VLMConfig, add_lora, cast_weights, has_weights, plain_state_dict,
+                   prepare_tokenizer, set_trainable)
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
@@ -286,6 +286,10 @@ def build_model(cfg, resume_dir):
             raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
                              "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
         add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        # The embedding is frozen now: on a text-only batch nothing before layer 0 would need a gradient, and FSDP
+        # would then reduce layer 0's adapters at the end of the backward on that rank only, out of step with the
+        # others (a collective mismatch). A gradient on the embedding output keeps every rank's order the same.
+        student.llm.enable_input_require_grads()
     params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
 
@@ -450,27 +454,35 @@ def train(cfg):
             compute_cleanup()
             return state["log"][-1] if state["log"] else {}
         print0(f"resuming {out_dir} from step {state['step']}")
-    torch.manual_seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-
+    amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
+    # One seed for building, so that every rank starts from the same new weights (a TAF post_connector, LoRA's A):
+    # FSDP, unlike DDP, does not broadcast rank 0's. Then one seed per rank (dropout).
+    torch.manual_seed(cfg["seed"])
     lora = cfg["lora_rank"] > 0
     ts, params = build_model(cfg, None if lora else resume_dir)
     student = ts.student
+    if amp is not None and not cfg["fsdp"]:
+        # What never updates (the tower, a TAF connector, LoRA's base LM) is kept in the compute dtype, as the
+        # teacher is: autocast would cast it there at every use anyway. (FSDP's mixed precision does this itself.)
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
     if lora and state:
         restore_lora(student, state, resume_dir)
+    torch.manual_seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+    np.random.seed(cfg["seed"] + rank)
     # The layer pairs the student was distilled on travel with every later checkpoint (SFT has no
     # teacher), so evaluate.py measures alignment where training aligned it.
     distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
                if ts.teacher is not None else (student.config.extra or {}).get("distill"))
     ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
-    amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     if ts.teacher is not None and amp is not None:
-        ts.teacher.to(amp)  # frozen: half the memory, and it runs under autocast anyway
+        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
     if cfg["grad_ckpt"]:
         student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg["compile"]:
@@ -547,6 +559,7 @@ def train(cfg):
         else:
             rngs = [rng_state()]
         weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}  # checkpoints: float32
         if master:
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
@@ -556,7 +569,7 @@ def train(cfg):
                                                "scaler": scaler.state_dict() if scaler else None,
                                                "trainable": {n: weights[n].cpu() for n in trainable} if lora else None,
                                                "config": cfg, "log": log}, log,
-                            weights=plain_state_dict(student, weights))
+                            weights=weights)
         if ddp:
             dist.barrier()
 

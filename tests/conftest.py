@@ -163,3 +163,64 @@ def save_llava(path, tower="siglip", arch="qwen2", bos=False, hidden=32, layers=
     LlavaProcessor(image_processor=proc, tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy=strategy,
                    num_additional_image_tokens=int(tower == "clip")).save_pretrained(path)
     return str(path)
+
+
+# -----------------------------------------------------------------------------
+# running stages
+
+LAYERS = dict(student_layers=[0, 1], teacher_layers=[1, 2, 3])  # of a 2-layer student and a 4-layer teacher
+
+
+def args(d):
+    return [f"--{k}={v}" for k, v in d.items()]
+
+
+def run(stage, **kw):
+    """One stage in this process, small and fast by default."""
+    import trainer
+    defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
+                "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
+    base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
+                max_length=96, warmup_frac=0.0)
+    return trainer.main(defaults, args({**base, **kw}))
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:  # a fixed port hangs when two suites run at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, argv, nproc=2, timeout=240):
+    """`script` under torchrun with `nproc` CPU processes (gloo); a hang fails at `timeout` instead of blocking."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           os.path.join(root, script), *argv]
+    return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory):
+    """Tiny backbones as real ones come, a teacher (2 SFT steps from backbones; its LM's embedding padded 48 rows
+    past the tokenizer, as Qwen's is) and a DPT student with TAF (2 steps), all from bf16 checkpoints."""
+    root = tmp_path_factory.mktemp("hf")
+    tok = bpe_tokenizer()
+    d = dict(root=root, siglip=save_tower(root / "siglip"), clip=save_tower(root / "clip", "clip"),
+             teacher_lm=save_lm(root / "qwen2_t", tok, hidden=48, layers=4, pad_rows=48),
+             student_lm=save_lm(root / "qwen2_s", tok, hidden=32, layers=2, seed=1),
+             data=write_llava(root / "data.json", ["image"] * 6 + ["text"] * 2))
+    d["teacher"], d["dpt"] = str(root / "teacher"), str(root / "dpt")
+    run("sft", init_from="backbones", vision_model=d["siglip"], llm_model=d["teacher_lm"], data=d["data"],
+        out_dir=d["teacher"])
+    run("dpt", init_from="backbones", vision_model=d["siglip"], llm_model=d["student_lm"], teacher=d["teacher"],
+        data=d["data"], out_dir=d["dpt"], **LAYERS)
+    return d

@@ -5,43 +5,18 @@ the start-up checks, resume rules, compile and signals.
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 import trainer
-from conftest import CORPUS, bpe_tokenizer, save_lm, save_tower, write_llava
+from conftest import CORPUS, LAYERS, args, bpe_tokenizer, run, save_lm, save_tower, torchrun, weights, write_llava
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = dict(student_layers=[0, 1], teacher_layers=[1, 2, 3])
-
-
-def args(d):
-    return [f"--{k}={v}" for k, v in d.items()]
-
-
-def run(stage, **kw):
-    defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
-                "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
-    base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
-                max_length=96, warmup_frac=0.0)
-    return trainer.main(defaults, args({**base, **kw}))
-
-
-def weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
-def free_port():
-    with socket.socket() as s:  # a fixed port hangs when two suites run at once
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_order(n, seed, steps, world):
@@ -50,24 +25,6 @@ def data_order(n, seed, steps, world):
     split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
     sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
     return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
-
-
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    """Backbones, a teacher (2 SFT steps from backbones; its LM's embedding padded 48 rows past the tokenizer, as
-    Qwen's is) and a DPT student with TAF (2 steps), all from bf16 checkpoints."""
-    root = tmp_path_factory.mktemp("hf")
-    tok = bpe_tokenizer()
-    d = dict(root=root, siglip=save_tower(root / "siglip"), clip=save_tower(root / "clip", "clip"),
-             teacher_lm=save_lm(root / "qwen2_t", tok, hidden=48, layers=4, pad_rows=48),
-             student_lm=save_lm(root / "qwen2_s", tok, hidden=32, layers=2, seed=1),
-             data=write_llava(root / "data.json", ["image"] * 6 + ["text"] * 2))
-    d["teacher"], d["dpt"] = str(root / "teacher"), str(root / "dpt")
-    run("sft", init_from="backbones", vision_model=d["siglip"], llm_model=d["teacher_lm"], data=d["data"],
-        out_dir=d["teacher"])
-    run("dpt", init_from="backbones", vision_model=d["siglip"], llm_model=d["student_lm"], teacher=d["teacher"],
-        data=d["data"], out_dir=d["dpt"], **LAYERS)
-    return d
 
 
 # -- 1-3: DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
@@ -87,10 +44,7 @@ def ddp_runs(hf):
     single = str(root / "ddp" / "single")
     run("dft", out_dir=single, grad_accum=2, **common)
     out = str(root / "ddp" / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "train_dft.py"), *args({**common, "out_dir": out})]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=240)  # a hang fails here instead of blocking the suite
+    r = torchrun("train_dft.py", args({**common, "out_dir": out}))  # a hang fails at its timeout
     return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
 
 
@@ -325,3 +279,13 @@ def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
     run("sft", out_dir=str(root / "cut"), **common)
     a, b = weights(root / "straight"), weights(root / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_cast_to_bf16_keeps_rotary_frequencies_float32(hf):
+    """model.to(bf16) would cast the rotary inv_freq buffer too: at position 1000 the angle would be off by radians."""
+    from model import cast_weights
+    t = VLM.from_pretrained(hf["teacher"])
+    inv = t.llm.model.rotary_emb.inv_freq.clone()
+    cast_weights(t, torch.bfloat16)
+    assert next(t.llm.parameters()).dtype == torch.bfloat16
+    assert t.llm.model.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(t.llm.model.rotary_emb.inv_freq, inv)

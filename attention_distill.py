@@ -208,6 +208,17 @@ def simple_matching(student_layers, teacher_layers):
     return [teacher_layers[j * m // k] for j in range(k)]
 
 
+def window_average(maps_by_layer, windows):
+    """(L, B, Nq, Nk): per window (a list of teacher layers), the mean of their maps; group matching's target."""
+    return torch.stack([torch.stack([maps_by_layer[l] for l in w]).mean(0) for w in windows])
+
+
+def pair_label(student_layer, window):
+    """A matched pair in words, e.g. "student layer 1 vs teacher layers 2-3"."""
+    t = f"layer {window[0]}" if len(window) == 1 else f"layers {window[0]}-{window[-1]}"
+    return f"student layer {student_layer} vs teacher {t}"
+
+
 def adaptive_matching(student_maps, teacher_maps_by_layer, windows, sample_mask=None):
     """
     Our definition (the paper names the strategy but does not define it): for each student layer
@@ -232,7 +243,7 @@ def adaptive_matching(student_maps, teacher_maps_by_layer, windows, sample_mask=
 # losses
 
 
-def _outlier_keep(A):
+def outlier_keep(A):
     """A <= mean + std of each (layer, sample) block; std unbiased; causal zeros included."""
     flat = A.flatten(2)
     thr = flat.mean(-1) + flat.std(-1)
@@ -267,7 +278,7 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     """
     A_s, A_t = student_maps.float(), teacher_maps.float()
     if filter_outliers:
-        valid = _outlier_keep(A_s) & _outlier_keep(A_t) & (A_t != 0)
+        valid = outlier_keep(A_s) & outlier_keep(A_t) & (A_t != 0)
     else:
         valid = torch.ones_like(A_s, dtype=torch.bool)
     if pool == "column":
@@ -286,21 +297,18 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
-def kd_loss_selected(student_logits, teacher_logits, temperature=1.0, vocab_size=None):
-    """Forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows; tau^2-scaled (Hinton). Both sides are
-    read over the first `vocab_size` ids (the tokenizer's real vocabulary; default: the smaller of the two):
-    embedding matrices are often padded past it, by different amounts in teacher and student."""
+def kd_loss(student_logits, teacher_logits, temperature=1.0, vocab_size=None):
+    """
+    L_KD: forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows, tau^2-scaled (Hinton). The rows
+    are the positions that *predict* a supervised token (position t where labels[t + 1] != -100: shifted like the
+    LM loss; the reference code masks the unshifted labels, an off-by-one), and only there are logits computed
+    (TeacherStudent.forward). Both sides are read over the first `vocab_size` ids (the tokenizer's real
+    vocabulary; default: the smaller of the two): embedding matrices are often padded past it, by different
+    amounts in teacher and student.
+    """
     V = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     t = teacher_logits[..., :V].float() / temperature
     s = student_logits[..., :V].float() / temperature
     kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature ** 2 if kl.numel() else s.sum() * 0.0
 
-
-def kd_loss(student_logits, teacher_logits, labels, temperature=1.0, vocab_size=None):
-    """
-    Logit KD over the positions that *predict* a supervised token: position t is compared where
-    labels[t + 1] != -100 (labels unshifted, HF convention) - the same shift as the LM loss.
-    """
-    predicts = labels[:, 1:] != -100
-    return kd_loss_selected(student_logits[:, :-1][predicts], teacher_logits[:, :-1][predicts], temperature, vocab_size)

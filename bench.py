@@ -15,8 +15,8 @@ On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if 
 The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`.
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
-  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json=out/bench.json]
-  GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json=out/bench_h100.json
+  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
+  GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json_out=out/bench_h100.json
   also: --modes=ours,novat  --optimizer=True (time an AdamW step too)  --compile=True (torch.compile the
         student's LM body)  --grad_ckpt=True (gradient checkpointing in the student's LM)
 
@@ -36,7 +36,7 @@ FLOPs F the same for every mode: F = F_vis + F_lm(teacher) + 3 * F_lm(student), 
 import contextlib
 import ctypes
 import gc
-import json as _json
+import json
 import math
 import os
 import re
@@ -48,29 +48,30 @@ import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from configurator import configure
-from model import VLM, TeacherStudent, VLMConfig, cast_weights, set_trainable
+from configurator import cli, configure
+from model import VLM, TeacherStudent, VLMConfig, cast_weights, enable_checkpointing, set_trainable
 
-preset = "tiny"                # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
-modes = "ours,reference,novat"
-steps = 10                     # timed steps per mode (median reported)
-warmup = 2
-device = "auto"                # cuda if available, else cpu
-dtype = "auto"                 # bfloat16 on cuda, float32 on cpu
-threads = 0                    # CPU threads (torch.set_num_threads); 0: torch's default
-check_dtype = "float32"        # dtype of the ours-vs-reference check ("" skips it)
-check_rtol = 0.0               # allowed relative difference per loss; 0: 1e-5 on CPU, 1e-4 on CUDA
-optimizer = False              # also time an AdamW step
-compile = False                # torch.compile the student's LM body
-grad_ckpt = False              # gradient checkpointing in the student's LM
-peak_tflops = 0.0              # the card's bf16 dense peak; 0: from its name
-json = ""                      # also write the results here as JSON
-memory_table = False           # print the per-GPU memory estimate of the preset's DFT step instead (no GPU needed)
-world = 8                      # memory_table: GPUs
-seq_len = 2048                 # memory_table: tokens per sample (the recipe's max_length; the worst case)
-sup_frac = 0.25                # memory_table: the fraction of tokens that are supervised (answers)
-lora_rank = 128                # memory_table: the reference's LoRA rank
-config = None  # the resolved settings, set from the command line in __main__ (importing bench reads none)
+DEFAULTS = dict(
+    preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
+    modes="ours,reference,novat",  # which ways to time (module docstring), comma-separated
+    steps=10,                      # timed steps per mode (median reported)
+    warmup=2,                      # untimed steps per mode first
+    device="auto",                 # cuda if available, else cpu
+    dtype="auto",                  # bfloat16 on cuda, float32 on cpu
+    threads=0,                     # CPU threads (torch.set_num_threads); 0: torch's default
+    check_dtype="float32",         # dtype of the ours-vs-reference check ("" skips it)
+    check_rtol=0.0,                # allowed relative difference per loss; 0: 1e-5 on CPU, 1e-4 on CUDA
+    optimizer=False,               # also time an AdamW step
+    compile=False,                 # torch.compile the student's LM body
+    grad_ckpt=False,               # gradient checkpointing in the student's LM
+    peak_tflops=0.0,               # the card's bf16 dense peak; 0: from its name
+    json_out="",                   # also write the results to this JSON file
+    memory_table=False,            # print the per-GPU memory estimate of the preset's DFT step instead (no GPU needed)
+    world=8,                       # memory_table: GPUs
+    seq_len=2048,                  # memory_table: tokens per sample (the recipe's max_length; the worst case)
+    sup_frac=0.25,                 # memory_table: the fraction of tokens that are supervised (answers)
+    lora_rank=128,                 # memory_table: the reference's LoRA rank
+)
 
 VISION = dict(model_type="siglip_vision_model", num_channels=3)
 PRESETS = {
@@ -150,7 +151,7 @@ def reference_losses(ts, batch):
     pos = s.image_columns(is_img)  # (B, Nv)
 
     def forward(m):
-        return m.llm(inputs_embeds=m.embed(ids, m.project(m.vision_features(px))), attention_mask=mask,
+        return m.llm(inputs_embeds=m.embed(ids, m.image_embeds(px)), attention_mask=mask,
                      output_attentions=True)
 
     def image_block(attentions):  # L x (B, H, T, T) -> (L, B, Nv, Nv), heads averaged
@@ -165,7 +166,7 @@ def reference_losses(ts, batch):
         del out_t
     out_s = forward(s)
     A_s = image_block(out_s.attentions)[ts.student_layers]
-    A_t = torch.stack([A_t[w].mean(0) for w in ts.windows])
+    A_t = ad.window_average(A_t, ts.windows)
     vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat_kwargs)
     lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     # KD as the reference computes it: softmaxes over every position, then masked (here with the right shift)
@@ -357,16 +358,20 @@ def memory_markdown(p, world=8, batch=4, seq=2048, sup=0.25, rank=128, cards=(24
     return "\n".join(rows)
 
 
-def main():
-    if memory_table:
-        p = PRESETS[preset]
-        print(f"Estimated per-GPU memory (GiB) of one DFT step, {preset}: batch {p['batch']} x {seq_len} tokens per "
-              f"GPU, {sup_frac:.0%} of them supervised; estimates, not measurements (bench.memory_estimate says "
-              "what is counted).\n")
-        print(memory_markdown(p, world, p["batch"], seq_len, sup_frac, lora_rank))
-        return
+def main(cfg):
+    preset, modes, steps, warmup, device, dtype, threads = (cfg[k] for k in (
+        "preset", "modes", "steps", "warmup", "device", "dtype", "threads"))
+    check_dtype, check_rtol, optimizer, compile, grad_ckpt, peak_tflops = (cfg[k] for k in (
+        "check_dtype", "check_rtol", "optimizer", "compile", "grad_ckpt", "peak_tflops"))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': use one of {list(PRESETS)}")
+    if cfg["memory_table"]:
+        p = PRESETS[preset]
+        print(f"Estimated per-GPU memory (GiB) of one DFT step, {preset}: batch {p['batch']} x {cfg['seq_len']} tokens "
+              f"per GPU, {cfg['sup_frac']:.0%} of them supervised; estimates, not measurements (bench.memory_estimate "
+              "says what is counted).\n")
+        print(memory_markdown(p, cfg["world"], p["batch"], cfg["seq_len"], cfg["sup_frac"], cfg["lora_rank"]))
+        return None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     if not mode_list or set(mode_list) - {"ours", "reference", "novat"}:
         raise ValueError(f"bad modes '{modes}': a comma-separated subset of ours,reference,novat")
@@ -378,19 +383,15 @@ def main():
     ts = build(p, dev)
     batch = make_batch(p, ts.student.num_image_tokens, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=config, checks=[])
+    res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=cfg, checks=[])
     if check_dtype:
         rtol = check_rtol or (1e-4 if dev.type == "cuda" else 1e-5)  # CUDA: SDPA and eager kernels differ more
         res["checks"].append(check(cast(ts, getattr(torch, check_dtype)), batch, rtol))
     cast(ts, run_dtype)
     if check_dtype and run_dtype != getattr(torch, check_dtype):
         res["checks"].append(check(ts, batch, BF16_RTOL, decisive=False))
-    if grad_ckpt:  # non-reentrant: a reentrant first pass runs without grad, the VAT maps would have none
-        llm = ts.student.llm
-        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-            llm.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if grad_ckpt:
+        enable_checkpointing(ts.student.llm)
     if compile:
         ts.student.llm.base_model.compile()
     B, T = batch["input_ids"].shape
@@ -426,10 +427,10 @@ def main():
                                    for k in ("step_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
                      for o in ("reference", "novat") if "ours" in R and o in R}
     report(res)
-    if json:
-        os.makedirs(os.path.dirname(os.path.abspath(json)), exist_ok=True)
-        with open(json, "w") as f:
-            _json.dump(res, f, indent=2)
+    if cfg["json_out"]:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg["json_out"])), exist_ok=True)
+        with open(cfg["json_out"], "w") as f:
+            json.dump(res, f, indent=2)
     return res
 
 
@@ -454,7 +455,6 @@ def report(res):
 
 
 if __name__ == "__main__":
-    config = configure(globals(), sys.argv[1:])
-    res = main()
+    res = cli(lambda: main(configure(dict(DEFAULTS), sys.argv[1:], __doc__, [__file__])))
     if res is not None and any(c["decisive"] and not c["passed"] for c in res["checks"]):
         sys.exit("ours and reference disagree beyond check_rtol (see the check line)")

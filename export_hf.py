@@ -190,7 +190,7 @@ def export(model, out, dtype=torch.float32, max_shard_bytes=SHARD_BYTES):
 
 def main(argv=None):
     from configurator import configure
-    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
+    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["model"]:
         raise ValueError("give --model=<checkpoint dir> (and --out=<dir>, default <model>_hf)")
     if cfg["dtype"] not in DTYPES:
@@ -202,8 +202,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # a user error: one line, no traceback
-        print(f"export_hf.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    from configurator import cli
+    cli(main)

@@ -88,6 +88,15 @@ def cast_weights(module, dtype):
     return module
 
 
+def enable_checkpointing(llm):
+    """Gradient checkpointing per decoder layer, non-reentrant: a reentrant first pass runs without a graph, and
+    the VAT maps computed from it would have no gradient."""
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        llm.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def tower_tokens(tower):
     """(features per image, whether the first one is a CLS token) of a vision tower: CLIP emits its patches plus a
     CLS token in front, SigLIP its patches only."""
@@ -193,6 +202,10 @@ class VLM(nn.Module):
         h = self.connector(z)
         return self.post_connector(h) if self.post_connector is not None else h
 
+    def image_embeds(self, pixel_values):
+        """Images -> the visual tokens spliced into the text: the tower's features, projected (None: no images)."""
+        return self.project(self.vision_features(pixel_values)) if pixel_values is not None else None
+
     # -- text + images -------------------------------------------------------------------------
     def image_positions(self, input_ids):
         """(is_image (B, T) bool, has_image (B,) bool), checking each sample holds 0 or N_v image tokens."""
@@ -233,8 +246,7 @@ class VLM(nn.Module):
         return self.llm.get_output_embeddings()(h)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
-        image_embeds = self.project(self.vision_features(pixel_values)) if pixel_values is not None else None
-        logits = self.logits(self.hidden_states(input_ids, attention_mask, image_embeds))
+        logits = self.logits(self.hidden_states(input_ids, attention_mask, self.image_embeds(pixel_values)))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -250,8 +262,7 @@ class VLM(nn.Module):
         shift = T - lengths
         idx = (torch.arange(T, device=input_ids.device)[None] - shift[:, None]) % T
         input_ids, attention_mask = input_ids.gather(1, idx), attention_mask.gather(1, idx)
-        image_embeds = self.project(self.vision_features(pixel_values)) if pixel_values is not None else None
-        emb = self.embed(input_ids, image_embeds)
+        emb = self.embed(input_ids, self.image_embeds(pixel_values))
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         # transformers >= 5.2x calls the KV cache `cache`; earlier 5.x `past_key_values`.
         cache = {"cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values": DynamicCache()}
@@ -306,7 +317,9 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=None):
         """A VLM from a checkpoint directory: ours (a stage's out_dir) or a Hugging Face LLaVA one (imported by an
         explicit key mapping, see `llava_config` / `llava_key_to_ours`), weights in one file or sharded. Weights load
-        in float32 (trainable masters) unless `dtype` says otherwise; the model is built without random init."""
+        in float32 (trainable masters) unless `dtype` says otherwise; the model is built without random init. A
+        stage's out_dir whose last save was interrupted between its two renames loads from out_dir.old."""
+        path = find_checkpoint(path) or path
         kind = checkpoint_kind(path)
         config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
         with params_on_meta():
@@ -350,13 +363,62 @@ class VLM(nn.Module):
         return cast_weights(model, dtype) if dtype is not None else model
 
 
+def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, vision=None, tokenizer="",
+             image_processor="", data_dir=".", connector="mlp2x_gelu", vision_feature_select_strategy=""):
+    """
+    The one way a model starts, from whatever `init_from` points at:
+      a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
+      "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
+                    connector (VLM.from_backbones)
+      "scratch"     a new LM from the `llm` config dict. With a teacher (a VLM or its directory) it shares the
+                    teacher's tower, tokenizer and image processor, as KD and VAT need; else it sits on
+                    vision_model's pretrained tower or a new one from the `vision` dict, with the tokenizer and
+                    image processor given (default: data_dir's tokenizer/ and image_processor/, as shapes.py writes)
+    """
+    if init_from == "backbones":
+        if not (vision_model and llm_model):
+            raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
+        return VLM.from_backbones(vision_model, llm_model, connector=connector,
+                                  vision_feature_select_strategy=vision_feature_select_strategy)
+    if init_from != "scratch":
+        if not init_from or find_checkpoint(init_from) is None:
+            raise FileNotFoundError(f"init_from={init_from!r}: no checkpoint there; run the previous stage first (it "
+                                    "writes its out_dir), or use init_from=backbones or scratch")
+        return VLM.from_pretrained(init_from)
+    if not llm:
+        raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
+    select = vision_feature_select_strategy
+    if isinstance(teacher, str):  # not distilling (a baseline), but the same tower and tokenizer
+        teacher = VLM.from_pretrained(teacher)
+    if teacher is not None:  # the teacher's tower, tokenizer and image processor: KD and VAT need them equal
+        tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
+        vision, select = teacher.config.vision, teacher.config.vision_feature_select_strategy
+    else:
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or os.path.join(data_dir, "tokenizer")))
+        if vision_model:  # a pretrained tower (e.g. shapes.py's) under a new LM
+            tower = VLM.load_vision_tower(vision_model)
+            vision = tower.config.to_dict()
+            proc = AutoImageProcessor.from_pretrained(image_processor or vision_model)
+        elif vision:
+            tower = None
+            proc = AutoImageProcessor.from_pretrained(image_processor or os.path.join(data_dir, "image_processor"))
+        else:
+            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
+    llm = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = VLMConfig(vision=vision, llm=llm, connector=connector, vision_feature_select_strategy=select,
+                       image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = VLM(config, vision_tower=tower)
+    model.tokenizer, model.image_processor = tok, proc
+    return model
+
+
 # -----------------------------------------------------------------------------
 # teacher / student
 
 
 def set_trainable(student, stage, train_llm=None, train_vision=False):
     """
-    Freeze everything, then unfreeze the stage's trainable set (METHOD.md, "Stages"): the image
+    Freeze everything, then unfreeze the stage's trainable set (README, "What each stage does"): the image
     adapter (post_connector under TAF, else the student's own connector) always; the LLM in DFT
     and SFT (or wherever `train_llm` says), or only its LoRA adapters when it has them. A TAF
     connector never trains; the vision tower only with train_vision (a model trained from scratch,
@@ -432,16 +494,16 @@ class TeacherStudent(nn.Module):
     """
 
     def __init__(self, teacher, student, student_layers=None, teacher_layers=None, matching="group",
-                 vat_queries="image", vat_pool="column", vat_loss="cosine", vat_filter=None,
-                 vat_layer_reduce="sum", kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0):
+                 vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum", kd_weight=1.0,
+                 vat_weight=1.0, kd_temperature=1.0):
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)
         self.kd_weight, self.vat_weight, self.kd_temperature = kd_weight, vat_weight, kd_temperature
         self.matching, self.vat_queries = matching, vat_queries
         # The outlier filter belongs to the reference (column) form; the paper's flat form has none.
-        vat_filter = vat_pool == "column" if vat_filter is None else vat_filter
-        self.vat_kwargs = dict(pool=vat_pool, loss=vat_loss, filter_outliers=vat_filter, layer_reduce=vat_layer_reduce)
+        self.vat_kwargs = dict(pool=vat_pool, loss=vat_loss, filter_outliers=vat_pool == "column",
+                               layer_reduce=vat_layer_reduce)
         if matching not in ("group", "simple", "adaptive"):
             raise ValueError(f"unknown matching '{matching}': use group, simple or adaptive")
         if vat_queries not in ("image", "all", "text"):
@@ -558,7 +620,7 @@ class TeacherStudent(nn.Module):
         # 4. losses
         zero = h_s.sum() * 0.0
         lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero
-        kd_l = ad.kd_loss_selected(logits_s, logits_t, self.kd_temperature, self.vocab_size) if kd else zero
+        kd_l = ad.kd_loss(logits_s, logits_t, self.kd_temperature, self.vocab_size) if kd else zero
         vat_l = zero
         if vat:
             A_s = torch.stack([maps_s[l] for l in self.student_layers])
@@ -566,7 +628,7 @@ class TeacherStudent(nn.Module):
                 chosen = ad.adaptive_matching(A_s, maps_t, self.windows, sample_mask=has_img)
                 A_t = torch.stack([maps_t[l] for l in chosen])
             else:
-                A_t = torch.stack([torch.stack([maps_t[l] for l in w]).mean(0) for w in self.windows])
+                A_t = ad.window_average(maps_t, self.windows)
             if row_mask is not None:  # rows that are padding (or not text) count for nothing
                 A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
             vat_l = ad.vat_loss(A_s, A_t, sample_mask=has_img, **self.vat_kwargs)
@@ -590,6 +652,15 @@ ACCEPTED = ("a CompoDistill checkpoint (a stage's out_dir: config.json with 'vis
 def has_weights(path):
     """True when directory `path` holds safetensors weights: one file, or an index and its shards."""
     return any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
+
+
+def find_checkpoint(path):
+    """`path` if it holds weights; else `path`.old if that does (a stage killed between the two renames of its
+    checkpoint swap leaves the previous checkpoint there); else None."""
+    for p in (path, path + ".old"):
+        if os.path.isdir(p) and has_weights(p):
+            return p
+    return None
 
 
 def checkpoint_kind(path):

@@ -18,10 +18,10 @@ from model import VLM
 DEFAULTS = dict(
     model="out/shapes/sft",   # checkpoint directory: ours or a Hugging Face LLaVA one
     image="",                 # a .png / .jpg file
-    prompt="describe the image .",
-    max_new_tokens=64,
+    prompt="describe the image .",  # the question, as the user's turn of the chat
+    max_new_tokens=64,        # the answer's length limit
     temperature=0.0,          # 0: greedy; > 0: sample from softmax(logits / temperature)
-    seed=0,
+    seed=0,                   # for temperature > 0
     device="auto",            # auto: cuda when available, else cpu
     dtype="auto",             # auto: bfloat16 on cuda, float32 on cpu; or float32 / bfloat16
 )
@@ -44,7 +44,7 @@ def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
 def main(argv=None):
     from PIL import Image
     from configurator import configure
-    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
+    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["image"]:
         raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,8 +66,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # a user error: one line, no traceback
-        print(f"sample.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    from configurator import cli
+    cli(main)

@@ -7,7 +7,6 @@ is here, top to bottom: set-up (plain python or torchrun DDP), models, data, opt
 checkpoints (a directory per stage, written atomically, resumable bit for bit).
 """
 
-import copy
 import json
 import math
 import os
@@ -26,57 +25,78 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import load_file
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
-from model import (VLM, TeacherStudent, VLMConfig, add_lora, cast_weights, has_weights, plain_state_dict,
-                   prepare_tokenizer, set_trainable)
+from model import (VLM, TeacherStudent, add_lora, cast_weights, enable_checkpointing, find_checkpoint, load_vlm,
+                   plain_state_dict, set_trainable)
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
-    stage="sft",                  # dpt | dft | sft: decides the trainable set (model.set_trainable)
+    # -- what runs ----------------------------------------------------------------------------------------------
+    stage="sft",                  # dpt | dft | sft: which parameters train (model.set_trainable)
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
-    init_from="",                 # previous stage's directory; "scratch" (from llm/vision config dicts);
-                                  # or "backbones" (pretrained HF vision_model + llm_model)
-    vision_model="",              # HF id or path of a pretrained vision tower, e.g. a SigLIP checkpoint (backbones,
-                                  # or scratch: a new LM on this tower, as the shapes teacher on shapes.py's tower)
-    llm_model="",                 # backbones only: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
-    teacher="",                   # teacher checkpoint directory (needed when kd_weight or vat_weight > 0)
-    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
-    image_folder="",              # default: the folder holding the data file
-    val_data="",                  # a separate validation file; default: hold out val_frac of `data`
-    val_frac=0.02,
-    tokenizer="",                 # scratch only: tokenizer / image-processor dirs (default: the data folder's)
-    image_processor="",
-    llm={},                       # scratch only: HF causal-LM config dict for the new model
-    vision={},                    # scratch only: HF vision config dict (ignored when a teacher gives the tower)
-    connector="mlp2x_gelu",
-    vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", its CLS token dropped; SigLIP: "full");
+    init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
+                                  # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
+    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP)
+    llm_model="",                 # backbones: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
+    llm={},                       # scratch: HF causal-LM config dict of a new LM (see config/shapes_*.py)
+    vision={},                    # scratch without vision_model or a teacher: HF vision config dict of a new tower
+    tokenizer="",                 # scratch without a teacher: tokenizer directory (default: <data folder>/tokenizer)
+    image_processor="",           # scratch without a teacher: image-processor directory (default: <data folder>/...)
+    teacher="",                   # the teacher's checkpoint directory (needed for kd_weight, vat_weight or taf)
+    connector="mlp2x_gelu",       # image adapter of a new model: mlp{depth}x_gelu, as LLaVA's
+    vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", CLS dropped; SigLIP: "full");
                                   # "default" on SigLIP drops the first patch, as the reference code does
-    max_length=512,
-    # losses (METHOD.md)
-    kd_weight=0.0, vat_weight=0.0, kd_temperature=1.0,
-    taf=False,                    # TAF: student takes the teacher connector (frozen) + a post_connector
-    train_llm=-1,                 # -1: the stage's default (LLM trains in DFT/SFT, not in DPT); 0/1 force it
-    train_vision=False,           # train the vision tower too (a from-scratch tower; never while distilling)
+    # -- data ---------------------------------------------------------------------------------------------------
+    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
+    image_folder="",              # the images' root (default: the folder holding the data file)
+    val_data="",                  # a separate validation file (default: hold out val_frac of data)
+    val_frac=0.02,                # the held-out fraction of data when there is no val_data
+    max_length=512,               # tokens per sample; longer text is cut (and counted), a cut image drops the sample
+    num_workers=0,                # DataLoader worker processes
+    # -- the method (README: what each stage does) --------------------------------------------------------------
+    kd_weight=0.0,                # weight of L_KD, the logit distillation (0: no KD)
+    vat_weight=0.0,               # weight of L_VAT, the visual attention alignment (0: no VAT)
+    kd_temperature=1.0,           # KD's softmax temperature (the loss is scaled by its square)
+    taf=False,                    # TAF: the student takes the teacher's connector (frozen) + a new post_connector
+    train_llm=None,               # None: the stage decides (the LM trains in DFT and SFT, not in DPT); True / False
+    train_vision=False,           # train the vision tower too (a tower learned from scratch; never while distilling)
+    student_layers=None,          # the student layers VAT aligns: None (the preset, else "intermediate"), a name
+                                  # (early, intermediate, late, all), a (lo, hi) depth fraction or a list of indices
+    teacher_layers=None,          # the teacher layers they are matched to (the same forms)
+    matching="group",             # group | simple | adaptive: how student layers are matched to teacher layers
+    vat_queries="image",          # whose attention is aligned: image (image-token rows), all, or text rows
+    vat_pool="column",            # column (the reference code's per-column profile) | flat (the paper's Eq. 2)
+    vat_loss="cosine",            # cosine | mse | kl
+    vat_layer_reduce="sum",       # sum over the layer pairs (reference code) | mean (the paper's Eq. 2)
     lora_rank=0,                  # >0: LoRA adapters (peft) on the LM instead of training all of it (reference: 128)
-    lora_alpha=0.0,               # 0: 2 * lora_rank (the reference's 256 for r 128)
-    lora_dropout=0.05,
+    lora_alpha=0.0,               # LoRA's alpha; 0: 2 * lora_rank (the reference's 256 for r 128)
+    lora_dropout=0.05,            # dropout on the adapters' input
     lora_targets="all-linear",    # every Linear of the LM's decoder layers; or names, e.g. "q_proj,v_proj"
-    student_layers=None, teacher_layers=None,  # None: the preset / "intermediate"; a name, (lo, hi) or a list
-    matching="group",
-    vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum",
-    # optimisation
-    batch_size=16, grad_accum=1, max_steps=1000, lr=2e-4, min_lr_frac=0.0, warmup_frac=0.03,
-    weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, seed=0,
+    # -- optimisation -------------------------------------------------------------------------------------------
+    batch_size=16,                # samples per micro-batch per process
+    grad_accum=1,                 # micro-batches per step (the batch of a step: batch_size * grad_accum * processes)
+    max_steps=1000,               # optimizer steps of this stage
+    lr=2e-4,                      # peak learning rate (AdamW)
+    min_lr_frac=0.0,              # the cosine schedule ends at lr * min_lr_frac
+    warmup_frac=0.03,             # linear warm-up over this fraction of max_steps
+    weight_decay=0.0,             # AdamW's, on matrices only (not on biases and norms)
+    beta1=0.9,                    # AdamW's beta1
+    beta2=0.999,                  # AdamW's beta2
+    grad_clip=1.0,                # clip the gradient norm to this (0: no clipping)
+    seed=0,                       # weights of new modules, data order
     dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16 / float16 (with a
-                                  # GradScaler). Trainable weights are float32 masters whatever this says.
-    grad_ckpt=False, compile=False, num_workers=0,
-    fsdp=False,                   # shard the student (and its optimizer) over the ranks with FSDP2 (fully_shard)
+                                  # gradient scaler). Trainable weights are float32 masters whatever this says.
+    grad_ckpt=False,              # gradient checkpointing in the student's LM (less memory, ~30 % more compute)
+    compile=False,                # torch.compile the decoders that training runs
+    fsdp=False,                   # shard the student (and its optimizer) over the processes with FSDP2 (fully_shard)
     fsdp_teacher=True,            # with fsdp: shard the frozen teacher's decoder layers too (else every rank holds it)
-    # bookkeeping
-    log_interval=10, eval_interval=200, eval_batches=10, save_interval=500,
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+    log_interval=10,              # steps between log lines (losses are the mean over them, over all processes)
+    eval_interval=200,            # steps between validation losses (0: none, and no data held out)
+    eval_batches=10,              # validation batches per evaluation
+    save_interval=500,            # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
 )
 # Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
@@ -144,15 +164,6 @@ def save_checkpoint(out_dir, student, train_state, log, weights=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoint_dir(path):
-    """The loadable checkpoint at `path` (ours or a Hugging Face LLaVA directory, weights in one file or sharded);
-    after a crash mid-swap, the previous one left at path.old."""
-    for p in (path, path + ".old"):
-        if has_weights(p):
-            return p
-    return None
-
-
 def rng_state():
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -214,54 +225,19 @@ def to_device(batch, device):
 
 
 def build_student(cfg, teacher, resume_dir):
-    """The student: resumed, from the previous stage, or new (sharing the teacher's frozen tower)."""
+    """The student: resumed from out_dir, or started the way init_from says (model.load_vlm)."""
     if resume_dir:
         return VLM.from_pretrained(resume_dir)
-    src = cfg["init_from"]
-    select = cfg["vision_feature_select_strategy"]
-    if src == "backbones":
-        if not (cfg["vision_model"] and cfg["llm_model"]):
-            raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
-        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"],
-                                  vision_feature_select_strategy=select)
-    if src and src != "scratch":
-        ckpt = checkpoint_dir(src)
-        if ckpt is None:
-            raise FileNotFoundError(f"init_from={src}: no checkpoint there; run the previous stage first "
-                                    "(it writes its out_dir), or use init_from=scratch")
-        return VLM.from_pretrained(ckpt)
-    if not cfg["llm"]:
-        raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
-    data_dir = os.path.dirname(os.path.abspath(cfg["data"].split(",")[0]))
-    if teacher is None and cfg["teacher"]:  # not distilling (a baseline), but same tower and tokenizer
-        teacher = VLM.from_pretrained(checkpoint_dir(cfg["teacher"]) or cfg["teacher"])
-    if teacher is not None:  # share the teacher's tower, tokenizer and image processor: KD and VAT need them equal
-        vision_tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
-        vision = teacher.config.vision
-        select = teacher.config.vision_feature_select_strategy
-    else:
-        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer")))
-        if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
-            vision_tower = VLM.load_vision_tower(cfg["vision_model"])
-            vision = vision_tower.config.to_dict()
-            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or cfg["vision_model"])
-        elif cfg["vision"]:
-            vision_tower, vision = None, cfg["vision"]
-            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or os.path.join(data_dir, "image_processor"))
-        else:
-            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
-    llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"], vision_feature_select_strategy=select,
-                       image_token_id=tok.convert_tokens_to_ids("<image>"))
-    student = VLM(config, vision_tower=vision_tower)
-    student.tokenizer, student.image_processor = tok, proc
-    return student
+    keys = ("vision_model", "llm_model", "llm", "vision", "tokenizer", "image_processor", "connector",
+            "vision_feature_select_strategy")
+    return load_vlm(cfg["init_from"], teacher=teacher or cfg["teacher"] or None,
+                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), **{k: cfg[k] for k in keys})
 
 
 def build_model(cfg, resume_dir):
     teacher = None
     if cfg["stage"] != "sft" and (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
-        ckpt = checkpoint_dir(cfg["teacher"]) if cfg["teacher"] else None
+        ckpt = find_checkpoint(cfg["teacher"]) if cfg["teacher"] else None
         if ckpt is None:
             raise FileNotFoundError(f"teacher={cfg['teacher']!r}: no teacher checkpoint; kd_weight/vat_weight/taf "
                                     "need one (train it with train_sft.py config/shapes_teacher.py)")
@@ -277,7 +253,9 @@ def build_model(cfg, resume_dir):
                         kd_temperature=cfg["kd_temperature"])
     if cfg["taf"] and not student.config.taf:
         ts.apply_taf()
-    train_llm = None if cfg["train_llm"] == -1 else bool(cfg["train_llm"])
+    train_llm = cfg["train_llm"]
+    if train_llm not in (None, True, False):
+        raise ValueError(f"train_llm={train_llm!r}: use None (the stage decides), True or False")
     if cfg["train_vision"] and teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")
@@ -443,7 +421,7 @@ def train(cfg):
     ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
     master = rank == 0
     out_dir = cfg["out_dir"]
-    resume_dir = checkpoint_dir(out_dir)
+    resume_dir = find_checkpoint(out_dir)
     state = None
     if resume_dir:
         # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
@@ -484,7 +462,7 @@ def train(cfg):
     if ts.teacher is not None and amp is not None:
         cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
     if cfg["grad_ckpt"]:
-        student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student.llm)
     if cfg["compile"]:
         compile_models(ts)
     if cfg["fsdp"]:
@@ -683,8 +661,8 @@ def _memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(stage_defaults, argv=None):
+def main(stage_defaults, argv=None, doc=""):
     """Entry point of the stage scripts: DEFAULTS < stage defaults < config files < --key=value."""
     cfg = dict(DEFAULTS, **stage_defaults)
-    cfg = configure(cfg, sys.argv[1:] if argv is None else argv)
+    cfg = configure(cfg, sys.argv[1:] if argv is None else argv, doc, [__file__])
     return train(cfg)

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: the step count is small and a busy 2-core machine makes OpenMP barriers slow
-    cmd = [sys.executable, "bench.py", "--preset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--json={out}"]
+    cmd = [sys.executable, "bench.py", "--preset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--json_out={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())

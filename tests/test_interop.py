@@ -18,7 +18,7 @@ import trainer
 from conftest import bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
 from data import image_processor, tokenize_conversation
 from export_hf import export
-from model import VLM, VLMConfig, TeacherStudent, prepare_tokenizer, read_weights, write_weights
+from model import VLM, VLMConfig, TeacherStudent, find_checkpoint, prepare_tokenizer, read_weights, write_weights
 
 QUESTION = "what color is the square ?"
 TOL = 1e-4  # float32 logits, max abs difference
@@ -176,7 +176,7 @@ def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
     assert torch.equal(student.connector[2].weight, teacher["multi_modal_projector.linear_2.weight"].float())
     sft = str(tmp_path / "sft")
     trainer.main(dict(stage="sft"), args({**base, "init_from": llava["siglip"], "data": data, "out_dir": sft}))
-    assert trainer.checkpoint_dir(llava["siglip"]) == llava["siglip"]
+    assert find_checkpoint(llava["siglip"]) == llava["siglip"]
     assert VLM.from_pretrained(sft).config.extra["stage"] == "sft"
     m, p = ev._load(llava["siglip"])
     assert p == llava["siglip"] and m.config.extra["imported_from"] == "llava"
@@ -191,7 +191,7 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
     m.save_pretrained(str(tmp_path / "sharded"), max_shard_bytes=40_000)
     files = os.listdir(tmp_path / "sharded")
     assert "model.safetensors.index.json" in files and "model.safetensors" not in files
-    assert trainer.checkpoint_dir(str(tmp_path / "sharded")) == ev._load_path(str(tmp_path / "sharded"))
+    assert find_checkpoint(str(tmp_path / "sharded")) == str(tmp_path / "sharded")
     # checkpoints written before sharding (safetensors' save_model kept the tied weight as llm.lm_head.weight)
     (tmp_path / "old").mkdir()
     m.config.save(str(tmp_path / "old"))

@@ -1,6 +1,5 @@
 """LoRA (peft, optional): the trainable set, VAT through adapted attention, merged checkpoints, exact resume."""
 import copy
-import os
 import sys
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 pytest.importorskip("peft")
 
-import trainer  # noqa: E402
 from conftest import run, tiny_vlm, weights  # noqa: E402
 from model import TeacherStudent, add_lora, plain_state_dict, set_trainable  # noqa: E402
 from test_model import _batch  # noqa: E402

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import attention_distill as ad
 from conftest import IMAGE_TOKEN_ID, tiny_vlm
-from model import VLM, TeacherStudent, set_trainable
+from model import VLM, TeacherStudent, enable_checkpointing, set_trainable
 
 
 def _batch():
@@ -90,7 +90,13 @@ def test_teacher_student_losses_against_direct_computation():
     s_out = ts.student(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])
     t_out = ts.teacher(b["input_ids"], b["attention_mask"], b["pixel_values"])
     torch.testing.assert_close(out["lm"], s_out["loss"])
-    torch.testing.assert_close(out["kd"], ad.kd_loss(s_out["logits"], t_out["logits"], b["labels"]))
+    # KD brute force: position i predicts labels[i + 1] (shifted like the LM loss)
+    terms = [F.kl_div(F.log_softmax(s_out["logits"][r, i], -1), F.softmax(t_out["logits"][r, i], -1), reduction="sum")
+             for r in range(3) for i in range(9) if b["labels"][r, i + 1] != -100]
+    torch.testing.assert_close(out["kd"], torch.stack(terms).mean())
+    # the reference code's unshifted mask reads other positions: a different number
+    same_pos = b["labels"] != -100
+    assert abs(float(ad.kd_loss(s_out["logits"][same_pos], t_out["logits"][same_pos])) - float(out["kd"])) > 1e-4
     assert out["vat"] > 0
     torch.testing.assert_close(out["total"], out["lm"] + out["kd"] + out["vat"])
     # a student identical to its teacher has zero KD and zero VAT (every form)
@@ -183,7 +189,7 @@ def test_vat_gradients_are_the_same_with_gradient_checkpointing():
         return out["vat"].detach(), {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
 
     vat, want = grads()
-    ts.student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(ts.student.llm)
     vat_ckpt, got = grads()
     torch.testing.assert_close(vat_ckpt, vat)
     assert got.keys() == want.keys() and any(g.abs().sum() > 0 for g in want.values())

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import shapes
 import trainer
-from model import VLM
+from model import VLM, find_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -141,14 +141,14 @@ def test_killed_write_leaves_previous_checkpoint(world, monkeypatch):
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         run_stage(SFT, **common)
-    assert trainer.checkpoint_dir(out) == out
+    assert find_checkpoint(out) == out
     after = weights(out)
     assert all(torch.equal(good[k], after[k]) for k in good)  # the step-2 checkpoint is intact
     assert os.path.isdir(out + ".tmp")  # the half-written one never took its place
     # killed between the two renames: only out.old exists, and it is what loads
     os.rename(out, out + ".old")
-    assert trainer.checkpoint_dir(out) == out + ".old"
-    assert VLM.from_pretrained(trainer.checkpoint_dir(out)) is not None
+    assert find_checkpoint(out) == out + ".old"
+    assert VLM.from_pretrained(find_checkpoint(out)) is not None
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(world):

@@ -7,8 +7,9 @@ A sample is {"id", "image" (optional, relative to image_folder), "conversations"
     [<bos>]{system} USER: <image>\n{question} ASSISTANT: {answer}<eos> USER: {question} ASSISTANT: {answer}<eos> ...
 
 with "<image>" expanded to num_image_tokens image-token ids, and labels = -100 everywhere except on the
-assistant answers and their <eos>. The batch format is fixed by the contract with model.py:
-{input_ids, attention_mask, labels, pixel_values, image_mask} (see collate()).
+assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
+image_mask, dropped, truncated}; model.py reads the first four and finds each sample's image positions from the
+image-token ids itself.
 """
 import json
 import os
@@ -320,8 +321,8 @@ def collate(samples, pad_id):
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[b, :n], attention_mask[b, :n], labels[b, :n] = s["input_ids"], 1, s["labels"]
-    # Only samples with an image contribute a row, so a text-only sample costs no vision-tower compute;
-    # image_mask says which sample each row belongs to (the rows are in batch order).
+    # Only samples with an image contribute a row, so a text-only sample costs no vision-tower compute. The rows
+    # are in batch order; image_mask says which samples have one (for callers; the model reads the image tokens).
     image_mask = torch.tensor([s["pixel_values"] is not None for s in samples], dtype=torch.bool)
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     pixel_values = torch.stack(images) if images else None

@@ -205,7 +205,7 @@ def cpu_rss(key):
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def step(ts, batch, mode, opt, dev, probe=False):
+def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
     """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses); GPU memory is
     measured in every step, CPU memory and saved bytes only when probing (saved: not with --compile)."""
     cuda, cpu_mem = dev.type == "cuda", probe and dev.type == "cpu" and cpu_memory_available()
@@ -219,7 +219,7 @@ def step(ts, batch, mode, opt, dev, probe=False):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         base = cpu_rss("VmRSS")
-    params, saved, count = {p.untyped_storage().data_ptr() for p in ts.student.parameters()}, {}, probe and not compile
+    params, saved, count = {p.untyped_storage().data_ptr() for p in ts.student.parameters()}, {}, probe and not compiled
 
     def pack(t):  # count each storage autograd keeps once; parameters are not activations
         st = t.untyped_storage()
@@ -409,12 +409,12 @@ def main(cfg):
     runs = {m: [] for m in mode_list}
     for i in range(warmup + steps):
         for m in mode_list:  # alternate the modes: machine noise hits them alike
-            r = step(ts, batch, m, opt, dev)
+            r = step(ts, batch, m, opt, dev, compiled=compile)
             if i >= warmup:
                 runs[m].append(r)
     res["results"] = {}
     for m, rs in runs.items():
-        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True)
+        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
         if dev.type == "cuda":
             peak, delta = max(r[1] for r in rs), max(r[2] for r in rs)
         t = statistics.median(r[0] for r in rs)

@@ -119,13 +119,14 @@ def raised_here(e):
 
 
 def cli(main):
-    """Run a script's main(). Our own checks' errors are the user's to fix: one message (from rank 0 under
+    """Run a script's main(). Our own checks' errors are the user's to fix: one message (from each rank under
     torchrun), exit code 2, no traceback. Anything else is a crash and keeps its traceback."""
     try:
         return main()
     except (ValueError, FileNotFoundError, ImportError) as e:
         if not raised_here(e):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank says it: it may be one rank's error alone
+        where = "" if os.environ.get("WORLD_SIZE", "1") == "1" else f" [rank {rank}]"
+        print(f"{os.path.basename(sys.argv[0])}{where}: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -7,6 +7,7 @@ is here, top to bottom: set-up (plain python or torchrun DDP), models, data, opt
 checkpoints (a directory per stage, written atomically, resumable bit for bit).
 """
 
+import datetime
 import json
 import math
 import os
@@ -100,8 +101,8 @@ DEFAULTS = dict(
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
 )
 # Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
-RESUME_FREE = {"log_interval", "eval_interval", "eval_batches", "save_interval", "stop_after", "num_workers",
-               "compile", "grad_ckpt"}
+# (Not eval_interval: whether it is 0 decides whether a validation slice is held out of the training data.)
+RESUME_FREE = {"log_interval", "eval_batches", "save_interval", "stop_after", "num_workers", "compile", "grad_ckpt"}
 AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSSES = ("lm", "kd", "vat", "total")
 
@@ -118,7 +119,8 @@ def compute_init(single_group=False):
     if ddp:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            # a long timeout: the other ranks wait in a barrier while rank 0 writes a multi-GB checkpoint
+            dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -287,7 +289,7 @@ def shard(ts, amp, teacher_too):
     fully_shard(ts, mp_policy=mp)
     if ts.teacher is not None and teacher_too:
         for layer in decoder_layers(ts.teacher.llm):
-            fully_shard(layer)
+            fully_shard(layer, reshard_after_forward=True)  # each its own root: say so, or it stays gathered
 
 
 def gather_state(ts, optimizer, fsdp):
@@ -316,7 +318,8 @@ def restore_lora(student, state, resume_dir):
                 p.copy_(state["trainable"][n])
     saved = load_file(os.path.join(resume_dir, "model.safetensors"))
     merged = plain_state_dict(student)
-    if any(not torch.equal(merged[k], v) for k, v in saved.items()):
+    # (a tolerance: the save merged the same numbers, on the CPU, but a different BLAS may round the last bits)
+    if any(not torch.allclose(merged[k].float(), v, rtol=1e-5, atol=1e-6) for k, v in saved.items()):
         raise ValueError(f"cannot resume the LoRA run in {resume_dir}: its base weights (init_from) changed since the "
                          "run started, so base + adapters no longer give the checkpoint. Start a new out_dir")
 
@@ -439,10 +442,11 @@ def train(cfg):
     lora = cfg["lora_rank"] > 0
     ts, params = build_model(cfg, None if lora else resume_dir)
     student = ts.student
-    if amp is not None and not cfg["fsdp"]:
-        # What never updates (the tower, a TAF connector, LoRA's base LM) is kept in the compute dtype, as the
-        # teacher is: autocast would cast it there at every use anyway. (FSDP's mixed precision does this itself.)
-        for p in student.parameters():
+    if lora and amp is not None and not cfg["fsdp"]:
+        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
+        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
+        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
+        for n, p in student.llm.named_parameters():
             if not p.requires_grad:
                 p.data = p.data.to(amp)
     if lora and state:
@@ -537,7 +541,9 @@ def train(cfg):
         else:
             rngs = [rng_state()]
         weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}  # checkpoints: float32
+        # checkpoints are float32, and written (and LoRA-merged) from the CPU
+        weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                   for k, v in weights.items()}
         if master:
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
@@ -643,12 +649,15 @@ def train(cfg):
                 print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
                 break
     bar.close()
-    counts = Counter(monitor.dropped.values())
-    reasons = sorted(set(counts) | {"bad_sample", "missing_image", "image_truncated", "no_supervised_tokens"})
-    tot = all_ranks([counts[r] for r in reasons] + [len(monitor.truncated)]).tolist()
-    summary = {r: int(n) for r, n in zip(reasons, tot) if n}
-    if summary or tot[-1]:
-        print0(f"data: dropped samples {summary or 'none'}; {int(tot[-1])} cut at max_length={cfg['max_length']}")
+    # each sample once, over all ranks (in a later epoch another rank may meet the same bad sample)
+    seen = [(monitor.dropped, monitor.truncated)] * world
+    if ddp:
+        dist.all_gather_object(seen, (monitor.dropped, monitor.truncated))
+    dropped = {k: r for d, _ in seen for k, r in d.items()}
+    truncated = set().union(*(t for _, t in seen))
+    if dropped or truncated:
+        print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
+               f"max_length={cfg['max_length']}")
     model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}

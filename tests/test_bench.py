@@ -35,6 +35,7 @@ def test_bench_tiny_json(tmp_path):
         assert len(r["step_s_all"]) == 2 and r["step_s"] > 0
         assert r["tokens_per_s"] == 4 * 128 / r["step_s"]
         assert r["mfu"] is None  # CPU: no MFU
+        assert r["saved_mib"] > 0  # autograd's saved activations, counted on any device
         if res["memory_method"] is not None:
             assert r["peak_mem_mib"] > 0 and r["step_mem_mib"] > 0
         assert all(isinstance(r["losses"][k], float) for k in ("lm", "kd", "vat"))

@@ -45,6 +45,14 @@ def test_user_errors_are_one_line_and_exit_2(capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_under_torchrun_every_rank_names_itself(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # an error of rank 1 alone must not go unsaid
+    with pytest.raises(SystemExit):
+        configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
+    assert capsys.readouterr().err.startswith(f"{os.path.basename(sys.argv[0])} [rank 1]: config key 'lr'")
+
+
 def test_real_crashes_keep_their_traceback():
     with pytest.raises(ZeroDivisionError):
         configurator.cli(lambda: 1 / 0)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import trainer
 from conftest import CORPUS, LAYERS, args, bpe_tokenizer, run, save_lm, save_tower, torchrun, weights, write_llava
@@ -95,6 +96,19 @@ def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
     ts, _ = trainer.build_model(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"],
                                      kd_weight=1.0), None)
     assert next(ts.student.parameters()).dtype == torch.float32
+
+
+def test_bf16_teacher_and_student_keep_equal_towers_for_taf(hf):
+    """A teacher trained under bf16 autocast saves its frozen tower exactly as it came, so a student built from
+    the same pretrained tower can take the teacher's connector (TAF) in the next stage."""
+    teacher = str(hf["root"] / "bf16_teacher")
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["teacher_lm"], data=hf["data"],
+        out_dir=teacher, dtype="bfloat16", train_llm=False)
+    tower = load_file(os.path.join(hf["siglip"], "model.safetensors"))
+    saved = weights(teacher)
+    assert all(torch.equal(saved["vision_tower." + k], v) for k, v in tower.items())
+    run("dpt", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"], teacher=teacher,
+        data=hf["data"], out_dir=str(hf["root"] / "bf16_dpt"), dtype="bfloat16", **LAYERS)
 
 
 def test_float16_runs_with_a_grad_scaler_and_resumes_it(hf):
@@ -202,6 +216,9 @@ def test_rerun_into_a_finished_out_dir_with_other_settings_is_refused(hf, capsys
         run("sft", **dict(common, data=other), lr=2e-4)
     with pytest.raises(ValueError, match=r"stage: 'sft' there, 'dft' now"):
         run("dft", **common, teacher=hf["teacher"], **LAYERS)
+    # eval_interval > 0 holds a validation slice out of the training data: another run
+    with pytest.raises(ValueError, match=r"eval_interval: 0 there, 5 now"):
+        run("sft", **common, eval_interval=5)
 
 
 # -- 10: compile what runs -----------------------------------------------------------------------------------------

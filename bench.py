@@ -301,8 +301,8 @@ def layer_activation_bytes(cfg):
 
 def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=128):
     """Per-GPU GiB of one DFT step (TAF, VAT on), as this code keeps it: the student's trainable weights in float32
-    (and cached in bf16 by autocast), its frozen ones in bf16, float32 gradients and AdamW's two states for what
-    trains, the frozen teacher in bf16, activations. ddp: everything replicated, the whole LM trains. ddp_lora: LoRA adapters of
+    (and cached in bf16 by autocast), its frozen ones in float32 but for LoRA's base LM (bf16), float32 gradients
+    and AdamW's two states for what trains, the frozen teacher in bf16, activations. ddp: everything replicated, the whole LM trains. ddp_lora: LoRA adapters of
     `rank` train instead of the LM. fsdp: the student, its gradients and optimizer states sharded over `world`,
     plus what is gathered (the root unit for the step, two decoder layers in flight); the teacher's decoder layers
     sharded too. An estimate: allocator slack, CUDA context (~0.5 GiB) and communication buffers are not counted."""
@@ -323,9 +323,9 @@ def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=1
         grads = 4 * train / world + 4 * c["s_layer"]  # sharded, plus one layer's before its reduce-scatter
         optim = 8 * train / world
         teacher = 2 * (c["t_layers"] / world + t_all - c["t_layers"] + c["t_layer"])
-    else:  # what trains in float32 (+ autocast's bf16 copy of it); what is frozen in bf16
-        frozen = s_all + c["lora"] - train if lora else s_all - train
-        weights = 4 * train + 2 * train + 2 * frozen
+    else:  # what trains in float32 (+ autocast's bf16 copy of it); frozen: LoRA's base LM in bf16, the rest float32
+        frozen_lm = c["s_layers"] + c["s_lm_rest"] if lora else 0
+        weights = 6 * train + 2 * frozen_lm + 4 * (s_all + (c["lora"] if lora else 0) - train - frozen_lm)
         grads, optim = 4 * train, 8 * train
         teacher = 2 * t_all
     per_layer = layer_activation_bytes(c["s_cfg"]) * tokens

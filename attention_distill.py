@@ -44,12 +44,15 @@ def _probs(q, k, blocked, scaling):
     """softmax(q k^T * scaling) over all keys, float32: (B, Hkv, G, Nq, S). `blocked` (B, Nq, S): True where a
     query may not look (bool), or an additive float mask. A query that sees nothing gets a NaN row."""
     dt = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 in gradcheck)
-    s = torch.einsum("bkgqd,bksd->bkgqs", q.to(dt) * scaling, k.to(dt))
-    if blocked.dtype == torch.bool:
-        s.masked_fill_(blocked[:, None, None], float("-inf"))
-    else:
-        s += blocked[:, None, None]
-    return s.softmax(-1)
+    # Autocast off: under bf16 autocast the einsum would run in bf16, and the forward (inside autocast) and the
+    # recomputing backward (outside it) would then see two different softmaxes.
+    with torch.autocast(q.device.type, enabled=False):
+        s = torch.einsum("bkgqd,bksd->bkgqs", q.to(dt) * scaling, k.to(dt))
+        if blocked.dtype == torch.bool:
+            s.masked_fill_(blocked[:, None, None], float("-inf"))
+        else:
+            s += blocked[:, None, None].to(dt)
+        return s.softmax(-1)
 
 
 class _ImageAttention(torch.autograd.Function):
@@ -75,8 +78,9 @@ class _ImageAttention(torch.autograd.Function):
         # y_c = p_c = softmax(s)_c  =>  dL/ds_j = p_j (g_j [j in cols] - sum_c g_c p_c)
         gp = (grad / (p.shape[1] * p.shape[2]))[:, None, None] * p.gather(-1, idx)  # per head: 1/H of grad
         ds = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, idx, gp)
-        dq = torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling
-        dk = torch.einsum("bkgqs,bkgqd->bksd", ds, q.to(ds.dtype)) * ctx.scaling
+        with torch.autocast(ds.device.type, enabled=False):
+            dq = torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling
+            dk = torch.einsum("bkgqs,bkgqd->bksd", ds, q.to(ds.dtype)) * ctx.scaling
         return dq.to(q.dtype), dk.to(k.dtype), None, None, None
 
 
@@ -204,16 +208,33 @@ def simple_matching(student_layers, teacher_layers):
     return [teacher_layers[j * m // k] for j in range(k)]
 
 
-def adaptive_matching(student_maps, teacher_maps_by_layer, windows):
+def window_average(maps_by_layer, windows):
+    """(L, B, Nq, Nk): per window (a list of teacher layers), the mean of their maps; group matching's target."""
+    return torch.stack([torch.stack([maps_by_layer[l] for l in w]).mean(0) for w in windows])
+
+
+def pair_label(student_layer, window):
+    """A matched pair in words, e.g. "student layer 1 vs teacher layers 2-3"."""
+    t = f"layer {window[0]}" if len(window) == 1 else f"layers {window[0]}-{window[-1]}"
+    return f"student layer {student_layer} vs teacher {t}"
+
+
+def adaptive_matching(student_maps, teacher_maps_by_layer, windows, sample_mask=None):
     """
     Our definition (the paper names the strategy but does not define it): for each student layer
     j pick, inside group window j, the teacher layer whose map is most similar (mean cosine over
-    samples of the flattened maps) to the student's detached map. Returns one teacher layer per j.
+    samples of the flattened maps) to the student's detached map. `sample_mask` (B,) marks the
+    samples that have an image; only they vote (a text-only sample's "image columns" are arbitrary
+    positions). Returns one teacher layer per j.
     """
+    B = student_maps.shape[1]
+    w = (torch.ones(B, device=student_maps.device) if sample_mask is None else sample_mask.float())
+    w = w / w.sum().clamp(min=1)
     chosen = []
     for j, window in enumerate(windows):
         s = student_maps[j].detach().flatten(1)
-        sims = [F.cosine_similarity(s, teacher_maps_by_layer[t].detach().flatten(1).to(s), dim=1).mean() for t in window]
+        sims = [(F.cosine_similarity(s, teacher_maps_by_layer[t].detach().flatten(1).to(s), dim=1) * w).sum()
+                for t in window]
         chosen.append(window[int(torch.stack(sims).argmax())])
     return chosen
 
@@ -222,7 +243,7 @@ def adaptive_matching(student_maps, teacher_maps_by_layer, windows):
 # losses
 
 
-def _outlier_keep(A):
+def outlier_keep(A):
     """A <= mean + std of each (layer, sample) block; std unbiased; causal zeros included."""
     flat = A.flatten(2)
     thr = flat.mean(-1) + flat.std(-1)
@@ -257,7 +278,7 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     """
     A_s, A_t = student_maps.float(), teacher_maps.float()
     if filter_outliers:
-        valid = _outlier_keep(A_s) & _outlier_keep(A_t) & (A_t != 0)
+        valid = outlier_keep(A_s) & outlier_keep(A_t) & (A_t != 0)
     else:
         valid = torch.ones_like(A_s, dtype=torch.bool)
     if pool == "column":
@@ -276,19 +297,18 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
-def kd_loss_selected(student_logits, teacher_logits, temperature=1.0):
-    """Forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows; tau^2-scaled (Hinton)."""
-    V = student_logits.shape[-1]
-    t = teacher_logits[..., :V].float() / temperature  # a teacher with padded vocab rows is cut to V
-    s = student_logits.float() / temperature
+def kd_loss(student_logits, teacher_logits, temperature=1.0, vocab_size=None):
+    """
+    L_KD: forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows, tau^2-scaled (Hinton). The rows
+    are the positions that *predict* a supervised token (position t where labels[t + 1] != -100: shifted like the
+    LM loss; the reference code masks the unshifted labels, an off-by-one), and only there are logits computed
+    (TeacherStudent.forward). Both sides are read over the first `vocab_size` ids (the tokenizer's real
+    vocabulary; default: the smaller of the two): embedding matrices are often padded past it, by different
+    amounts in teacher and student.
+    """
+    V = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    t = teacher_logits[..., :V].float() / temperature
+    s = student_logits[..., :V].float() / temperature
     kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature ** 2 if kl.numel() else s.sum() * 0.0
 
-
-def kd_loss(student_logits, teacher_logits, labels, temperature=1.0):
-    """
-    Logit KD over the positions that *predict* a supervised token: position t is compared where
-    labels[t + 1] != -100 (labels unshifted, HF convention) - the same shift as the LM loss.
-    """
-    predicts = labels[:, 1:] != -100
-    return kd_loss_selected(student_logits[:, :-1][predicts], teacher_logits[:, :-1][predicts], temperature)

@@ -15,8 +15,8 @@ On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if 
 The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`.
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
-  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json=out/bench.json]
-  GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json=out/bench_h100.json
+  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
+  GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json_out=out/bench_h100.json
   also: --modes=ours,novat  --optimizer=True (time an AdamW step too)  --compile=True (torch.compile the
         student's LM body)  --grad_ckpt=True (gradient checkpointing in the student's LM)
 
@@ -36,7 +36,7 @@ FLOPs F the same for every mode: F = F_vis + F_lm(teacher) + 3 * F_lm(student), 
 import contextlib
 import ctypes
 import gc
-import json as _json
+import json
 import math
 import os
 import re
@@ -48,24 +48,30 @@ import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from configurator import configure
-from model import VLM, TeacherStudent, VLMConfig, set_trainable
+from configurator import cli, configure
+from model import VLM, TeacherStudent, VLMConfig, cast_weights, enable_checkpointing, set_trainable
 
-preset = "tiny"                # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
-modes = "ours,reference,novat"
-steps = 10                     # timed steps per mode (median reported)
-warmup = 2
-device = "auto"                # cuda if available, else cpu
-dtype = "auto"                 # bfloat16 on cuda, float32 on cpu
-threads = 0                    # CPU threads (torch.set_num_threads); 0: torch's default
-check_dtype = "float32"        # dtype of the ours-vs-reference check ("" skips it)
-check_rtol = 0.0               # allowed relative difference per loss; 0: 1e-5 on CPU, 1e-4 on CUDA
-optimizer = False              # also time an AdamW step
-compile = False                # torch.compile the student's LM body
-grad_ckpt = False              # gradient checkpointing in the student's LM
-peak_tflops = 0.0              # the card's bf16 dense peak; 0: from its name
-json = ""                      # also write the results here as JSON
-config = configure(globals(), sys.argv[1:])
+DEFAULTS = dict(
+    preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
+    modes="ours,reference,novat",  # which ways to time (module docstring), comma-separated
+    steps=10,                      # timed steps per mode (median reported)
+    warmup=2,                      # untimed steps per mode first
+    device="auto",                 # cuda if available, else cpu
+    dtype="auto",                  # bfloat16 on cuda, float32 on cpu
+    threads=0,                     # CPU threads (torch.set_num_threads); 0: torch's default
+    check_dtype="float32",         # dtype of the ours-vs-reference check ("" skips it)
+    check_rtol=0.0,                # allowed relative difference per loss; 0: 1e-5 on CPU, 1e-4 on CUDA
+    optimizer=False,               # also time an AdamW step
+    compile=False,                 # torch.compile the student's LM body
+    grad_ckpt=False,               # gradient checkpointing in the student's LM
+    peak_tflops=0.0,               # the card's bf16 dense peak; 0: from its name
+    json_out="",                   # also write the results to this JSON file
+    memory_table=False,            # print the per-GPU memory estimate of the preset's DFT step instead (no GPU needed)
+    world=8,                       # memory_table: GPUs
+    seq_len=2048,                  # memory_table: tokens per sample (the recipe's max_length; the worst case)
+    sup_frac=0.25,                 # memory_table: the fraction of tokens that are supervised (answers)
+    lora_rank=128,                 # memory_table: the reference's LoRA rank
+)
 
 VISION = dict(model_type="siglip_vision_model", num_channels=3)
 PRESETS = {
@@ -114,6 +120,13 @@ def build(p, dev):
     return ts
 
 
+def cast(ts, dtype):
+    """Both models' weights to `dtype` (rotary frequencies stay float32, as in training)."""
+    for m in (ts.student, ts.teacher):
+        cast_weights(m, dtype)
+    return ts
+
+
 def make_batch(p, nv, dev):
     """Sample b: (prefix - 2b) text tokens, the image, text to seq_len; the text after the image is supervised."""
     g = torch.Generator().manual_seed(0)
@@ -138,7 +151,7 @@ def reference_losses(ts, batch):
     pos = s.image_columns(is_img)  # (B, Nv)
 
     def forward(m):
-        return m.llm(inputs_embeds=m.embed(ids, m.project(m.vision_features(px))), attention_mask=mask,
+        return m.llm(inputs_embeds=m.embed(ids, m.image_embeds(px)), attention_mask=mask,
                      output_attentions=True)
 
     def image_block(attentions):  # L x (B, H, T, T) -> (L, B, Nv, Nv), heads averaged
@@ -153,7 +166,7 @@ def reference_losses(ts, batch):
         del out_t
     out_s = forward(s)
     A_s = image_block(out_s.attentions)[ts.student_layers]
-    A_t = torch.stack([A_t[w].mean(0) for w in ts.windows])
+    A_t = ad.window_average(A_t, ts.windows)
     vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat_kwargs)
     lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     # KD as the reference computes it: softmaxes over every position, then masked (here with the right shift)
@@ -192,7 +205,7 @@ def cpu_rss(key):
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
-def step(ts, batch, mode, opt, dev, probe=False):
+def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
     """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses); GPU memory is
     measured in every step, CPU memory and saved bytes only when probing (saved: not with --compile)."""
     cuda, cpu_mem = dev.type == "cuda", probe and dev.type == "cpu" and cpu_memory_available()
@@ -206,7 +219,7 @@ def step(ts, batch, mode, opt, dev, probe=False):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         base = cpu_rss("VmRSS")
-    params, saved, count = {p.untyped_storage().data_ptr() for p in ts.student.parameters()}, {}, probe and not compile
+    params, saved, count = {p.untyped_storage().data_ptr() for p in ts.student.parameters()}, {}, probe and not compiled
 
     def pack(t):  # count each storage autograd keeps once; parameters are not activations
         st = t.untyped_storage()
@@ -243,9 +256,122 @@ def model_flops(ts, batch):
     return f_vis + lm_flops(ts.teacher.llm, B, T, n_sup) + 3 * lm_flops(ts.student.llm, B, T, n_sup)
 
 
-def main():
+# -----------------------------------------------------------------------------
+# memory estimate (no GPU needed): what a DFT step holds per GPU, by setup
+
+GIB = 2 ** 30
+SETUPS = ("ddp", "ddp_lora", "fsdp", "fsdp_lora")
+
+
+def param_counts(p, rank=0):
+    """Parameter counts of the preset's models, built on the meta device from their configs (exact, no memory):
+    LM parts, tower, connectors, and LoRA adapters of rank `rank` on every Linear of the student's decoder layers."""
+    lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
+    with torch.device("meta"):
+        teacher = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["teacher"]), image_token_id=0))
+        student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=0, taf=True,
+                                teacher_hidden_size=p["teacher"]["hidden_size"]), vision_tower=teacher.vision_tower)
+    count = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
+    c = {}
+    for who, m in (("s", student), ("t", teacher)):
+        layers = m.llm.base_model.layers
+        c[who + "_layers"] = count(layers)
+        c[who + "_layer"] = count(layers[0])
+        c[who + "_lm_rest"] = count(m.llm) - c[who + "_layers"]  # embeddings, final norm, LM head
+        c[who + "_tower"] = count(m.vision_tower)
+        c[who + "_connectors"] = count(m.connector) + (count(m.post_connector) if m.post_connector is not None else 0)
+        c[who + "_linears"] = [(x.in_features, x.out_features) for x in layers[0].modules()
+                               if isinstance(x, torch.nn.Linear)]
+    c["lora"] = rank * sum(i + o for i, o in c["s_linears"]) * len(student.llm.base_model.layers)
+    c["post_connector"] = count(student.post_connector)
+    c["s_cfg"], c["t_cfg"] = student.llm.config, teacher.llm.config
+    return c
+
+
+def layer_activation_bytes(cfg):
+    """Bytes one decoder layer (Qwen/Llama style) keeps for backward per token, under bf16 autocast with a float32
+    residual stream and SDPA/flash attention (no T x T scores): two RMSNorm inputs (float32, 4d each), their bf16
+    outputs that the projections keep (2d each), q, k, v and the attention output (SDPA keeps them), the MLP's gate,
+    up, SiLU(gate) and product (2f each)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return 2 * 4 * d + 2 * 2 * d + 2 * (2 * q + 2 * kv) + 4 * 2 * f
+
+
+def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=128):
+    """Per-GPU GiB of one DFT step (TAF, VAT on), as this code keeps it: the student's trainable weights in float32
+    (and cached in bf16 by autocast), its frozen ones in float32 but for LoRA's base LM (bf16), float32 gradients
+    and AdamW's two states for what trains, the frozen teacher in bf16, activations. ddp: everything replicated, the whole LM trains. ddp_lora: LoRA adapters of
+    `rank` train instead of the LM. fsdp: the student, its gradients and optimizer states sharded over `world`,
+    plus what is gathered (the root unit for the step, two decoder layers in flight); the teacher's decoder layers
+    sharded too. An estimate: allocator slack, CUDA context (~0.5 GiB) and communication buffers are not counted."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup '{setup}': use one of {SETUPS}")
+    c = param_counts(p, rank)
+    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
+    s_root = s_all - c["s_layers"]
+    lora = setup.endswith("_lora")
+    train = c["lora"] + c["post_connector"] if lora else c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
+    t_all = c["t_layers"] + c["t_lm_rest"] + c["t_tower"] + c["t_connectors"]
+    tokens, n_sup = batch * seq, sup * batch * seq
+    V = c["s_cfg"].vocab_size
+    if setup.startswith("fsdp"):
+        lora_layer = c["lora"] / c["s_cfg"].num_hidden_layers if lora else 0
+        # shards, plus the gathered bf16 compute copies: the root unit for the whole step, two layers in flight
+        weights = 4 * (s_all + (c["lora"] if lora else 0)) / world + 2 * s_root + 2 * 2 * (c["s_layer"] + lora_layer)
+        grads = 4 * train / world + 4 * c["s_layer"]  # sharded, plus one layer's before its reduce-scatter
+        optim = 8 * train / world
+        teacher = 2 * (c["t_layers"] / world + t_all - c["t_layers"] + c["t_layer"])
+    else:  # what trains in float32 (+ autocast's bf16 copy of it); frozen: LoRA's base LM in bf16, the rest float32
+        frozen_lm = c["s_layers"] + c["s_lm_rest"] if lora else 0
+        weights = 6 * train + 2 * frozen_lm + 4 * (s_all + (c["lora"] if lora else 0) - train - frozen_lm)
+        grads, optim = 4 * train, 8 * train
+        teacher = 2 * t_all
+    per_layer = layer_activation_bytes(c["s_cfg"]) * tokens
+    L = c["s_cfg"].num_hidden_layers
+    layers = (L * 4 * c["s_cfg"].hidden_size * tokens + per_layer) if ckpt else L * per_layer
+    # logits only where an answer token is predicted: student bf16 + float32 log-softmaxes for the LM loss and KD,
+    # and the teacher's float32 log-softmax as the KD target
+    logits = n_sup * V * (2 + 4 + 4 + 4)
+    teacher_act = layer_activation_bytes(c["t_cfg"]) * tokens  # no graph: about one layer's working set at a time
+    acts = layers + logits + teacher_act
+    out = dict(weights=weights, grads=grads, optimizer=optim, teacher=teacher, activations=acts)
+    out = {k: v / GIB for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory_markdown(p, world=8, batch=4, seq=2048, sup=0.25, rank=128, cards=(24, 48, 80)):
+    rows = ["| setup | grad ckpt | student weights | gradients | optimizer | teacher | activations | total | "
+            + " | ".join(f"fits {g} GB" for g in cards) + " |",
+            "|---" * (8 + len(cards)) + "|"]
+    for setup in SETUPS:
+        for ckpt in (False, True):
+            e = memory_estimate(p, setup, ckpt, world, batch, seq, sup, rank)
+            name = {"ddp": "DDP, full fine-tuning", "ddp_lora": f"DDP + LoRA r{rank}", "fsdp": f"FSDP, {world} GPUs",
+                    "fsdp_lora": f"FSDP + LoRA r{rank}, {world} GPUs"}[setup]
+            fits = ["yes" if e["total"] * GIB * 1.1 < g * 1e9 else "no" for g in cards]  # 10 % for what is not counted
+            rows.append(f"| {name} | {'yes' if ckpt else 'no'} | " +
+                        " | ".join(f"{e[k]:.1f}" for k in ("weights", "grads", "optimizer", "teacher", "activations", "total"))
+                        + " | " + " | ".join(fits) + " |")
+    return "\n".join(rows)
+
+
+def main(cfg):
+    preset, modes, steps, warmup, device, dtype, threads = (cfg[k] for k in (
+        "preset", "modes", "steps", "warmup", "device", "dtype", "threads"))
+    check_dtype, check_rtol, optimizer, compile, grad_ckpt, peak_tflops = (cfg[k] for k in (
+        "check_dtype", "check_rtol", "optimizer", "compile", "grad_ckpt", "peak_tflops"))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': use one of {list(PRESETS)}")
+    if cfg["memory_table"]:
+        p = PRESETS[preset]
+        print(f"Estimated per-GPU memory (GiB) of one DFT step, {preset}: batch {p['batch']} x {cfg['seq_len']} tokens "
+              f"per GPU, {cfg['sup_frac']:.0%} of them supervised; estimates, not measurements (bench.memory_estimate "
+              "says what is counted).\n")
+        print(memory_markdown(p, cfg["world"], p["batch"], cfg["seq_len"], cfg["sup_frac"], cfg["lora_rank"]))
+        return None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     if not mode_list or set(mode_list) - {"ours", "reference", "novat"}:
         raise ValueError(f"bad modes '{modes}': a comma-separated subset of ours,reference,novat")
@@ -257,19 +383,15 @@ def main():
     ts = build(p, dev)
     batch = make_batch(p, ts.student.num_image_tokens, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=config, checks=[])
+    res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=cfg, checks=[])
     if check_dtype:
         rtol = check_rtol or (1e-4 if dev.type == "cuda" else 1e-5)  # CUDA: SDPA and eager kernels differ more
-        res["checks"].append(check(ts.to(getattr(torch, check_dtype)), batch, rtol))
-    ts.to(run_dtype)
+        res["checks"].append(check(cast(ts, getattr(torch, check_dtype)), batch, rtol))
+    cast(ts, run_dtype)
     if check_dtype and run_dtype != getattr(torch, check_dtype):
         res["checks"].append(check(ts, batch, BF16_RTOL, decisive=False))
-    if grad_ckpt:  # non-reentrant: a reentrant first pass runs without grad, the VAT maps would have none
-        llm = ts.student.llm
-        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-            llm.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if grad_ckpt:
+        enable_checkpointing(ts.student.llm)
     if compile:
         ts.student.llm.base_model.compile()
     B, T = batch["input_ids"].shape
@@ -287,12 +409,12 @@ def main():
     runs = {m: [] for m in mode_list}
     for i in range(warmup + steps):
         for m in mode_list:  # alternate the modes: machine noise hits them alike
-            r = step(ts, batch, m, opt, dev)
+            r = step(ts, batch, m, opt, dev, compiled=compile)
             if i >= warmup:
                 runs[m].append(r)
     res["results"] = {}
     for m, rs in runs.items():
-        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True)
+        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
         if dev.type == "cuda":
             peak, delta = max(r[1] for r in rs), max(r[2] for r in rs)
         t = statistics.median(r[0] for r in rs)
@@ -305,10 +427,10 @@ def main():
                                    for k in ("step_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
                      for o in ("reference", "novat") if "ours" in R and o in R}
     report(res)
-    if json:
-        os.makedirs(os.path.dirname(os.path.abspath(json)), exist_ok=True)
-        with open(json, "w") as f:
-            _json.dump(res, f, indent=2)
+    if cfg["json_out"]:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg["json_out"])), exist_ok=True)
+        with open(cfg["json_out"], "w") as f:
+            json.dump(res, f, indent=2)
     return res
 
 
@@ -333,5 +455,6 @@ def report(res):
 
 
 if __name__ == "__main__":
-    if any(c["decisive"] and not c["passed"] for c in main()["checks"]):
+    res = cli(lambda: main(configure(dict(DEFAULTS), sys.argv[1:], __doc__, [__file__])))
+    if res is not None and any(c["decisive"] and not c["passed"] for c in res["checks"]):
         sys.exit("ours and reference disagree beyond check_rtol (see the check line)")

@@ -1,17 +1,26 @@
 """
-nanoGPT-style configuration: a script defines its defaults as module-level globals, then calls
+Settings for every script, nanoGPT style. A script lists its settings once, as a dict of defaults with a comment on
+each line, then reads the command line:
 
-    config = configure(globals(), sys.argv[1:])      # python train_dft.py config/shapes_dft.py --lr=1e-4
+    cfg = configure(DEFAULTS, sys.argv[1:], __doc__, [__file__])   # python train_dft.py config/shapes_dft.py --lr=1e-4
 
-Each argument without "--" is a Python file exec'd over the defaults; each "--key=value" overrides one default.
-Unlike nanoGPT, unknown keys and wrong types are errors: a typo must not silently train with the default.
-Every public global with a plain value (number, str, bool, None, list, tuple, dict) at the time of the call is a
-config key, so call configure() right after the defaults and before defining other module-level values.
+Each argument without "--" is a Python file exec'd over the defaults (config/*.py); each "--key=value" overrides one
+setting. Unlike nanoGPT, unknown keys and wrong types are errors: a typo must not silently train with the default.
+-h / --help prints the script's docstring and every setting with its default and the comment beside it.
+
+cli(main) runs a script's main(): an error raised by this project's own checks (a bad setting, a missing file, settings
+that cannot work together) prints one message and exits with code 2; an error raised anywhere else (PyTorch,
+transformers) is a real crash and keeps its traceback.
 """
 import ast
 import difflib
+import os
+import re
+import sys
+import textwrap
 
 PLAIN_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _check(key, value, defaults, source):
@@ -31,9 +40,46 @@ def _check(key, value, defaults, source):
                      f"{default!r}, got {type(value).__name__} {value!r}")
 
 
-def configure(globals_dict, argv):
-    """Apply config files and --key=value overrides to globals_dict in place; return the resolved config dict."""
-    defaults = {k: v for k, v in globals_dict.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+def comments(sources, keys):
+    """{key: the comment on the line that sets it (and the comment-only lines right below)} from source files."""
+    found = {}
+    for path in sources:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        key, col = None, 0
+        for line in lines:
+            m = re.match(r"\s*(\w+)\s*=.*?(#\s?(.*))$", line)
+            if m and m.group(1) in keys:
+                key, col = m.group(1), len(line) - len(line.lstrip())
+                found[key] = m.group(3).strip()
+            elif key and line.strip().startswith("#") and line.index("#") > col + 4:  # a continuation, indented
+                found[key] += " " + line.strip().lstrip("#").strip()
+            else:
+                key = None
+    return found
+
+
+def usage(defaults, doc="", sources=()):
+    """The --help text: the docstring, then each setting, its default and its comment."""
+    help_ = comments(sources, defaults)
+    width = min(34, max(len(f"{k}={v!r}") for k, v in defaults.items()) + 2)
+    rows = []
+    for k, v in defaults.items():
+        text = textwrap.wrap(help_.get(k, ""), 110 - width) or [""]
+        rows.append(f"  {f'{k}={v!r}':<{width}} {text[0]}".rstrip())
+        rows += [" " * (width + 3) + t for t in text[1:]]
+    return (doc.strip() + "\n\n" if doc else "") + \
+        f"usage: python {os.path.basename(sys.argv[0])} [config/file.py ...] [--key=value ...]\n\n" \
+        "settings (default, then what it does):\n" + "\n".join(rows)
+
+
+def configure(defaults, argv, doc="", sources=()):
+    """Apply config files and --key=value overrides to the dict `defaults` in place; return the resolved settings.
+    -h / --help prints usage(defaults, doc, sources) and exits."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(defaults, doc, sources))
+        raise SystemExit(0)
+    keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
     for arg in argv:
         if not arg.startswith("--"):
             try:
@@ -43,22 +89,44 @@ def configure(globals_dict, argv):
                 raise ValueError(f"cannot read config file {arg}: {e}") from e
             # exec into a scratch namespace seeded with the current values, so a file may read them; only the
             # plain values it defines or changes are applied (its imports and helper functions are ignored)
-            current = {k: globals_dict[k] for k in defaults}
+            current = {k: defaults[k] for k in keys}
             scope = dict(current)
             exec(compile(code, arg, "exec"), scope)
             for k, v in scope.items():
                 if not k.startswith("_") and isinstance(v, PLAIN_TYPES) and (k not in current or v is not current[k]):
-                    globals_dict[k] = _check(k, v, defaults, f"set in {arg}")
+                    defaults[k] = _check(k, v, keys, f"set in {arg}")
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq:
-            raise ValueError(f"bad argument '{arg}': write overrides as --key=value")
-        if key in defaults and isinstance(defaults[key], str):
+            raise ValueError(f"bad argument '{arg}': write overrides as --key=value (--help lists them)")
+        if key in keys and isinstance(keys[key], str):
             value = text  # a str setting takes the text as written: --init_from=123 is the path "123"
         else:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-        globals_dict[key] = _check(key, value, defaults, f"from {arg}")
-    return {k: globals_dict[k] for k in defaults}
+        defaults[key] = _check(key, value, keys, f"from {arg}")
+    return {k: defaults[k] for k in keys}
+
+
+def raised_here(e):
+    """True when exception `e` was raised by this project's own code (the innermost frame is one of our files)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == HERE
+
+
+def cli(main):
+    """Run a script's main(). Our own checks' errors are the user's to fix: one message (from each rank under
+    torchrun), exit code 2, no traceback. Anything else is a crash and keeps its traceback."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if not raised_here(e):
+            raise
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank says it: it may be one rank's error alone
+        where = "" if os.environ.get("WORLD_SIZE", "1") == "1" else f" [rank {rank}]"
+        print(f"{os.path.basename(sys.argv[0])}{where}: {e}", file=sys.stderr)
+        raise SystemExit(2)

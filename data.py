@@ -4,17 +4,19 @@ Data for every stage: LLaVA-format JSON -> tokenized, label-masked samples -> pa
 A sample is {"id", "image" (optional, relative to image_folder), "conversations": [{"from": "human"|"gpt",
 "value": str}, ...]} (LLaVA-Pretrain 558K and mix665K both look like this). It becomes
 
-    {system} USER: <image>\n{question} ASSISTANT: {answer}<eos> USER: {question} ASSISTANT: {answer}<eos> ...
+    [<bos>]{system} USER: <image>\n{question} ASSISTANT: {answer}<eos> USER: {question} ASSISTANT: {answer}<eos> ...
 
 with "<image>" expanded to num_image_tokens image-token ids, and labels = -100 everywhere except on the
-assistant answers and their <eos>. The batch format is fixed by the contract with model.py:
-{input_ids, attention_mask, labels, pixel_values, image_mask} (see collate()).
+assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
+image_mask, dropped, truncated}; model.py reads the first four and finds each sample's image positions from the
+image-token ids itself.
 """
 import json
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -37,6 +39,17 @@ class ChatTemplate:
     answer_prefix: str = " "
 
 CHAT = ChatTemplate()
+
+
+@lru_cache(maxsize=None)
+def bos_prefix(tokenizer):
+    """[bos id] when the tokenizer itself puts BOS in front of what it encodes (Llama family), else [] (Qwen and
+    GPT-2 style tokenizers, which define no BOS or do not add it). Every sequence starts with it exactly once."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ()
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return (bos,) if ids and ids[0] == bos else ()
 
 
 def tokenize_conversation(conversations, tokenizer, num_image_tokens, has_image, template=CHAT, sample_id=None):
@@ -83,6 +96,7 @@ def tokenize_conversation(conversations, tokenizer, num_image_tokens, has_image,
         input_ids.extend(ids)
         labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
 
+    add(list(bos_prefix(tokenizer)), False)
     add(encode(template.system), False)
     for i, text in enumerate(texts):
         if i % 2 == 0:
@@ -146,82 +160,103 @@ def load_records(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} not found: check the data path setting, or generate the embedded "
                                 f"data first (python shapes.py)")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            records = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix or regenerate the file") from e
-            return records
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); fix or regenerate the file "
-                             f"(a file with one sample per line must be named *.jsonl)") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); LLaVA files are UTF-8 JSON: re-encode it, e.g. "
+                         f"iconv -f latin1 -t utf-8 {path} > fixed.json") from e
+    if path.endswith(".jsonl"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix or regenerate the file") from e
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or regenerate the file "
+                         f"(a file with one sample per line must be named *.jsonl)") from e
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples (LLaVA format), got a {type(records).__name__}")
     return records
 
 
+class Dropped(NamedTuple):
+    """What LLaVADataset returns for a sample it cannot use; collate() moves it into batch["dropped"]."""
+    key: tuple      # (data file, index in it): a sample is counted once, however often it is fetched
+    reason: str     # bad_sample | missing_image | image_truncated | no_supervised_tokens
+    message: str    # names the file, the sample and what is wrong
+
+
 class LLaVADataset(Dataset):
     """LLaVA-format samples, tokenized lazily in __getitem__ (so a 665K-sample file opens in seconds).
 
-    A bad sample is never zero-filled: __getitem__ returns None, collate() drops it, and `self.dropped` counts the
-    reason ("bad_sample", "missing_image", "image_truncated", "no_supervised_tokens"). The counts are per process
-    (each DataLoader worker has its own copy).
+    A bad sample is never zero-filled: __getitem__ returns a Dropped record, which collate() sets aside in
+    batch["dropped"], so the training loop learns of it even from a DataLoader worker. A sample whose text is cut at
+    max_length is kept and marked (batch["truncated"]). `self.dropped` counts this process's drops by reason, one
+    per sample.
     """
-    max_warnings = 10  # per reason; after that drops are only counted, so a bad large dataset does not flood the log
 
     def __init__(self, json_path, image_folder, tokenizer, image_processor, num_image_tokens, max_length,
                  template=CHAT):
+        self.path = json_path
         self.records = load_records(json_path)
+        if not self.records:
+            raise ValueError(f"{json_path}: no samples (an empty list); point the data setting at a LLaVA file")
         # LLaVA's image paths are relative to an image folder; by default, the folder holding the JSON file
         self.image_folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(json_path))
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
         self.num_image_tokens, self.max_length = num_image_tokens, max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.dropped = Counter()
+        self.drops = {}  # key -> reason
 
     def __len__(self):
         return len(self.records)
 
-    def _drop(self, reason, message):
-        self.dropped[reason] += 1
-        if self.dropped[reason] <= self.max_warnings:
-            more = " (further drops for this reason are only counted in dataset.dropped)" \
-                if self.dropped[reason] == self.max_warnings else ""
-            warnings.warn(f"skipping {message}{more}", stacklevel=3)
-        return None
+    @property
+    def dropped(self):
+        return Counter(self.drops.values())
 
     def __getitem__(self, i):
         rec = self.records[i]
         sid = rec.get("id", i) if isinstance(rec, dict) else i
+        key = (self.path, i)
+
+        def drop(reason, message):
+            self.drops[key] = reason
+            return Dropped(key, reason, f"{self.path}, sample {sid!r}: {message}")
+
         try:
             if not isinstance(rec, dict):
-                raise ValueError(f"sample {sid!r}: expected a JSON object, got {type(rec).__name__}")
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
             image = rec.get("image")
             if image is not None and not isinstance(image, str):
-                raise ValueError(f"sample {sid!r}: 'image' must be one path string (multi-image is not supported)")
-            input_ids, labels = tokenize_conversation(rec.get("conversations"), self.tokenizer, self.num_image_tokens,
+                raise ValueError("'image' must be one path string (multi-image is not supported)")
+            conv = rec.get("conversations")
+            input_ids, labels = tokenize_conversation(conv, self.tokenizer, self.num_image_tokens,
                                                       image is not None, self.template, sid)
+            if not any(isinstance(t, dict) and t.get("from") == "gpt" for t in conv):
+                raise ValueError("no gpt turn: the conversation has no answer to learn from")
         except ValueError as e:
-            return self._drop("bad_sample", str(e))
+            return drop("bad_sample", str(e).removeprefix(f"sample {sid!r}: "))
 
         # Cutting through the image would leave the model with a partial image whose tokens no longer match
-        # pixel_values, so such a sample goes; cutting text after the image is harmless.
-        if len(input_ids) > self.max_length:
+        # pixel_values, so such a sample goes; cutting text after the image is harmless (and counted).
+        truncated = len(input_ids) > self.max_length
+        if truncated:
             if image is not None:
                 last_image_pos = len(input_ids) - 1 - input_ids[::-1].index(self.image_token_id)
                 if last_image_pos >= self.max_length:
-                    return self._drop("image_truncated", f"sample {sid!r}: its image tokens end at position "
-                                      f"{last_image_pos + 1} > max_length={self.max_length}")
+                    return drop("image_truncated", f"its image tokens end at position {last_image_pos + 1} > "
+                                f"max_length={self.max_length}; raise max_length")
             input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
         if all(l == IGNORE_INDEX for l in labels):
-            return self._drop("no_supervised_tokens", f"sample {sid!r}: no answer token left "
-                              f"(max_length={self.max_length}, {len(input_ids)} tokens)")
+            return drop("no_supervised_tokens", f"no answer token left within max_length={self.max_length} (the "
+                        f"prompt alone is {len(input_ids)}+ tokens); raise max_length")
 
         pixel_values = None
         if image is not None:
@@ -231,26 +266,54 @@ class LLaVADataset(Dataset):
                 with Image.open(path) as im:
                     img = im.convert("RGB")  # forces the decode here, so a corrupt file fails inside the try
             except (OSError, ValueError) as e:  # missing, unreadable or not an image
-                return self._drop("missing_image", f"sample {sid!r}: cannot read image {path} ({e})")
+                return drop("missing_image", f"cannot read image {path} ({e}); check image_folder")
             pixel_values = self.image_processor(images=img, return_tensors="pt").pixel_values[0]
 
         return dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
                     labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values)
+                    pixel_values=pixel_values, key=key, truncated=truncated)
+
+
+def check_dataset(dataset, n=64):
+    """Read up to `n` samples spread evenly over `dataset` (one LLaVADataset) before training starts. Raises
+    ValueError when most of them cannot be used, naming the file, the reasons and the first messages (a wrong
+    image_folder drops every image sample). Returns (one usable sample or None, [Dropped])."""
+    m = min(n, len(dataset))
+    idx = sorted({round(k * (len(dataset) - 1) / max(1, m - 1)) for k in range(m)})
+    good, drops = None, []
+    for i in idx:
+        s = dataset[i]
+        if isinstance(s, Dropped):
+            drops.append(s)
+        elif good is None:
+            good = s
+    if len(drops) * 2 > len(idx):
+        raise ValueError(too_many_dropped(dataset.path, len(drops), len(idx), drops))
+    return good, drops
+
+
+def too_many_dropped(where, n_dropped, n_read, drops):
+    reasons = Counter(d.reason for d in drops)
+    first = "\n  ".join(d.message for d in drops[:3])
+    return (f"{where}: {n_dropped} of {n_read} samples read cannot be used ({dict(reasons)}); training on what is "
+            f"left would be training on (almost) nothing. First ones:\n  {first}")
 
 
 # -----------------------------------------------------------------------------
 # batching
 
 def collate(samples, pad_id):
-    """Right-pad a list of samples into the contract's batch dict; None samples (dropped) are left out.
+    """Right-pad a list of samples into the contract's batch dict; Dropped samples are set aside in
+    batch["dropped"], and the keys of samples cut at max_length listed in batch["truncated"].
 
-    Returns None if every sample was dropped (the caller skips that batch). Use it as
+    If every sample was dropped, the batch holds only those two lists (no "input_ids"). Use it as
     DataLoader(..., collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id)).
     """
-    samples = [s for s in samples if s is not None]
+    dropped = [s for s in samples if isinstance(s, Dropped)]
+    samples = [s for s in samples if not isinstance(s, Dropped)]
+    extra = dict(dropped=dropped, truncated=[s["key"] for s in samples if s.get("truncated")])
     if not samples:
-        return None
+        return extra
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
@@ -258,10 +321,10 @@ def collate(samples, pad_id):
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[b, :n], attention_mask[b, :n], labels[b, :n] = s["input_ids"], 1, s["labels"]
-    # Only samples with an image contribute a row, so a text-only sample costs no vision-tower compute;
-    # image_mask tells model.py which sample each row belongs to.
+    # Only samples with an image contribute a row, so a text-only sample costs no vision-tower compute. The rows
+    # are in batch order; image_mask says which samples have one (for callers; the model reads the image tokens).
     image_mask = torch.tensor([s["pixel_values"] is not None for s in samples], dtype=torch.bool)
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     pixel_values = torch.stack(images) if images else None
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=pixel_values, image_mask=image_mask)
+                pixel_values=pixel_values, image_mask=image_mask, **extra)

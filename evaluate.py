@@ -1,15 +1,16 @@
 """
-Evaluation: VQA, compositional reasoning (SugarCrepe-style CR, Winoground/BiVLC-style), POPE, the
-teacher-student attention alignment (the paper's diagnosis) and attention heat-map pictures.
+Evaluation: VQA, compositional reasoning (SugarCrepe-style CR, Winoground/BiVLC-style), POPE, and the paper's
+diagnosis, the teacher-student attention alignment with its heat maps (alignment.py).
 
     python evaluate.py --model=out/shapes/sft --teacher=out/shapes/teacher --data=out/shapes --heatmaps=4
+    python evaluate.py --compare=teacher=out/shapes/teacher,sft=out/shapes/sft --teacher=out/shapes/teacher \
+        --data=out/shapes --out=out/shapes/eval        # several models, one table
 
-writes report.json and report.md to --out (default <model>/eval) and prints the table. From Python:
+writes report.json (every number, fractions in [0, 1]) and report.md to --out (default <model>/eval) and prints
+the table. From Python: report = evaluate(model, "out/shapes", teacher=teacher, tasks="cr,align"), with the
+settings of DEFAULTS below as keywords.
 
-    report = evaluate(model, "out/shapes", tasks="vqa,cr,pope,align", teacher=teacher)
-    print(compare_table({"sft": report_a, "compodistill": report_b}))
-
-Inputs (shapes writes the first three under <data>/test/; real benchmarks in the same formats work with
+Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in the same formats work with
 --image_folder pointing at their images):
   vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}
   cr/{subset}.json   SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
@@ -17,43 +18,20 @@ Inputs (shapes writes the first three under <data>/test/; real benchmarks in the
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
                      {"image", "negative_image", "caption", "negative_caption"} (BiVLC)
 
-Protocols (METHOD.md, "Evaluation protocols"); every prompt goes through data.tokenize_conversation with
-a last human turn, so it ends with " ASSISTANT:" exactly as in training.
+Protocols. Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in
+training.
   vqa    greedy short answer; normalised exact match (VQA soft accuracy min(1, #matches / 3) for a list).
-  cr     mcq: MCQ_PROMPT asked in both orders (positive as (A), then as (B)), greedy, accuracy per order
-         and averaged, per subset and the unweighted mean. likelihood: length-normalised
-         log P(caption + <eos> | image, caption_prompt) of the positive vs the negative caption.
+  cr     mcq: MCQ_PROMPT asked in both orders (positive as (A), then as (B)), greedy, accuracy per order and
+         averaged, per subset and the unweighted mean. likelihood: length-normalised log P(caption + <eos> |
+         image, caption_prompt) of the positive vs the negative caption.
   wino   text / image / group scores from the 2x2 likelihood table.
-  pope   generate: the first word must be yes/no (anything else is invalid and counted wrong);
-         forced: "yes" vs "no" log-probability at the first answer position. Accuracy, precision,
-         recall, F1 (positive class "yes"), yes-ratio and invalid rate per split.
-  align  needs a teacher: head-averaged attention on the image-token keys in the matched layers
-         (model.TeacherStudent's layers and group windows, as in training; default: the student's
-         training config). image queries (rows = image tokens, the VAT default): 1 - the VAT column-form
-         distance (attention_distill.vat_loss, cosine, layer_reduce="mean", i.e. exactly 1 - the training
-         loss) and the plain flattened cosine. text queries (rows = the question / caption tokens): the
-         flattened cosine and the cosine of the row-averaged profiles. With the LLaVA layout (image before
-         the text) and causal attention, image-token queries never see the text, so image-query numbers
-         depend on the image alone; the text-query numbers are the ones that differ between VQA and CR.
-  heatmaps  the image, then per matched pair the teacher's and the student's attention over the patch
-         grid (image queries: VAT's filtered column mean; text queries: row mean), blended over the image.
---limit=N takes the first N items of the VQA file, of each CR subset, of each POPE split, of the
-Winoground file. For real models set --answer_suffix (e.g. LLaVA's "\nAnswer the question using a single
-word or phrase.") and --caption_prompt to what they were trained with.
-
-report.json: {model, teacher, data, tasks, limit, device, notes, skipped, seconds, matched_layers,
-  vqa: {n, accuracy, per_type, examples},
-  cr: {subsets, mcq: {avg, invalid, per_subset: {s: {n, acc_pos_first, acc_pos_second, acc, both, invalid}},
-                      unknown_words, examples}, likelihood: {avg, per_subset: {s: {n, acc}}}},
-  pope: {generate | forced: {avg, per_split: {split: {n, accuracy, precision, recall, f1, yes_ratio, invalid}}}},
-  wino: {n, text, image, group},
-  align: {vqa | cr: {n, image_queries: {vat_cos, flat_cos, per_pair}, text_queries: {flat_cos, column_cos}}},
-  heatmaps: [png paths]}; every score is a fraction in [0, 1] (tables print %).
-
-Shapes note: the shapes tokenizer is word level; its vocabulary includes MCQ_PROMPT's words (any prompt
-word it lacks becomes <unk>, listed in report["cr"]["mcq"]["unknown_words"]), but the small shapes
-models are never trained on multiple choice: expect the MCQ protocol near chance or invalid for them;
-the likelihood protocol is the informative one there.
+  pope   generate: the first word must be yes/no (anything else is invalid and counted wrong); forced: "yes" vs
+         "no" log-probability at the first answer position. Accuracy, precision, recall, F1 (positive class
+         "yes"), yes-ratio and invalid rate per split.
+  align  (needs a teacher) see alignment.py: image-query and text-query similarity in the matched layers.
+For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
+caption_prompt to what they were trained with. The shapes models are never trained on multiple choice: their
+MCQ scores sit near chance; the likelihood protocol is the informative one there.
 """
 
 import json
@@ -66,15 +44,13 @@ import warnings
 from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-import attention_distill as ad
+from alignment import load_font, matched_layers, run_align, write_heatmaps  # noqa: F401 (load_font: experiments.py)
 from data import IGNORE_INDEX, collate, load_records, tokenize_conversation
-from model import VLM, TeacherStudent
+from model import VLM, find_checkpoint
 
 TASKS = ["vqa", "cr", "pope", "wino", "align"]
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
@@ -359,7 +335,7 @@ class Runner:
 
     def _hidden(self, b):
         m = self.model
-        return m.hidden_states(b["input_ids"], b["attention_mask"], m.project(m.vision_features(b["pixel_values"])))
+        return m.hidden_states(b["input_ids"], b["attention_mask"], m.image_embeds(b["pixel_values"]))
 
     @torch.no_grad()
     def loglik(self, specs, desc):
@@ -488,261 +464,37 @@ def run_wino(r, items, caption_prompt=CAPTION_PROMPT):
 
 
 # -----------------------------------------------------------------------------
-# attention: the matched layers of student (and teacher), image-key columns, all query rows
-
-
-def matched_layers(student, teacher, student_layers=None, teacher_layers=None, matching=None):
-    """
-    (student layers, teacher windows) as in training: explicit arguments, else the layers the student was
-    distilled on (config.extra["distill"], carried by trainer.py through later stages), else its training
-    config, else the presets. Without a teacher the windows are None. Adaptive matching is reported on its
-    group windows (it picks per step in training).
-    """
-    extra = student.config.extra or {}
-    tc = extra.get("distill") or extra.get("train_config", {})
-    student_layers = student_layers if student_layers is not None else tc.get("student_layers")
-    teacher_layers = teacher_layers if teacher_layers is not None else tc.get("teacher_layers")
-    matching = matching or tc.get("matching") or "group"
-    if teacher is None:
-        return ad.resolve_layers(student_layers, student.llm.config.num_hidden_layers), None
-    ts = TeacherStudent(teacher, student, student_layers, teacher_layers, matching=matching)
-    return ts.student_layers, ts.windows
-
-
-@torch.no_grad()
-def attention_maps(model, b, layers):
-    """{layer: (B, T, N_v)} head-averaged attention of every query position on the image keys, and cols."""
-    ids, mask = b["input_ids"], b["attention_mask"]
-    is_img, has_img = model.image_positions(ids)
-    if not bool(has_img.all()):
-        raise ValueError("attention maps need an image in every sample")
-    B, T = ids.shape
-    cols = model.image_columns(is_img)
-    rows = torch.arange(T, device=ids.device).expand(B, T)
-    with ad.capture_attention(model.llm, layers, rows, cols) as maps:
-        model.hidden_states(ids, mask, model.project(model.vision_features(b["pixel_values"])))
-    return dict(maps), cols
-
-
-def _matched_stack(r, b, student, teacher, s_layers, windows):
-    """A_s, A_t: (L, B, T, N_v) (A_t None without a teacher; teacher windows averaged), cols, text rows."""
-    with r.autocast():
-        maps_s, cols = attention_maps(student, b, s_layers)
-        A_s = torch.stack([maps_s[l] for l in s_layers])
-        A_t = None
-        if teacher is not None:
-            maps_t, _ = attention_maps(teacher, b, sorted({l for w in windows for l in w}))
-            A_t = torch.stack([torch.stack([maps_t[l] for l in w]).mean(0) for w in windows])
-    T = b["input_ids"].shape[1]
-    text_rows = b["attention_mask"].bool() & (torch.arange(T, device=cols.device)[None] > cols[:, -1:])
-    return A_s.float(), None if A_t is None else A_t.float(), cols, text_rows
-
-
-def _image_rows(A, cols):
-    L, B, _, Nv = A.shape
-    return A.gather(2, cols[None, :, :, None].expand(L, B, Nv, Nv))
-
-
-def run_align(r, teacher, s_layers, windows, specs, desc):
-    """Mean student-teacher attention similarity over `specs` (prompt, image, answer or None)."""
-    L = len(s_layers)
-    sums = defaultdict(float)
-    pair = defaultdict(lambda: [0.0] * L)
-    n = 0
-    for b, chunk in r.batches(specs, desc):
-        A_s, A_t, cols, text_rows = _matched_stack(r, b, r.model, teacher, s_layers, windows)
-        B = A_s.shape[1]
-        I_s, I_t = _image_rows(A_s, cols), _image_rows(A_t, cols)
-        flat = F.cosine_similarity(I_s.flatten(2), I_t.flatten(2), dim=-1, eps=1e-8)  # (L, B)
-        for l in range(L):  # vat_loss averages over samples: times B gives the batch's sum
-            vat = 1.0 - float(ad.vat_loss(I_s[l:l + 1], I_t[l:l + 1], pool="column", loss="cosine",
-                                          filter_outliers=True, layer_reduce="mean"))
-            pair["vat_cos"][l] += vat * B
-            pair["flat_cos"][l] += float(flat[l].sum())
-        tm = text_rows[None, :, :, None].float()
-        T_s, T_t = A_s * tm, A_t * tm
-        sums["text_flat_cos"] += float(F.cosine_similarity(T_s.flatten(2), T_t.flatten(2), dim=-1, eps=1e-8).mean(0).sum())
-        sums["text_column_cos"] += float(F.cosine_similarity(T_s.sum(2), T_t.sum(2), dim=-1, eps=1e-8).mean(0).sum())
-        n += B
-    names = [f"s{s}<-t{w[0]}" + (f"..{w[-1]}" if len(w) > 1 else "") for s, w in zip(s_layers, windows)]
-    per_pair = {nm: dict(vat_cos=pair["vat_cos"][l] / n, flat_cos=pair["flat_cos"][l] / n) for l, nm in enumerate(names)}
-    return dict(n=n,
-                image_queries=dict(vat_cos=_mean(v["vat_cos"] for v in per_pair.values()),
-                                   flat_cos=_mean(v["flat_cos"] for v in per_pair.values()), per_pair=per_pair),
-                text_queries=dict(flat_cos=sums["text_flat_cos"] / n, column_cos=sums["text_column_cos"] / n))
-
-
-# -----------------------------------------------------------------------------
-# heat maps (Pillow only)
-
-# Anchors of matplotlib's "inferno" colour map, interpolated linearly.
-_INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-                     (250, 193, 39), (252, 255, 164)], dtype=np.float32)
-HEAT = dict(panel=128, title_h=34, header_h=16, label_w=112, alpha=0.6)
-
-
-def colormap(x):
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 inferno colours."""
-    pos = np.clip(x, 0, 1) * (len(_INFERNO) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_INFERNO) - 2)
-    t = (pos - lo)[..., None]
-    return ((1 - t) * _INFERNO[lo] + t * _INFERNO[lo + 1]).round().astype(np.uint8)
-
-
-def heatmap_size(n_pairs, n_rows, panel=HEAT["panel"]):
-    """(width, height) of a heat-map picture: label column + image + one panel per matched pair."""
-    return HEAT["label_w"] + (1 + n_pairs) * panel, HEAT["title_h"] + HEAT["header_h"] + n_rows * panel
-
-
-def load_font(size=12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _wrap(draw, text, font, width, max_lines=2):
-    lines, cur = [], ""
-    for w in text.split():
-        cand = f"{cur} {w}".strip()
-        if draw.textlength(cand, font=font) <= width or not cur:
-            cur = cand
-        else:
-            lines.append(cur)
-            cur = w
-    lines.append(cur)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][:max(0, len(lines[-1]) - 3)] + "..."
-    return lines
-
-
-def patch_grid(profile, drop_first_patch=False):
-    """(N_v,) attention over image tokens -> (g, g) patch grid (a dropped first patch shows as 0)."""
-    v = profile.detach().float().cpu().numpy()
-    if drop_first_patch:
-        v = np.concatenate([[0.0], v])
-    g = int(round(math.sqrt(len(v))))
-    if g * g != len(v):
-        raise ValueError(f"{len(v)} image tokens do not form a square patch grid")
-    return v.reshape(g, g)
-
-
-def draw_heatmaps(path, image, title, rows, col_titles, panel=HEAT["panel"]):
-    """
-    One PNG: a title row, then one row per (label, [grid per matched pair]): the image, then each grid
-    (min-max normalised per panel, raw range printed on it) upsampled onto the image with the colour map
-    blended over it.
-    """
-    W, H = heatmap_size(len(col_titles), len(rows), panel)
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    font = load_font(12)
-    for i, line in enumerate(_wrap(d, title, font, W - 8)):
-        d.text((4, 2 + 15 * i), line, fill=(0, 0, 0), font=font)
-    y0 = HEAT["title_h"]
-    x0 = HEAT["label_w"]
-    for j, ct in enumerate(["image"] + list(col_titles)):
-        d.text((x0 + j * panel + 3, y0 + 1), ct, fill=(0, 0, 0), font=font)
-    y0 += HEAT["header_h"]
-    base = image.convert("RGB").resize((panel, panel), Image.NEAREST if image.width < panel else Image.BICUBIC)
-    base_np = np.asarray(base, dtype=np.float32)
-    for i, (label, grids) in enumerate(rows):
-        y = y0 + i * panel
-        for k, line in enumerate(_wrap(d, label, font, HEAT["label_w"] - 6, max_lines=4)):
-            d.text((3, y + 4 + 15 * k), line, fill=(0, 0, 0), font=font)
-        canvas.paste(base, (x0, y))
-        for j, grid in enumerate(grids):
-            g = grid - grid.min()
-            g = g / g.max() if g.max() > 0 else g
-            # nearest: one block per image token, so the picture shows exactly what the model attends to
-            up = np.asarray(Image.fromarray(g.astype(np.float32), mode="F").resize((panel, panel), Image.NEAREST))
-            blend = (1 - HEAT["alpha"]) * base_np + HEAT["alpha"] * colormap(up).astype(np.float32)
-            x = x0 + (j + 1) * panel
-            canvas.paste(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), (x, y))
-            # each panel is min-max normalised: print the raw range so magnitudes stay comparable
-            d.text((x + 2, y + panel - 14), f"{grid.min():.3g}-{grid.max():.3g}", fill=(255, 255, 255),
-                   font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-    canvas.save(path)
-    return path
-
-
-def _profiles(A, cols, text_rows, b):
-    """Per matched layer, the heat-map profiles over image keys for sample b: image-query rows (column
-    mean over the model's own non-outlier entries, as VAT's column form) and text-query rows (mean)."""
-    I = _image_rows(A[:, b:b + 1], cols[b:b + 1])[:, 0]  # (L, Nv, Nv)
-    keep = ad._outlier_keep(I[:, None])[:, 0] & (I != 0)
-    img = (I * keep).sum(1) / keep.sum(1).clamp(min=1)
-    tm = text_rows[b][None, :, None].float()
-    txt = (A[:, b] * tm).sum(1) / tm.sum().clamp(min=1)
-    return img, txt
-
-
-def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
-    paths = []
-    drop = r.model.config.drop_first_patch
-    if windows is not None:
-        cols_t = [f"s{s}<-t{w[0]}" + (f"..{w[-1]}" if len(w) > 1 else "") for s, w in zip(s_layers, windows)]
-    else:
-        cols_t = [f"layer {s}" for s in s_layers]
-    k = 0
-    for b, chunk in r.batches(specs, "heatmaps"):
-        A_s, A_t, cols, text_rows = _matched_stack(r, b, r.model, teacher, s_layers, windows)
-        for i, spec in enumerate(chunk):
-            img_s, txt_s = _profiles(A_s, cols, text_rows, i)
-            rows = []
-            if A_t is not None:
-                img_t, txt_t = _profiles(A_t, cols, text_rows, i)
-                rows.append(("teacher, image queries", [patch_grid(p, drop) for p in img_t]))
-            who = "student" if A_t is not None else "model"
-            rows.append((f"{who}, image queries", [patch_grid(p, drop) for p in img_s]))
-            if A_t is not None:
-                rows.append(("teacher, text queries", [patch_grid(p, drop) for p in txt_t]))
-            rows.append((f"{who}, text queries", [patch_grid(p, drop) for p in txt_s]))
-            with Image.open(os.path.join(r.folder, spec[1])) as im:
-                image = im.convert("RGB")
-            path = os.path.join(out_dir, f"heatmap_{k:03d}.png")
-            paths.append(draw_heatmaps(path, image, titles[k], rows, cols_t))
-            k += 1
-    return paths
-
-
-# -----------------------------------------------------------------------------
 # the whole evaluation
 
 
-def _load_path(path):
-    for p in (path, path + ".old"):  # trainer.py leaves the previous checkpoint at .old after a crash mid-swap
-        if os.path.isfile(os.path.join(p, "model.safetensors")):
-            return p
-    raise FileNotFoundError(f"{path}: no checkpoint (model.safetensors) there or at {path}.old")
-
-
 def _load(m, dtype=None):
-    """(VLM, its directory) from a checkpoint directory, or (m, None) for a VLM."""
+    """(VLM, its directory) from a checkpoint directory (ours or a Hugging Face LLaVA one), or (m, None) for a VLM."""
     if isinstance(m, str):
-        p = _load_path(m)
-        return VLM.from_pretrained(p, dtype=dtype), p
+        return VLM.from_pretrained(m, dtype=dtype), find_checkpoint(m) or m
     return m, None
 
 
-def evaluate(model, data_dir, tasks="vqa,cr,pope,align", teacher=None, limit=None, batch_size=16, heatmaps=0,
-             out=None, cr_protocol="mcq,likelihood", image_folder=None, student_layers=None, teacher_layers=None,
-             matching=None, answer_suffix="", caption_prompt=CAPTION_PROMPT, mcq_prompt=MCQ_PROMPT,
-             vqa_file="", cr_dir="", pope_dir="", wino_file="", progress=True, name=None, teacher_name=None):
+def evaluate(model, data, teacher=None, out="", progress=True, name=None, teacher_name=None, **settings):
     """
-    Run `tasks` (comma string or list from TASKS) on the test sets under `data_dir` and return the report
-    dict; with `out`, also write report.json, report.md and the heat maps there. `model` / `teacher`: a
-    VLM or a checkpoint directory. `limit`: items per VQA file, CR subset, POPE split and Winoground file.
-    "align" needs a teacher and is skipped (with a note) without one.
+    Run the tasks on the test sets under `data` and return the report dict; with `out`, also write report.json,
+    report.md and the heat maps there. `model` / `teacher`: a VLM or a checkpoint directory. `settings`: the
+    evaluation settings of DEFAULTS (tasks, limit, heatmaps, prompts, files...). "align" needs a teacher and is
+    skipped (with a note) without one.
     """
+    unknown = sorted(set(settings) - set(DEFAULTS) | set(settings) & CLI_ONLY)
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}: use those of evaluate.DEFAULTS")
+    o = {k: v for k, v in dict(DEFAULTS, **settings).items() if k not in CLI_ONLY}
+    tasks, limit, batch_size, heatmaps = o["tasks"], o["limit"] or None, o["batch_size"], o["heatmaps"]
+    answer_suffix, caption_prompt = o["answer_suffix"], o["caption_prompt"]
+    data_dir = data
     t_start = time.time()
     model, model_path = _load(model)
     if model_path and torch.cuda.is_available():  # loaded here: use the GPU (a passed-in model stays put)
         model.cuda()
     teacher, teacher_path = _load(teacher) if teacher is not None else (None, None)
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    protocols = [p.strip() for p in cr_protocol.split(",")] if isinstance(cr_protocol, str) else list(cr_protocol)
+    protocols = [p.strip() for p in o["cr_protocol"].split(",")] if isinstance(o["cr_protocol"], str) else list(o["cr_protocol"])
     bad = [t for t in tasks if t not in TASKS] + [p for p in protocols if p not in ("mcq", "likelihood")]
     if bad:
         raise ValueError(f"unknown task / CR protocol {bad}: tasks are {TASKS}, protocols mcq and likelihood")
@@ -752,9 +504,9 @@ def evaluate(model, data_dir, tasks="vqa,cr,pope,align", teacher=None, limit=Non
     if teacher is not None:
         teacher.eval()
         teacher.to(next(model.parameters()).device)
-    folder = image_folder or data_dir
+    folder = o["image_folder"] or data_dir
     r = Runner(model, folder, batch_size, progress)
-    files = find_files(data_dir, vqa_file, cr_dir, pope_dir, wino_file)
+    files = find_files(data_dir, o["vqa_file"], o["cr_dir"], o["pope_dir"], o["wino_file"])
     report = dict(model=name or model_path or type(model).__name__, teacher=teacher_name or teacher_path, data=data_dir,
                   image_folder=folder, tasks=tasks, limit=limit, device=str(r.device), notes=[], skipped={},
                   seconds={})
@@ -782,7 +534,7 @@ def evaluate(model, data_dir, tasks="vqa,cr,pope,align", teacher=None, limit=Non
         report["notes"].append("align skipped: it needs a teacher (--teacher)")
     s_layers = windows = None
     if "align" in tasks or heatmaps:
-        s_layers, windows = matched_layers(model, teacher, student_layers, teacher_layers, matching)
+        s_layers, windows = matched_layers(model, teacher, o["student_layers"], o["teacher_layers"], o["matching"] or None)
         report["matched_layers"] = dict(student=s_layers, teacher_windows=windows)
 
     for task in tasks:
@@ -790,7 +542,7 @@ def evaluate(model, data_dir, tasks="vqa,cr,pope,align", teacher=None, limit=Non
         if task == "vqa":
             report["vqa"] = run_vqa(r, vqa_items(), answer_suffix)
         elif task == "cr":
-            report["cr"] = run_cr(r, cr_items(), protocols, mcq_prompt, caption_prompt)
+            report["cr"] = run_cr(r, cr_items(), protocols, o["mcq_prompt"], caption_prompt)
         elif task == "pope":
             if not files["pope"]:
                 need("pope", "pope")
@@ -929,43 +681,50 @@ def report_markdown(rep):
 # command line
 
 DEFAULTS = dict(
-    model="",                 # checkpoint directory (any stage's out_dir)
+    model="",                 # checkpoint directory: any stage's out_dir, or a Hugging Face LLaVA directory
     compare="",               # instead of model: "name=dir,name=dir,..." -> <out>/<name>/ each + <out>/report.md table
     teacher="",               # teacher checkpoint directory: enables "align" and the teacher rows of heat maps
-    tasks="vqa,cr,pope,align",  # any of vqa, cr, pope, wino, align
     data="out/shapes",        # folder holding test/ (shapes) or the benchmark files
-    image_folder="",          # default: data; the folder the files' image paths are relative to
-    out="",                   # default: <model>/eval
-    heatmaps=0,               # number of attention heat-map PNGs
-    batch_size=16,
+    out="",                   # where the report goes (default: <model>/eval)
+    dtype="auto",             # auto: bfloat16 weights on CUDA, float32 on CPU; or float32 / bfloat16
+    tasks="vqa,cr,pope,align",  # any of vqa, cr, pope, wino, align
     limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file
-    cr_protocol="mcq,likelihood",
-    student_layers=None, teacher_layers=None, matching="",  # default: the student's training config, else presets
+    batch_size=16,            # prompts per forward
+    heatmaps=0,               # number of attention heat-map PNGs (half VQA, half CR items)
+    cr_protocol="mcq,likelihood",  # CR protocols: mcq and / or likelihood
+    image_folder="",          # the folder the files' image paths are relative to (default: data)
+    student_layers=None,      # the layer pairs to align (default: the student's training config, else presets)
+    teacher_layers=None,      # (as student_layers)
+    matching="",              # group | simple | adaptive (default: the student's training config)
     answer_suffix="",         # appended to VQA / POPE questions (LLaVA: "\nAnswer the question using a single word or phrase.")
-    caption_prompt=CAPTION_PROMPT,
-    mcq_prompt=MCQ_PROMPT,
-    vqa_file="", cr_dir="", pope_dir="", wino_file="",
-    dtype="auto",             # auto: bfloat16 weights on CUDA, float32 on CPU
+    caption_prompt=CAPTION_PROMPT,  # the prompt CR captions are scored after
+    mcq_prompt=MCQ_PROMPT,    # CR's multiple-choice question ({a}, {b}: the two captions)
+    vqa_file="",              # the files, when they are not where shapes.py puts them under data:
+    cr_dir="",                # a VQA .jsonl, a folder of SugarCrepe .json subsets,
+    pope_dir="",              # a folder of POPE files,
+    wino_file="",             # a Winoground / BiVLC .jsonl
 )
+CLI_ONLY = {"model", "compare", "teacher", "data", "out", "dtype"}  # the rest are evaluate()'s settings
 
 
 def main(argv=None):
     """One model (--model, report in --out or <model>/eval), or several (--compare="name=dir,...": each
     into <out>/<name>, plus one comparison table in <out>/report.md). Returns the report(s)."""
     from configurator import configure
-    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
+    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["model"] and not cfg["compare"]:
         raise ValueError("give --model=<checkpoint dir>, or --compare=name=dir,name=dir with --out=<dir>")
     if cfg["compare"] and not cfg["out"]:
         raise ValueError("--compare needs --out=<dir> for the comparison table")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg["dtype"] != "auto" and cfg["dtype"] not in dtypes:
+        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32 or bfloat16")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    teacher = _load(cfg["teacher"], dtype)[0].to(device) if cfg["teacher"] else None
-    opts = {k: cfg[k] for k in ("tasks", "batch_size", "heatmaps", "cr_protocol", "student_layers", "teacher_layers",
-                                "answer_suffix", "caption_prompt", "mcq_prompt", "vqa_file", "cr_dir", "pope_dir",
-                                "wino_file")}
-    opts.update(limit=cfg["limit"] or None, image_folder=cfg["image_folder"] or None, matching=cfg["matching"] or None)
+    dtype = dtypes.get(cfg["dtype"], torch.bfloat16 if device.type == "cuda" else torch.float32)
+    teacher, teacher_path = _load(cfg["teacher"], dtype) if cfg["teacher"] else (None, None)
+    if teacher is not None:
+        teacher.to(device)
+    opts = {k: v for k, v in cfg.items() if k not in CLI_ONLY}
     if cfg["compare"]:
         runs = [tuple(x.split("=", 1)) for x in cfg["compare"].split(",")]
         if any(len(r) != 2 for r in runs):
@@ -976,7 +735,7 @@ def main(argv=None):
     for name, path in runs:
         model, path = _load(path, dtype)
         # the teacher compared with itself says nothing: evaluate it alone (its heat maps show its own attention)
-        own = teacher is not None and os.path.realpath(path) == os.path.realpath(_load_path(cfg["teacher"]))
+        own = teacher is not None and os.path.realpath(path) == os.path.realpath(teacher_path)
         out = os.path.join(cfg["out"], name) if name else cfg["out"] or os.path.join(path, "eval")
         rep = evaluate(model.to(device), cfg["data"], teacher=None if own else teacher, out=out, name=path,
                        teacher_name=None if own else cfg["teacher"] or None, **opts)
@@ -998,4 +757,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from configurator import cli
+    cli(main)

@@ -3,13 +3,14 @@ Stage 1 of CompoDistill: DPT, distilled pre-training, on image-caption data (LLa
 Losses: L_LM + kd_weight * L_KD (logit KD from the teacher). TAF is on by default: the student takes
 the teacher's trained connector (frozen) and trains only a new post_connector (d_teacher -> d_student).
 
-    python train_dpt.py config/shapes_dpt.py                  # the embedded default
-    torchrun --nproc_per_node=8 train_dpt.py config/qwen15_dpt.py
+    python train_dpt.py config/shapes_dpt.py                        # the embedded default -> out/shapes/dpt
+    torchrun --nproc_per_node=8 train_dpt.py config/qwen15_dpt.py   # the paper's 2B-from-4B recipe
 """
 import trainer
+from configurator import cli
 
-STAGE_DEFAULTS = dict(stage="dpt", out_dir="out/dpt", data="out/shapes/pretrain.json",
-                      teacher="out/teacher", kd_weight=1.0, vat_weight=0.0, taf=True)
+STAGE_DEFAULTS = dict(stage="dpt", out_dir="out/shapes/dpt", data="out/shapes/pretrain.json",
+                      teacher="out/shapes/teacher", kd_weight=1.0, vat_weight=0.0, taf=True)
 
 if __name__ == "__main__":
-    trainer.main(STAGE_DEFAULTS)
+    cli(lambda: trainer.main(STAGE_DEFAULTS, doc=__doc__))

@@ -7,66 +7,104 @@ is here, top to bottom: set-up (plain python or torchrun DDP), models, data, opt
 checkpoints (a directory per stage, written atomically, resumable bit for bit).
 """
 
-import copy
+import datetime
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import load_file
 from tqdm import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from configurator import configure
-from data import LLaVADataset, collate
-from model import VLM, TeacherStudent, VLMConfig, set_trainable
+from data import LLaVADataset, check_dataset, collate, too_many_dropped
+from model import (VLM, TeacherStudent, add_lora, cast_weights, enable_checkpointing, find_checkpoint, load_vlm,
+                   plain_state_dict, set_trainable)
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
-    stage="sft",                  # dpt | dft | sft: decides the trainable set (model.set_trainable)
+    # -- what runs ----------------------------------------------------------------------------------------------
+    stage="sft",                  # dpt | dft | sft: which parameters train (model.set_trainable)
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
-    init_from="",                 # previous stage's directory; "scratch" (from llm/vision config dicts);
-                                  # or "backbones" (pretrained HF vision_model + llm_model)
-    vision_model="",              # HF id or path of a pretrained vision tower, e.g. a SigLIP checkpoint (backbones,
-                                  # or scratch: a new LM on this tower, as the shapes teacher on shapes.py's tower)
-    llm_model="",                 # backbones only: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
-    teacher="",                   # teacher checkpoint directory (needed when kd_weight or vat_weight > 0)
+    init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
+                                  # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
+    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP)
+    llm_model="",                 # backbones: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
+    llm={},                       # scratch: HF causal-LM config dict of a new LM (see config/shapes_*.py)
+    vision={},                    # scratch without vision_model or a teacher: HF vision config dict of a new tower
+    tokenizer="",                 # scratch without a teacher: tokenizer directory (default: <data folder>/tokenizer)
+    image_processor="",           # scratch without a teacher: image-processor directory (default: <data folder>/...)
+    teacher="",                   # the teacher's checkpoint directory (needed for kd_weight, vat_weight or taf)
+    connector="mlp2x_gelu",       # image adapter of a new model: mlp{depth}x_gelu, as LLaVA's
+    vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", CLS dropped; SigLIP: "full");
+                                  # "default" on SigLIP drops the first patch, as the reference code does
+    # -- data ---------------------------------------------------------------------------------------------------
     data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
-    image_folder="",              # default: the folder holding the data file
-    val_data="",                  # a separate validation file; default: hold out val_frac of `data`
-    val_frac=0.02,
-    tokenizer="",                 # scratch only: tokenizer / image-processor dirs (default: the data folder's)
-    image_processor="",
-    llm={},                       # scratch only: HF causal-LM config dict for the new model
-    vision={},                    # scratch only: HF vision config dict (ignored when a teacher gives the tower)
-    connector="mlp2x_gelu",
-    max_length=512,
-    # losses (METHOD.md)
-    kd_weight=0.0, vat_weight=0.0, kd_temperature=1.0,
-    taf=False,                    # TAF: student takes the teacher connector (frozen) + a post_connector
-    train_llm=-1,                 # -1: the stage's default (LLM trains in DFT/SFT, not in DPT); 0/1 force it
-    train_vision=False,           # train the vision tower too (a from-scratch tower; never while distilling)
-    student_layers=None, teacher_layers=None,  # None: the preset / "intermediate"; a name, (lo, hi) or a list
-    matching="group",
-    vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum",
-    # optimisation
-    batch_size=16, grad_accum=1, max_steps=1000, lr=2e-4, min_lr_frac=0.0, warmup_frac=0.03,
-    weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, seed=0,
-    dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16
-    grad_ckpt=False, compile=False, num_workers=0,
-    # bookkeeping
-    log_interval=10, eval_interval=200, eval_batches=10, save_interval=500,
+    image_folder="",              # the images' root (default: the folder holding the data file)
+    val_data="",                  # a separate validation file (default: hold out val_frac of data)
+    val_frac=0.02,                # the held-out fraction of data when there is no val_data
+    max_length=512,               # tokens per sample; longer text is cut (and counted), a cut image drops the sample
+    num_workers=0,                # DataLoader worker processes
+    # -- the method (README: what each stage does) --------------------------------------------------------------
+    kd_weight=0.0,                # weight of L_KD, the logit distillation (0: no KD)
+    vat_weight=0.0,               # weight of L_VAT, the visual attention alignment (0: no VAT)
+    kd_temperature=1.0,           # KD's softmax temperature (the loss is scaled by its square)
+    taf=False,                    # TAF: the student takes the teacher's connector (frozen) + a new post_connector
+    train_llm=None,               # None: the stage decides (the LM trains in DFT and SFT, not in DPT); True / False
+    train_vision=False,           # train the vision tower too (a tower learned from scratch; never while distilling)
+    student_layers=None,          # the student layers VAT aligns: None (the preset, else "intermediate"), a name
+                                  # (early, intermediate, late, all), a (lo, hi) depth fraction or a list of indices
+    teacher_layers=None,          # the teacher layers they are matched to (the same forms)
+    matching="group",             # group | simple | adaptive: how student layers are matched to teacher layers
+    vat_queries="image",          # whose attention is aligned: image (image-token rows), all, or text rows
+    vat_pool="column",            # column (the reference code's per-column profile) | flat (the paper's Eq. 2)
+    vat_loss="cosine",            # cosine | mse | kl
+    vat_layer_reduce="sum",       # sum over the layer pairs (reference code) | mean (the paper's Eq. 2)
+    lora_rank=0,                  # >0: LoRA adapters (peft) on the LM instead of training all of it (reference: 128)
+    lora_alpha=0.0,               # LoRA's alpha; 0: 2 * lora_rank (the reference's 256 for r 128)
+    lora_dropout=0.05,            # dropout on the adapters' input
+    lora_targets="all-linear",    # every Linear of the LM's decoder layers; or names, e.g. "q_proj,v_proj"
+    # -- optimisation -------------------------------------------------------------------------------------------
+    batch_size=16,                # samples per micro-batch per process
+    grad_accum=1,                 # micro-batches per step (the batch of a step: batch_size * grad_accum * processes)
+    max_steps=1000,               # optimizer steps of this stage
+    lr=2e-4,                      # peak learning rate (AdamW)
+    min_lr_frac=0.0,              # the cosine schedule ends at lr * min_lr_frac
+    warmup_frac=0.03,             # linear warm-up over this fraction of max_steps
+    weight_decay=0.0,             # AdamW's, on matrices only (not on biases and norms)
+    beta1=0.9,                    # AdamW's beta1
+    beta2=0.999,                  # AdamW's beta2
+    grad_clip=1.0,                # clip the gradient norm to this (0: no clipping)
+    seed=0,                       # weights of new modules, data order
+    dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16 / float16 (with a
+                                  # gradient scaler). Trainable weights are float32 masters whatever this says.
+    grad_ckpt=False,              # gradient checkpointing in the student's LM (less memory, ~30 % more compute)
+    compile=False,                # torch.compile the decoders that training runs
+    fsdp=False,                   # shard the student (and its optimizer) over the processes with FSDP2 (fully_shard)
+    fsdp_teacher=True,            # with fsdp: shard the frozen teacher's decoder layers too (else every rank holds it)
+    # -- bookkeeping --------------------------------------------------------------------------------------------
+    log_interval=10,              # steps between log lines (losses are the mean over them, over all processes)
+    eval_interval=200,            # steps between validation losses (0: none, and no data held out)
+    eval_batches=10,              # validation batches per evaluation
+    save_interval=500,            # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
 )
+# Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
+# (Not eval_interval: whether it is 0 decides whether a validation slice is held out of the training data.)
+RESUME_FREE = {"log_interval", "eval_batches", "save_interval", "stop_after", "num_workers", "compile", "grad_ckpt"}
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOSSES = ("lm", "kd", "vat", "total")
 
 
 def print0(*args, **kwargs):
@@ -74,11 +112,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def compute_init():
-    """Plain python: one process. torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    ddp = "RANK" in os.environ
+def compute_init(single_group=False):
+    """Plain python: one process (with single_group, in a process group of its own, which FSDP needs).
+    torchrun: a process group (nccl on GPU, gloo on CPU)."""
+    ddp = "RANK" in os.environ or single_group
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            # a long timeout: the other ranks wait in a barrier while rank 0 writes a multi-GB checkpoint
+            dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -89,8 +133,18 @@ def compute_init():
     return ddp, rank, world, device
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def compute_cleanup():
+    """After a successful run only (a rank that died leaves the others in a collective; torchrun ends them). The
+    barrier first: a rank that tears down its process group while another is still in the last collective can hang."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -98,10 +152,10 @@ def compute_cleanup():
 # checkpoints: a directory, written to a temporary name then swapped in
 
 
-def save_checkpoint(out_dir, student, train_state, log):
+def save_checkpoint(out_dir, student, train_state, log, weights=None):
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=weights)
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
@@ -110,14 +164,6 @@ def save_checkpoint(out_dir, student, train_state, log):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
     shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoint_dir(path):
-    """The loadable checkpoint at `path`; after a crash mid-swap, the previous one left at path.old."""
-    for p in (path, path + ".old"):
-        if os.path.isfile(os.path.join(p, "model.safetensors")):
-            return p
-    return None
 
 
 def rng_state():
@@ -181,56 +227,27 @@ def to_device(batch, device):
 
 
 def build_student(cfg, teacher, resume_dir):
-    """The student: resumed, from the previous stage, or new (sharing the teacher's frozen tower)."""
+    """The student: resumed from out_dir, or started the way init_from says (model.load_vlm)."""
     if resume_dir:
         return VLM.from_pretrained(resume_dir)
-    src = cfg["init_from"]
-    if src == "backbones":
-        if not (cfg["vision_model"] and cfg["llm_model"]):
-            raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
-        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"])
-    if src and src != "scratch":
-        ckpt = checkpoint_dir(src)
-        if ckpt is None:
-            raise FileNotFoundError(f"init_from={src}: no checkpoint there; run the previous stage first "
-                                    "(it writes its out_dir), or use init_from=scratch")
-        return VLM.from_pretrained(ckpt)
-    if not cfg["llm"]:
-        raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
-    data_dir = os.path.dirname(os.path.abspath(cfg["data"].split(",")[0]))
-    if teacher is None and cfg["teacher"]:  # not distilling (a baseline), but same tower and tokenizer
-        teacher = VLM.from_pretrained(checkpoint_dir(cfg["teacher"]) or cfg["teacher"])
-    if teacher is not None:  # share the teacher's tower, tokenizer and image processor: KD and VAT need them equal
-        vision_tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
-        vision = teacher.config.vision
-    else:
-        tok = AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer"))
-        if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
-            vision_tower = VLM.load_vision_tower(cfg["vision_model"])
-            vision = vision_tower.config.to_dict()
-            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or cfg["vision_model"])
-        elif cfg["vision"]:
-            vision_tower, vision = None, cfg["vision"]
-            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or os.path.join(data_dir, "image_processor"))
-        else:
-            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
-    llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"],
-                       image_token_id=tok.convert_tokens_to_ids("<image>"))
-    student = VLM(config, vision_tower=vision_tower)
-    student.tokenizer, student.image_processor = tok, proc
-    return student
+    keys = ("vision_model", "llm_model", "llm", "vision", "tokenizer", "image_processor", "connector",
+            "vision_feature_select_strategy")
+    return load_vlm(cfg["init_from"], teacher=teacher or cfg["teacher"] or None,
+                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), **{k: cfg[k] for k in keys})
 
 
 def build_model(cfg, resume_dir):
     teacher = None
     if cfg["stage"] != "sft" and (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
-        ckpt = checkpoint_dir(cfg["teacher"]) if cfg["teacher"] else None
+        ckpt = find_checkpoint(cfg["teacher"]) if cfg["teacher"] else None
         if ckpt is None:
             raise FileNotFoundError(f"teacher={cfg['teacher']!r}: no teacher checkpoint; kd_weight/vat_weight/taf "
                                     "need one (train it with train_sft.py config/shapes_teacher.py)")
         teacher = VLM.from_pretrained(ckpt)
     student = build_student(cfg, teacher, resume_dir)
+    # Whatever dtype the checkpoint was saved in (transformers 5 follows a bf16 Qwen config), AdamW updates
+    # float32 master weights: in bf16, updates smaller than 1/256 of a weight round away. bf16 lives in autocast.
+    student.float()
     ts = TeacherStudent(teacher, student, cfg["student_layers"], cfg["teacher_layers"],
                         matching=cfg["matching"], vat_queries=cfg["vat_queries"], vat_pool=cfg["vat_pool"],
                         vat_loss=cfg["vat_loss"], vat_layer_reduce=cfg["vat_layer_reduce"],
@@ -238,12 +255,144 @@ def build_model(cfg, resume_dir):
                         kd_temperature=cfg["kd_temperature"])
     if cfg["taf"] and not student.config.taf:
         ts.apply_taf()
-    train_llm = None if cfg["train_llm"] == -1 else bool(cfg["train_llm"])
+    train_llm = cfg["train_llm"]
+    if train_llm not in (None, True, False):
+        raise ValueError(f"train_llm={train_llm!r}: use None (the stage decides), True or False")
     if cfg["train_vision"] and teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")
+    if cfg["lora_rank"] > 0:
+        if not (train_llm if train_llm is not None else cfg["stage"] != "dpt"):
+            raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
+                             "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
+        add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        # The embedding is frozen now: on a text-only batch nothing before layer 0 would need a gradient, and FSDP
+        # would then reduce layer 0's adapters at the end of the backward on that rank only, out of step with the
+        # others (a collective mismatch). A gradient on the embedding output keeps every rank's order the same.
+        student.llm.enable_input_require_grads()
     params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
+
+
+def decoder_layers(llm):
+    return llm.base_model.layers
+
+
+def shard(ts, amp, teacher_too):
+    """FSDP2: each decoder layer of the student's LM is a unit, the rest (tower, connectors, embeddings, head) is
+    the root unit, TeacherStudent, whose forward is the step; bf16 compute with float32 gradient reduction under
+    autocast. The frozen teacher's decoder layers are sharded one by one (its forward calls them directly)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp is not None else MixedPrecisionPolicy()
+    for layer in decoder_layers(ts.student.llm):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(ts, mp_policy=mp)
+    if ts.teacher is not None and teacher_too:
+        for layer in decoder_layers(ts.teacher.llm):
+            fully_shard(layer, reshard_after_forward=True)  # each its own root: say so, or it stays gathered
+
+
+def gather_state(ts, optimizer, fsdp):
+    """(weights with the student's names, optimizer state): the live ones, or under FSDP gathered from every
+    rank's shards to rank 0 on the CPU (every rank must call it; the others get empty dicts)."""
+    if not fsdp:
+        return ts.student.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(ts, options=opts)
+    return {k.removeprefix("student."): v for k, v in weights.items()}, get_optimizer_state_dict(ts, optimizer, options=opts)
+
+
+def restore_lora(student, state, resume_dir):
+    """A LoRA run resumes from its base (init_from, rebuilt) plus the adapters and other trainable weights kept in
+    train_state.pt: the checkpoint's merged weights cannot be split back into base and adapters bit for bit. The
+    base must still be what it was: the merge must give the checkpoint's weights exactly."""
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and n not in state["trainable"]]
+    if missing:
+        raise ValueError(f"{resume_dir}: train_state.pt lacks the trainable weights {missing[:3]}...; "
+                         "it was not written by a LoRA run with these settings")
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n in state["trainable"]:
+                p.copy_(state["trainable"][n])
+    saved = load_file(os.path.join(resume_dir, "model.safetensors"))
+    merged = plain_state_dict(student)
+    # (a tolerance: the save merged the same numbers, on the CPU, but a different BLAS may round the last bits)
+    if any(not torch.allclose(merged[k].float(), v, rtol=1e-5, atol=1e-6) for k, v in saved.items()):
+        raise ValueError(f"cannot resume the LoRA run in {resume_dir}: its base weights (init_from) changed since the "
+                         "run started, so base + adapters no longer give the checkpoint. Start a new out_dir")
+
+
+def compile_models(ts, **kwargs):
+    """torch.compile what training runs: the LMs' decoders (llm.base_model, called directly so that logits are
+    computed only where the losses need them), in place, so state_dict keys and checkpoints do not change."""
+    for m in (ts.student, ts.teacher):
+        if m is not None:
+            m.llm.base_model.compile(**kwargs)
+
+
+def check_resume(saved, cfg, out_dir):
+    """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
+    diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with other settings (" +
+                         "; ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} now" for k in diff) +
+                         "): rerun with its settings to resume or finish it, or choose another out_dir")
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
+    this yields holds the signals received. A second Ctrl-C stops at once."""
+    got = []
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        old = {}
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _quiet_worker(_):
+    # A Ctrl-C reaches the DataLoader workers too; they must keep serving while the main process saves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class DataMonitor:
+    """Counts, for this process, what the data loader fetched, dropped (once per sample, by reason) and cut at
+    max_length; prints the first drops of each reason."""
+
+    def __init__(self, show=True, max_shown=5):
+        self.fetched = self.dropped_fetches = 0
+        self.dropped, self.truncated = {}, set()
+        self.show, self.max_shown, self.shown = show, max_shown, Counter()
+        self.first = []
+
+    def add(self, batch):
+        n_kept = len(batch["input_ids"]) if "input_ids" in batch else 0
+        self.fetched += n_kept + len(batch["dropped"])
+        self.dropped_fetches += len(batch["dropped"])
+        self.truncated.update(batch["truncated"])
+        for d in batch["dropped"]:
+            if d.key in self.dropped:
+                continue
+            self.dropped[d.key] = d.reason
+            if len(self.first) < 3:
+                self.first.append(d)
+            self.shown[d.reason] += 1
+            if self.show and self.shown[d.reason] <= self.max_shown:
+                more = " (further ones are only counted)" if self.shown[d.reason] == self.max_shown else ""
+                tqdm.write(f"skipping {d.message}{more}")
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +406,7 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
     for batch in loader:
         if n == n_batches:
             break
-        if batch is None:
+        if "input_ids" not in batch:  # every sample dropped
             continue
         with autocast:
             out = model(to_device(batch, device), kd=kd, vat=vat)
@@ -270,50 +419,76 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
 
 def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
-    ddp, rank, world, device = compute_init()
+    if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
+        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
+    ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
     master = rank == 0
     out_dir = cfg["out_dir"]
-    resume_dir = checkpoint_dir(out_dir)
+    resume_dir = find_checkpoint(out_dir)
     state = None
     if resume_dir:
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=False)
-        if state["config"]["stage"] != cfg["stage"]:
-            raise ValueError(f"{out_dir} holds a '{state['config']['stage']}' checkpoint, this is '{cfg['stage']}': "
-                             "choose another out_dir")
+        # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        check_resume(state["config"], cfg, out_dir)
         if state["step"] >= cfg["max_steps"]:
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
             compute_cleanup()
             return state["log"][-1] if state["log"] else {}
         print0(f"resuming {out_dir} from step {state['step']}")
+    amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
+    # One seed for building, so that every rank starts from the same new weights (a TAF post_connector, LoRA's A):
+    # FSDP, unlike DDP, does not broadcast rank 0's. Then one seed per rank (dropout).
+    torch.manual_seed(cfg["seed"])
+    lora = cfg["lora_rank"] > 0
+    ts, params = build_model(cfg, None if lora else resume_dir)
+    student = ts.student
+    if lora and amp is not None and not cfg["fsdp"]:
+        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
+        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
+        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
+        for n, p in student.llm.named_parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    if lora and state:
+        restore_lora(student, state, resume_dir)
     torch.manual_seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
-
-    ts, params = build_model(cfg, resume_dir)
-    student = ts.student
     # The layer pairs the student was distilled on travel with every later checkpoint (SFT has no
     # teacher), so evaluate.py measures alignment where training aligned it.
     distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
                if ts.teacher is not None else (student.config.extra or {}).get("distill"))
     ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
-    use_bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    if ts.teacher is not None and use_bf16:
-        ts.teacher.to(torch.bfloat16)  # frozen: half the memory, and it runs under bf16 autocast anyway
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    if ts.teacher is not None and amp is not None:
+        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
     if cfg["grad_ckpt"]:
-        student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student.llm)
     if cfg["compile"]:
-        student.llm.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
-    # A trained tower's layers above vision_feature_layer get no gradient: let DDP expect that.
-    model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg["train_vision"]) if ddp else ts
+        compile_models(ts)
+    if cfg["fsdp"]:
+        shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
+        params, model = [p for p in student.parameters() if p.requires_grad], ts
+    else:  # a trained tower's layers above vision_feature_layer get no gradient: let DDP expect that
+        model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg["train_vision"]) if ddp else ts
 
-    # data
+    # data: every file is read a little before training, so a wrong path or image folder stops here, not
+    # after hours of training on nothing
     tok, N_v = student.tokenizer, student.num_image_tokens
     folder = cfg["image_folder"] or None
-    load = lambda paths: torch.utils.data.ConcatDataset(
-        [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")])
+    placeholder = None
+
+    def load(paths):
+        nonlocal placeholder
+        parts = [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")]
+        for d in parts:
+            good, _ = check_dataset(d)
+            placeholder = placeholder or good
+        return torch.utils.data.ConcatDataset(parts)
     dataset = load(cfg["data"])
     if cfg["val_data"]:
         val_set, train_idx = load(cfg["val_data"]), list(range(len(dataset)))
@@ -321,13 +496,21 @@ def train(cfg):
         n_val = max(1, int(cfg["val_frac"] * len(dataset))) if cfg["eval_interval"] > 0 else 0
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()
         val_set, train_idx = torch.utils.data.Subset(dataset, perm[:n_val]), perm[n_val:]
+    if not train_idx:
+        raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
+                         "a separate val_data file, or eval_interval=0")
     train_set = torch.utils.data.Subset(dataset, train_idx)
     step = state["step"] if state else 0
     sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])
     collate_fn = partial(collate, pad_id=tok.pad_token_id)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda"))
+                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                                              worker_init_fn=_quiet_worker if cfg["num_workers"] else None))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"], collate_fn=collate_fn)
+    # A micro-batch whose samples were all dropped still runs forward and backward, on this one good sample with
+    # weight 0: under DDP every rank must join every gradient all-reduce, or the others wait forever.
+    placeholder = collate([placeholder], tok.pad_token_id)
+    monitor = DataMonitor(show=master)
 
     # optimizer (AdamW; no weight decay on biases and norms)
     decay = [p for p in params if p.dim() >= 2]
@@ -338,12 +521,18 @@ def train(cfg):
                                   fused=device.type == "cuda")
     log = []
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg["fsdp"]:  # the saved state is whole: each rank keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(ts, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log = state["log"]
     n_params = sum(p.numel() for p in params)
     print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
-           f"world {world}, device {device}, kd={kd} vat={vat} taf={student.config.taf}")
+           f"world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} taf={student.config.taf}")
 
     def checkpoint():
         rngs = [None] * world
@@ -351,68 +540,125 @@ def train(cfg):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
+        # checkpoints are float32, and written (and LoRA-merged) from the CPU
+        weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                   for k, v in weights.items()}
         if master:
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
-                                               "config": cfg, "log": log}, log)
+            # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
+            # in train_state.pt for resume
+            trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs,
+                                               "scaler": scaler.state_dict() if scaler else None,
+                                               "trainable": {n: weights[n].cpu() for n in trainable} if lora else None,
+                                               "config": cfg, "log": log}, log,
+                            weights=weights)
         if ddp:
             dist.barrier()
 
+    def all_ranks(values, op=dist.ReduceOp.SUM):
+        """A float64 tensor of `values` (host numbers or 0-d device tensors), reduced over the ranks."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        if ddp:
+            dist.all_reduce(t, op=op)
+        return t
+
     model.train()  # the teacher is not a submodule: it stays in eval()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=cfg["stage"], dynamic_ncols=True)
-    t0, tokens, sums, since_log, done_here = time.time(), 0, {}, 0, 0
-    while step < cfg["max_steps"]:
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg["grad_accum"]):
-            batch = next(loader)
-            if batch is None:  # every sample of this micro-batch was dropped (counted in dataset.dropped)
-                continue
-            tokens += int(batch["attention_mask"].sum()) * world  # counted on the host, before the copy
-            batch = to_device(batch, device)
-            sync = not ddp or micro == cfg["grad_accum"] - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                out = model(batch, kd=kd, vat=vat)
-            (out["total"] / cfg["grad_accum"]).backward()
-            for k, v in out.items():  # summed on the device; read (one sync) only at log time
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg["grad_accum"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        done_here += 1
-        since_log += 1
-        bar.update(1)
+    t0, tokens, done_here = time.time(), 0, 0
+    sums, n_micro = torch.zeros(len(LOSSES), device=device), 0
+    with stop_signals() as signals:
+        while step < cfg["max_steps"]:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for micro in range(cfg["grad_accum"]):
+                batch = next(loader)
+                monitor.add(batch)
+                real = "input_ids" in batch
+                if real:
+                    tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+                    n_micro += 1
+                batch = to_device(batch if real else placeholder, device)
+                sync = not ddp or micro == cfg["grad_accum"] - 1  # reduce gradients once, after the last micro-step
+                if cfg["fsdp"]:
+                    model.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or cfg["fsdp"] else model.no_sync()), autocast:
+                    out = model(batch, kd=kd, vat=vat)
+                loss = out["total"] * ((1.0 if real else 0.0) / cfg["grad_accum"])
+                (scaler.scale(loss) if scaler else loss).backward()
+                if real:  # summed on the device; read (one sync) only at log time
+                    sums += torch.stack([out[k].detach().float() for k in LOSSES])
+            if scaler:
+                scaler.unscale_(optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            if scaler:
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            done_here += 1
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-            dt = time.time() - t0
-            rec = {"step": step, "lr": lr, **{k: float(v) / since_log for k, v in sums.items()},
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tok_per_s": tokens / dt, "mem_gb": _memory_gb(device)}
-            log.append(rec)
-            bar.set_postfix(lm=f"{rec.get('lm', 0):.3f}", kd=f"{rec.get('kd', 0):.3f}", vat=f"{rec.get('vat', 0):.3f}")
-            if master:
-                bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                      if k != "step" and v is not None))
-            t0, tokens, sums, since_log = time.time(), 0, {}, 0
-        if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
-            if master:
-                ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
-                log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
-                bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if ddp:
-                dist.barrier()
-        stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
-        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop:
-            checkpoint()
-        if stop:
-            print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
-            break
+            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+                # every rank's losses, tokens and drops (one collective, one sync)
+                tot = all_ranks([*sums, n_micro, tokens, monitor.fetched, monitor.dropped_fetches]).tolist()
+                losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
+                dt = time.time() - t0
+                rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tok_per_s": ntok / dt, "mem_gb": _memory_gb(device)}
+                if n_drop:
+                    rec["dropped_frac"] = n_drop / fetched
+                log.append(rec)
+                bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
+                if master:
+                    bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                          if k != "step" and v is not None))
+                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:
+                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched),
+                                                      [d for d in monitor.first]) +
+                                     "\n(counted since this run started, over all ranks; no checkpoint written)")
+                t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
+            if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
+                if master or cfg["fsdp"]:  # under FSDP every forward gathers shards: all ranks run the same batches
+                    ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
+                if master:
+                    log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+                    bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if ddp:
+                    dist.barrier()
+            # A signal may reach the ranks at different steps: they agree (one tiny collective per step) so that
+            # all of them stop after the same step.
+            got = int(all_ranks([max(signals, default=0)], op=dist.ReduceOp.MAX)[0]) if ddp else max(signals, default=0)
+            stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
+            if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop or got:
+                checkpoint()
+            if got:
+                bar.close()
+                print0(f"{signal.Signals(got).name}: saved step {step} to {out_dir}; rerun the same command to resume")
+                model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
+                compute_cleanup()
+                raise SystemExit(128 + got)
+            if stop:
+                print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
+                break
     bar.close()
-    dropped = sum((d.dropped for d in dataset.datasets), Counter())
-    if dropped:
-        print0(f"dropped samples (this process): {dict(dropped)}")
+    # each sample once, over all ranks (in a later epoch another rank may meet the same bad sample)
+    seen = [(monitor.dropped, monitor.truncated)] * world
+    if ddp:
+        dist.all_gather_object(seen, (monitor.dropped, monitor.truncated))
+    dropped = {k: r for d, _ in seen for k, r in d.items()}
+    truncated = set().union(*(t for _, t in seen))
+    if dropped or truncated:
+        print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
+               f"max_length={cfg['max_length']}")
+    model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}
 
@@ -424,8 +670,8 @@ def _memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(stage_defaults, argv=None):
+def main(stage_defaults, argv=None, doc=""):
     """Entry point of the stage scripts: DEFAULTS < stage defaults < config files < --key=value."""
     cfg = dict(DEFAULTS, **stage_defaults)
-    cfg = configure(cfg, sys.argv[1:] if argv is None else argv)
+    cfg = configure(cfg, sys.argv[1:] if argv is None else argv, doc, [__file__])
     return train(cfg)

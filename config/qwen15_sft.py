@@ -13,3 +13,10 @@ warmup_frac = 0.03
 grad_ckpt = True
 eval_interval = 1000
 save_interval = 500
+# LoRA as in the reference recipe (needs `pip install peft`): adapters of rank 128, alpha 256 on every Linear of the
+# LM's decoder layers; only they and the post_connector train, and each checkpoint holds the merged model.
+# lora_rank = 128
+# lora_alpha = 256.0
+# lora_dropout = 0.05
+# Past one GPU's memory (see README, "Memory"): shard the student, its optimizer and the teacher over the GPUs.
+# fsdp = True

@@ -1,15 +1,13 @@
 # Real recipe, teacher (4B): SigLIP-so400m + Qwen1.5-4B, LLaVA-style. Two runs of train_sft.py:
 #   1) connector pre-training:  torchrun --nproc_per_node=8 train_sft.py config/qwen15_teacher.py
-#   2) instruction tuning:      torchrun --nproc_per_node=8 train_sft.py config/qwen15_teacher.py \
-#          --init_from=out/qwen15/teacher_pt --out_dir=out/qwen15/teacher --data=DATA/llava_v1_5_mix665k.json \
-#          --image_folder=DATA --train_llm=1 --batch_size=4 --grad_accum=4 --max_steps=5200
+#   2) instruction tuning:      torchrun --nproc_per_node=8 train_sft.py config/qwen15_teacher_it.py
 init_from = "backbones"
 vision_model = "google/siglip-so400m-patch14-384"
 llm_model = "Qwen/Qwen1.5-4B"
 out_dir = "out/qwen15/teacher_pt"
 data = "DATA/blip_laion_cc_sbu_558k.json"
 image_folder = "DATA/images"
-train_llm = 0              # pre-training: the connector only
+train_llm = False          # pre-training: the connector only
 max_length = 2048
 batch_size = 8
 grad_accum = 4             # x 8 GPUs = 256

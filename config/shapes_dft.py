@@ -13,4 +13,4 @@ warmup_frac = 0.1
 weight_decay = 0.01
 beta2 = 0.98
 eval_interval = 200
-save_interval = 200
+save_interval = 50         # Ctrl-C / SIGTERM save too: an interruption costs little

@@ -17,4 +17,4 @@ warmup_frac = 0.15
 weight_decay = 0.01
 beta2 = 0.98
 eval_interval = 250
-save_interval = 500
+save_interval = 50         # Ctrl-C / SIGTERM save too: an interruption costs little

@@ -39,3 +39,188 @@ def tiny_vlm(arch="qwen2", seed=0, vision_tower=None, **llm_kw):
 @pytest.fixture
 def make_vlm():
     return tiny_vlm
+
+
+# -----------------------------------------------------------------------------
+# Tiny Hugging Face checkpoints on disk, as real ones come: byte-level BPE tokenizers with a chat template and no
+# pad token (Qwen / Llama style), LMs saved in bf16, SigLIP and CLIP towers with their image processors.
+
+CORPUS = ["a red circle left of a blue square", "what color is the square ?", "describe the image .",
+          "the green triangle is above the star", "yes", "no", "how many objects are there ?",
+          "A chat between a user and an assistant that answers questions about an image.", " USER: ", " ASSISTANT:"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(bos=False, corpus=CORPUS, vocab_size=320):
+    """A byte-level BPE tokenizer trained here. eos <|endoftext|>, no pad token; bos=True: <s> in front of every
+    encoding, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<s>"] if bos else [])
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.train_from_iterator(list(corpus) * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", bos_token="<s>" if bos else None)
+    tok.chat_template = CHATML
+    return tok
+
+
+def save_lm(path, tok, arch="qwen2", hidden=32, layers=2, heads=4, kv_heads=2, pad_rows=0, dtype=torch.bfloat16,
+            seed=0):
+    """A random causal LM saved with save_pretrained in `dtype` (as Qwen checkpoints are: bf16), its embedding
+    padded `pad_rows` past the tokenizer, and the tokenizer beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    extra = dict(head_dim=hidden // heads) if arch == "qwen3" else {}
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok) + pad_rows, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                               max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.bos_token_id, pad_token_id=None, dtype=dtype, **extra)
+    AutoModelForCausalLM.from_config(cfg).to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def save_tower(path, kind="siglip", image_size=16, patch_size=8, seed=0):
+    """A random SigLIP or CLIP vision tower (CLIP adds a CLS token to its patches) with its image processor."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, \
+        SiglipVisionModel
+    from data import image_processor
+    torch.manual_seed(seed)
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=image_size, patch_size=patch_size)
+    if kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**kw)).save_pretrained(path)
+        CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**kw)).save_pretrained(path)
+        image_processor(image_size).save_pretrained(path)
+    return str(path)
+
+
+def write_llava(path, kinds, image_dir="images", seed=0):
+    """A LLaVA-format file with one sample per entry of `kinds`: "image" (an image that exists), "text" (no image),
+    "missing" (an image path that does not exist). Images are small coloured PNGs under `image_dir`."""
+    import json
+    import random
+    from PIL import Image
+    rng = random.Random(seed)
+    root = os.path.dirname(str(path))
+    os.makedirs(os.path.join(root, image_dir), exist_ok=True)
+    recs = []
+    for i, kind in enumerate(kinds):
+        q, a = rng.choice([("what color is the square ?", "red"), ("how many objects are there ?", "two"),
+                           ("describe the image .", "a red circle left of a blue square")])
+        rec = {"id": f"s{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        if kind != "text":
+            rec["image"] = f"{image_dir}/{i}.png"
+            rec["conversations"][0]["value"] = "<image>\n" + q
+            if kind == "image":
+                Image.new("RGB", (20, 20), tuple(rng.randrange(256) for _ in range(3))).save(os.path.join(root, rec["image"]))
+        recs.append(rec)
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return str(path)
+
+
+def save_llava(path, tower="siglip", arch="qwen2", bos=False, hidden=32, layers=2, heads=4, kv_heads=2,
+               image_size=16, patch_size=8, strategy=None, feature_layer=-2, tie=False, dtype=torch.bfloat16, seed=0):
+    """A random Hugging Face LlavaForConditionalGeneration saved with save_pretrained (in `dtype`, as hub checkpoints
+    come), with its LlavaProcessor: the BPE tokenizer plus an <image> token, the tower's image processor. strategy:
+    LLaVA's vision_feature_select_strategy (default: "default" for CLIP, whose CLS token it drops; "full" for
+    SigLIP); feature_layer: its vision_feature_layer; tie: the LM head shares the input embedding."""
+    from transformers import (AutoConfig, CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig)
+    from data import image_processor
+    tok = bpe_tokenizer(bos=bos)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=image_size, patch_size=patch_size)
+    if tower == "clip":
+        vision = CLIPVisionConfig(**kw)
+        proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                     crop_size={"height": image_size, "width": image_size})
+    else:
+        vision = SiglipVisionConfig(**kw)
+        proc = image_processor(image_size)
+    strategy = strategy or ("default" if tower == "clip" else "full")
+    extra = dict(head_dim=hidden // heads) if arch == "qwen3" else {}
+    text = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                max_position_embeddings=512, tie_word_embeddings=tie, eos_token_id=tok.eos_token_id,
+                                bos_token_id=tok.bos_token_id, pad_token_id=None, **extra)
+    n_tokens = (image_size // patch_size) ** 2 - (strategy == "default") + (tower == "clip")
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+                      image_seq_length=n_tokens)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(cfg).to(dtype).save_pretrained(path)
+    LlavaProcessor(image_processor=proc, tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy=strategy,
+                   num_additional_image_tokens=int(tower == "clip")).save_pretrained(path)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# running stages
+
+LAYERS = dict(student_layers=[0, 1], teacher_layers=[1, 2, 3])  # of a 2-layer student and a 4-layer teacher
+
+
+def args(d):
+    return [f"--{k}={v}" for k, v in d.items()]
+
+
+def run(stage, **kw):
+    """One stage in this process, small and fast by default."""
+    import trainer
+    defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
+                "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
+    base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
+                max_length=96, warmup_frac=0.0)
+    return trainer.main(defaults, args({**base, **kw}))
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:  # a fixed port hangs when two suites run at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, argv, nproc=2, timeout=240):
+    """`script` under torchrun with `nproc` CPU processes (gloo); a hang fails at `timeout` instead of blocking."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           os.path.join(root, script), *argv]
+    return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory):
+    """Tiny backbones as real ones come, a teacher (2 SFT steps from backbones; its LM's embedding padded 48 rows
+    past the tokenizer, as Qwen's is) and a DPT student with TAF (2 steps), all from bf16 checkpoints."""
+    root = tmp_path_factory.mktemp("hf")
+    tok = bpe_tokenizer()
+    d = dict(root=root, siglip=save_tower(root / "siglip"), clip=save_tower(root / "clip", "clip"),
+             teacher_lm=save_lm(root / "qwen2_t", tok, hidden=48, layers=4, pad_rows=48),
+             student_lm=save_lm(root / "qwen2_s", tok, hidden=32, layers=2, seed=1),
+             data=write_llava(root / "data.json", ["image"] * 6 + ["text"] * 2))
+    d["teacher"], d["dpt"] = str(root / "teacher"), str(root / "dpt")
+    run("sft", init_from="backbones", vision_model=d["siglip"], llm_model=d["teacher_lm"], data=d["data"],
+        out_dir=d["teacher"])
+    run("dpt", init_from="backbones", vision_model=d["siglip"], llm_model=d["student_lm"], teacher=d["teacher"],
+        data=d["data"], out_dir=d["dpt"], **LAYERS)
+    return d

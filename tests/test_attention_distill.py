@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from conftest import IMAGE_TOKEN_ID, tiny_vlm
+from conftest import tiny_vlm
 
 
 def _batch():
@@ -63,43 +63,26 @@ def test_capture_needs_our_attention_and_real_layers():
 # -- KD ------------------------------------------------------------------------------------------
 
 def test_kd_loss_matches_kl_div_reference():
+    """Rows are the positions that predict an answer token (TeacherStudent selects them; tests/test_model.py checks
+    the shift); the teacher's embedding is padded to 13 rows, the tokenizer's vocabulary is 11."""
     torch.manual_seed(0)
-    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 13)  # teacher vocab padded to 13 rows
-    labels = torch.tensor([[-100, -100, 4, 5, -100, 6], [-100, 1, 2, -100, -100, -100]])
+    s, t = torch.randn(5, 12), torch.randn(5, 13)
     tau = 2.0
-    # brute force: position i predicts labels[i+1]
-    terms = []
-    for b in range(2):
-        for i in range(5):
-            if labels[b, i + 1] != -100:
-                p_t = F.softmax(t[b, i, :11] / tau, -1)
-                log_p_s = F.log_softmax(s[b, i] / tau, -1)
-                terms.append(F.kl_div(log_p_s, p_t, reduction="sum"))
+    terms = [F.kl_div(F.log_softmax(s[i, :11] / tau, -1), F.softmax(t[i, :11] / tau, -1), reduction="sum")
+             for i in range(5)]
     want = torch.stack(terms).mean() * tau ** 2
-    assert len(terms) == 5
-    torch.testing.assert_close(ad.kd_loss(s, t, labels, tau), want)
-
-
-def test_kd_loss_shift_is_not_the_unshifted_reference_form():
-    # Hand-built: student == teacher everywhere except at position 1. Labels supervise position 2
-    # only, so the right (shifted) loss reads position 1 and is > 0; the unshifted mask would read
-    # position 2, where the two agree, and give 0.
-    V = 3
-    t = torch.zeros(1, 4, V)
-    s = t.clone()
-    s[0, 1] = torch.tensor([2.0, 0.0, 0.0])
-    labels = torch.tensor([[-100, -100, 1, -100]])
-    want = F.kl_div(F.log_softmax(s[0, 1], -1), F.softmax(t[0, 1], -1), reduction="sum")
-    assert want > 0.1
-    torch.testing.assert_close(ad.kd_loss(s, t, labels), want)
-    unshifted = labels != -100
-    assert ad.kd_loss_selected(s[unshifted], t[unshifted]) == 0
+    torch.testing.assert_close(ad.kd_loss(s, t, tau, vocab_size=11), want)
+    # without vocab_size: the smaller of the two (here the student's 12 rows)
+    terms12 = [F.kl_div(F.log_softmax(s[i] / tau, -1), F.softmax(t[i, :12] / tau, -1), reduction="sum")
+               for i in range(5)]
+    torch.testing.assert_close(ad.kd_loss(s, t, tau), torch.stack(terms12).mean() * tau ** 2)
+    assert float(ad.kd_loss(t, t)) == pytest.approx(0, abs=1e-6)
 
 
 # -- VAT -----------------------------------------------------------------------------------------
 
 def _vat_reference_loop(A_s, A_t, sample_mask):
-    """METHOD.md's reference form, written as plain loops."""
+    """The reference code's form (README: what each stage does), written as plain loops."""
     L, B, Nq, Nk = A_s.shape
     total = 0.0
     for l in range(L):
@@ -227,3 +210,36 @@ def test_attention_probs_gradients_match_plain_autograd(mask_kind):
     p = s.softmax(-1).nan_to_num(0.0)
     want = torch.stack([p[b][:, rows[b]][:, :, cols[b]] for b in range(B)]).mean(1)
     torch.testing.assert_close(ad.attention_probs(q, k, mask, rows, cols), want)
+
+
+def test_attention_probs_are_float32_under_bf16_autocast():
+    """Under bf16 autocast the probabilities (forward and the recomputing backward) stay float32: the same numbers
+    as outside autocast, so the forward and the backward see one softmax."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 9, 8
+    q = torch.randn(B, H, T, D).bfloat16()
+    k = torch.randn(B, Hkv, T, D).bfloat16()
+    rows, cols = torch.tensor([[3, 5, 8], [4, 6, 7]]), torch.tensor([[0, 1, 2], [1, 2, 3]])
+
+    def run(autocast):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            p = ad.attention_probs(qq, kk, None, rows, cols)
+        (p * torch.arange(p.numel()).view_as(p)).sum().backward()
+        return p, qq.grad, kk.grad
+
+    (p0, dq0, dk0), (p1, dq1, dk1) = run(False), run(True)
+    assert p1.dtype == torch.float32
+    assert torch.equal(p0, p1) and torch.equal(dq0, dq1) and torch.equal(dk0, dk1)
+
+
+def test_adaptive_matching_ignores_text_only_samples():
+    # Sample 1 is text-only (its "image columns" are arbitrary positions): it must not decide the match.
+    torch.manual_seed(0)
+    s = torch.rand(1, 2, 4, 4)
+    t = {0: s[0].clone(), 1: s[0].clone()}
+    t[0][0] = s[0, 0] + 0.5 * torch.rand(4, 4)  # layer 1 matches the image sample exactly ...
+    t[0][1] = s[0, 1]
+    t[1][1] = torch.rand(4, 4) * 10  # ... layer 0 only the text-only sample
+    assert ad.adaptive_matching(s, t, [[0, 1]], sample_mask=torch.tensor([True, False])) == [1]
+    assert ad.adaptive_matching(s[:, :1], {l: m[:1] for l, m in t.items()}, [[0, 1]]) == [1]

@@ -1,8 +1,12 @@
-"""bench.py end to end on the tiny preset: the JSON's structure, the ratios, the ours = reference check."""
+"""bench.py end to end on the tiny preset (the JSON's structure, the ratios, the ours = reference check) and its
+memory estimate."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -10,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: the step count is small and a busy 2-core machine makes OpenMP barriers slow
-    cmd = [sys.executable, "bench.py", "--preset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--json={out}"]
+    cmd = [sys.executable, "bench.py", "--preset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--json_out={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
@@ -31,6 +35,7 @@ def test_bench_tiny_json(tmp_path):
         assert len(r["step_s_all"]) == 2 and r["step_s"] > 0
         assert r["tokens_per_s"] == 4 * 128 / r["step_s"]
         assert r["mfu"] is None  # CPU: no MFU
+        assert r["saved_mib"] > 0  # autograd's saved activations, counted on any device
         if res["memory_method"] is not None:
             assert r["peak_mem_mib"] > 0 and r["step_mem_mib"] > 0
         assert all(isinstance(r["losses"][k], float) for k in ("lm", "kd", "vat"))
@@ -47,3 +52,27 @@ def test_bench_rejects_unknown_mode():
     cmd = [sys.executable, "bench.py", "--modes=ours,fast"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "bad modes 'ours,fast'" in proc.stderr
+
+
+def test_memory_estimate_counts_the_models_parameters_and_shards_them():
+    import bench
+    from model import VLM, VLMConfig
+    p = bench.PRESETS["tiny"]
+    c = bench.param_counts(p, rank=8)
+    # against the real models built from the same configs
+    torch.manual_seed(0)
+    lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
+    t = VLM(VLMConfig(vision=dict(bench.VISION, **p["vision"]), llm=lm(p["teacher"]), image_token_id=0))
+    n = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
+    assert c["t_layers"] + c["t_lm_rest"] == n(t.llm) and c["t_tower"] == n(t.vision_tower)
+    assert c["post_connector"] == 256 * 128 + 128  # Linear(d_teacher 256 -> d_student 128)
+    d, f = 128, 256  # student: q, k, v, o (GQA: k, v 64 wide), gate, up (d -> f), down (f -> d), 4 layers
+    assert c["lora"] == 8 * 4 * ((d + d) + 2 * (d + 64) + (d + d) + 2 * (d + f) + (f + d))
+    ddp, fsdp = (bench.memory_estimate(p, s, ckpt=True, world=4) for s in ("ddp", "fsdp"))
+    assert fsdp["optimizer"] == pytest.approx(ddp["optimizer"] / 4)  # AdamW's states sharded over 4 GPUs
+    assert ddp["optimizer"] == pytest.approx(8 * (c["s_layers"] + c["s_lm_rest"] + c["post_connector"]) / 2**30)
+    assert ddp["total"] == pytest.approx(sum(v for k, v in ddp.items() if k != "total"))
+    lora = bench.memory_estimate(p, "ddp_lora", ckpt=True, rank=8)
+    assert lora["grads"] == pytest.approx(4 * (c["lora"] + c["post_connector"]) / 2**30)
+    full = bench.memory_estimate(p, "ddp", ckpt=False)
+    assert full["activations"] > ddp["activations"]  # checkpointing keeps one layer input, not every activation

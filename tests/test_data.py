@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CHAT, ChatTemplate, LLaVADataset, collate, image_processor, load_records,  # noqa: E402
-                  tokenize_conversation, word_tokenizer)
+from data import (CHAT, ChatTemplate, Dropped, LLaVADataset, check_dataset, collate, image_processor,  # noqa: E402
+                  load_records, tokenize_conversation, word_tokenizer)
 
 WORDS = ["what color is the square?", "red.", "and the circle?", "blue", "what is it?", "a square"]
 N_V = 4  # image tokens per image
@@ -103,17 +103,19 @@ def test_truncation_never_cuts_the_image(tmp_path):
     # NO_SYSTEM layout: user : (0,1) | <image> x4 (2..5) | what color is the square ? (6..11) | assistant : (12,13)
     # | red . <eos> (14..16) | ...
     ds = make_dataset(tmp_path, rec, max_length=5, template=NO_SYSTEM)
-    with pytest.warns(UserWarning, match="sample 'i': its image tokens end at position 6 > max_length=5"):
-        assert ds[0] is None
+    d = ds[0]
+    assert isinstance(d, Dropped) and d.reason == "image_truncated"
+    assert d.message.endswith("data.json, sample 'i': its image tokens end at position 6 > max_length=5; raise max_length")
     assert ds.dropped == {"image_truncated": 1}
 
     ds = make_dataset(tmp_path, rec, max_length=6, template=NO_SYSTEM)  # image fits, but no answer token left
-    with pytest.warns(UserWarning, match="no answer token left"):
-        assert ds[0] is None
+    d = ds[0]
+    assert d.reason == "no_supervised_tokens" and "no answer token left within max_length=6" in d.message
     assert ds.dropped == {"no_supervised_tokens": 1}
 
-    ds = make_dataset(tmp_path, rec, max_length=15, template=NO_SYSTEM)  # cut after "red": kept
+    ds = make_dataset(tmp_path, rec, max_length=15, template=NO_SYSTEM)  # cut after "red": kept, and marked
     s = ds[0]
+    assert s["truncated"] and collate([s], 0)["truncated"] == [(ds.path, 0)]
     tok = ds.tokenizer
     assert s["input_ids"].tolist() == ids(tok, ["user", ":"] + ["<image>"] * 4 + ["what", "color", "is", "the",
                                                                                "square", "?", "assistant", ":", "red"])
@@ -128,11 +130,13 @@ def test_collate(tmp_path):
             {"id": "1", "conversations": TEXT_ONLY},
             {"id": "2", "image": "b.png", "conversations": TEXT_ONLY}]
     ds = make_dataset(tmp_path, recs, template=NO_SYSTEM)
-    samples = [ds[0], None, ds[1], ds[2]]
-    lens = [len(s["input_ids"]) for s in samples if s is not None]
+    gone = Dropped(("x.json", 7), "missing_image", "x.json, sample 7: cannot read image")
+    samples = [ds[0], gone, ds[1], ds[2]]
+    lens = [len(s["input_ids"]) for s in samples if not isinstance(s, Dropped)]
     assert lens == [27, 11, 15]
     batch = collate(samples, pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_mask", "dropped", "truncated"}
+    assert batch["dropped"] == [gone] and batch["truncated"] == []
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, 27)
     assert batch["attention_mask"].sum(1).tolist() == [27, 11, 15]
     assert batch["attention_mask"].dtype == torch.long
@@ -144,9 +148,9 @@ def test_collate(tmp_path):
     # one row per image sample, in batch order: red then blue, SigLIP-normalised to [-1, 1]
     assert batch["pixel_values"].shape == (2, 3, S, S)
     assert batch["pixel_values"][:, :, 0, 0].tolist() == [[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]]
-    text_only = collate([ds[1], None], pad_id=0)
+    text_only = collate([ds[1], gone], pad_id=0)
     assert text_only["pixel_values"] is None and text_only["image_mask"].tolist() == [False]
-    assert collate([None, None], pad_id=0) is None
+    assert collate([gone, gone], pad_id=0) == {"dropped": [gone, gone], "truncated": []}  # no input_ids
 
 
 def test_tokenizer_and_image_processor_round_trip(tmp_path):
@@ -178,13 +182,11 @@ def test_missing_or_corrupt_image_is_dropped_and_counted(tmp_path):
             {"id": "b", "conversations": TWO_TURNS},  # <image> in the text, no image: bad sample
             {"id": "ok", "conversations": TEXT_ONLY}]
     ds = make_dataset(tmp_path, recs)
-    with pytest.warns(UserWarning, match="nope.png"):
-        assert ds[0] is None
-    with pytest.warns(UserWarning, match="bad.png"):
-        assert ds[1] is None
-    with pytest.warns(UserWarning, match="sample 'b'"):
-        assert ds[2] is None
-    assert ds[3] is not None
+    assert "nope.png" in ds[0].message and "bad.png" in ds[1].message
+    assert ds[2].message.startswith(f"{ds.path}, sample 'b': ") and ds[2].reason == "bad_sample"
+    assert not isinstance(ds[3], Dropped)
+    for _ in range(3):  # fetched again (a second epoch): still one drop per sample
+        ds[0]
     assert ds.dropped == {"missing_image": 2, "bad_sample": 1}
 
 
@@ -200,3 +202,57 @@ def test_load_records_formats_and_errors(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"id": 1}\n{oops\n')
     with pytest.raises(ValueError, match="broken.jsonl, line 2"):
         load_records(str(tmp_path / "broken.jsonl"))
+
+
+def test_bad_data_messages_name_the_file_and_sample(tmp_path):
+    recs = [{"id": "q", "conversations": [{"from": "human", "value": "What is it?"}]},  # no answer at all
+            {"id": "ok", "conversations": TEXT_ONLY}]
+    ds = make_dataset(tmp_path, recs)
+    d = ds[0]
+    assert d.reason == "bad_sample" and d.message == f"{ds.path}, sample 'q': no gpt turn: the conversation has no " \
+                                                     "answer to learn from"
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8 text"):
+        load_records(str(tmp_path / "latin1.json"))
+    with pytest.raises(ValueError, match="data.json: no samples"):
+        make_dataset(tmp_path, [])
+
+
+def test_check_dataset_stops_when_most_samples_are_unusable(tmp_path):
+    write_png(tmp_path / "a.png", "red")
+    recs = [{"id": str(i), "image": "a.png" if i == 0 else f"img/{i}.png", "conversations": TEXT_ONLY}
+            for i in range(10)]  # a wrong image folder: 9 of 10 images missing
+    ds = make_dataset(tmp_path, recs)
+    with pytest.raises(ValueError) as e:
+        check_dataset(ds, n=5)
+    msg = str(e.value)
+    assert msg.startswith(f"{ds.path}: 4 of 5 samples read cannot be used ({{'missing_image': 4}})")
+    assert "img/2.png" in msg  # the first paths are shown (samples 0, 2, 4, 7, 9 are read)
+    good, drops = check_dataset(make_dataset(tmp_path, recs[:1] + [{"id": "t", "conversations": TEXT_ONLY}]))
+    assert good["key"] == (str(tmp_path / "data.json"), 0) and drops == []
+
+
+def _bpe(bos):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.train_from_iterator(WORDS * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<s>", "<image>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:  # Llama style: the tokenizer itself puts <s> in front of everything it encodes
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", bos_token="<s>")
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_sequences_start_with_bos_exactly_once_when_the_tokenizer_adds_it(bos):
+    tok = _bpe(bos)
+    ids, labels = tokenize_conversation(TWO_TURNS, tok, N_V, has_image=True)
+    no_bos, _ = tokenize_conversation(TWO_TURNS, _bpe(False), N_V, has_image=True)
+    if bos:
+        assert ids[0] == 1 and ids.count(1) == 1 and labels[0] == -100 and ids[1:] == no_bos
+    else:
+        assert 1 not in ids and ids == no_bos
+    # the prompt evaluate.py generates from goes through the same function: the same start
+    prompt, _ = tokenize_conversation(TWO_TURNS[:1], tok, N_V, has_image=True)
+    assert prompt == ids[:len(prompt)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import alignment
 import evaluate as ev
 import shapes
 from conftest import llm_cfg, vision_cfg
@@ -149,9 +150,9 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     r = ev.Runner(student, world, batch_size=8, progress=False)
     items, _ = ev.load_cr(os.path.join(world, "test", "cr"), world, limit=1)
     specs = [(ev.CAPTION_PROMPT, it["image"], it["pos"]) for it in items]  # 7 items: one batch
-    s_layers, windows = ev.matched_layers(student, teacher, [1, 2], [2, 3, 4])
+    s_layers, windows = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
     assert s_layers == [1, 2] and windows == [[2, 3], [3, 4]]
-    got = ev.run_align(r, teacher, s_layers, windows, specs, "test")
+    got = alignment.run_align(r, teacher, s_layers, windows, specs, "test")
     (batch, _), = list(r.batches(specs, "test"))
     ts = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat), abs=1e-5)
     assert 0 < got["image_queries"]["flat_cos"] < 1 and 0 < got["text_queries"]["flat_cos"] < 1
     # a student that is its own teacher is perfectly aligned in every form
-    same = ev.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
+    same = alignment.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
     for form in (same["image_queries"], same["text_queries"]):
         for k, v in form.items():
             if k != "per_pair":
@@ -177,7 +178,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     teacher.save_pretrained(str(tmp_path / "teacher"))
     out = str(tmp_path / "eval")
     tasks = ["vqa", "cr", "pope", "wino", "align"]
-    rep = ev.evaluate(str(tmp_path / "student"), world, tasks, teacher=str(tmp_path / "teacher"), heatmaps=1,
+    rep = ev.evaluate(str(tmp_path / "student"), world, tasks=tasks, teacher=str(tmp_path / "teacher"), heatmaps=1,
                       out=out, batch_size=8, progress=False)
     saved = json.load(open(os.path.join(out, "report.json")))
     assert saved["tasks"] == tasks and all(t in saved for t in tasks)
@@ -188,7 +189,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert {s: v["n"] for s, v in saved["pope"]["forced"]["per_split"].items()} == \
         {"adversarial": 20, "popular": 20, "random": 20}
     assert set(saved["align"]) == {"vqa", "cr"} and set(saved["align"]["cr"]["image_queries"]["per_pair"]) == \
-        {"s1<-t2..3", "s2<-t3..4"}
+        {"student layer 1 vs teacher layers 2-3", "student layer 2 vs teacher layers 3-4"}
     assert saved["cr"]["mcq"]["unknown_words"] == []  # shapes.vocabulary() covers the MCQ prompt
 
     def numbers(d, path=""):
@@ -209,7 +210,9 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     (png,) = saved["heatmaps"]
     assert os.path.isfile(png) and png == rep["heatmaps"][0]
     with Image.open(png) as im:
-        assert im.size == ev.heatmap_size(n_pairs=2, n_rows=4) == (ev.HEAT["label_w"] + 3 * 128, 34 + 16 + 4 * 128)
+        H = alignment.HEAT
+        assert im.size == alignment.heatmap_size(n_pairs=2, n_rows=4) == \
+            (H["label_w"] + 3 * 128, H["title_h"] + H["header_h"] + 4 * (128 + H["caption_h"]) + H["bar_h"])
     md = open(os.path.join(out, "report.md")).read()
     assert "| model | VQA | CR mcq | CR lik |" in md and "heatmap_000.png" in md
 

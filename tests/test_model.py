@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import attention_distill as ad
 from conftest import IMAGE_TOKEN_ID, tiny_vlm
-from model import VLM, TeacherStudent, set_trainable
+from model import VLM, TeacherStudent, enable_checkpointing, set_trainable
 
 
 def _batch():
@@ -83,26 +83,50 @@ def test_shared_tower_and_teacher_connector_reuse_give_the_same_losses():
         torch.testing.assert_close(fast[k], slow[k])
 
 
-def test_teacher_student_losses_against_direct_computation():
+def _direct(ts, b):
+    s_out = ts.student(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])
+    t_out = ts.teacher(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    return s_out, t_out
+
+
+def test_lm_loss_and_total_against_the_plain_forward():
     ts = _pair(taf=False)
     b = _batch()
     out = ts(b)
-    s_out = ts.student(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])
-    t_out = ts.teacher(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    s_out, _ = _direct(ts, b)
     torch.testing.assert_close(out["lm"], s_out["loss"])
-    torch.testing.assert_close(out["kd"], ad.kd_loss(s_out["logits"], t_out["logits"], b["labels"]))
     assert out["vat"] > 0
     torch.testing.assert_close(out["total"], out["lm"] + out["kd"] + out["vat"])
-    # a student identical to its teacher has zero KD and zero VAT (every form)
-    same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher), student_layers=[2, 3], teacher_layers=[2, 3])
-    for kw in [{}, {"vat_pool": "flat", "vat_queries": "all"}, {"matching": "adaptive"}]:
-        same2 = TeacherStudent(ts.teacher, same.student, student_layers=[2, 3], teacher_layers=[2, 3],
-                               matching=kw.get("matching", "simple"), **{k: v for k, v in kw.items() if k != "matching"})
-        o = same2(b)
-        assert float(o["kd"]) == pytest.approx(0, abs=1e-6) and float(o["vat"]) == pytest.approx(0, abs=1e-5)
-    # SFT: no teacher, LM only
+
+
+def test_kd_reads_the_positions_that_predict_an_answer_token():
+    ts = _pair(taf=False)
+    b = _batch()
+    out = ts(b)
+    s_out, t_out = _direct(ts, b)
+    # KD brute force: position i predicts labels[i + 1] (shifted like the LM loss)
+    terms = [F.kl_div(F.log_softmax(s_out["logits"][r, i], -1), F.softmax(t_out["logits"][r, i], -1), reduction="sum")
+             for r in range(3) for i in range(9) if b["labels"][r, i + 1] != -100]
+    torch.testing.assert_close(out["kd"], torch.stack(terms).mean())
+    # the reference code's unshifted mask reads other positions: a different number
+    same_pos = b["labels"] != -100
+    assert abs(float(ad.kd_loss(s_out["logits"][same_pos], t_out["logits"][same_pos])) - float(out["kd"])) > 1e-4
+
+
+@pytest.mark.parametrize("form", [dict(matching="simple"), dict(matching="simple", vat_pool="flat", vat_queries="all"),
+                                  dict(matching="adaptive")])
+def test_a_student_identical_to_its_teacher_has_zero_kd_and_vat(form):
+    ts = _pair(taf=False)
+    same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher), student_layers=[2, 3], teacher_layers=[2, 3], **form)
+    o = same(_batch())
+    assert float(o["kd"]) == pytest.approx(0, abs=1e-6) and float(o["vat"]) == pytest.approx(0, abs=1e-5)
+
+
+def test_without_a_teacher_the_loss_is_the_lm_loss():
+    ts = _pair(taf=False)
+    b = _batch()
     sft = TeacherStudent(None, ts.student)(b)
-    torch.testing.assert_close(sft["total"], s_out["loss"])
+    torch.testing.assert_close(sft["total"], _direct(ts, b)[0]["loss"])
     assert sft["kd"] == 0 and sft["vat"] == 0
 
 
@@ -183,7 +207,7 @@ def test_vat_gradients_are_the_same_with_gradient_checkpointing():
         return out["vat"].detach(), {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
 
     vat, want = grads()
-    ts.student.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(ts.student.llm)
     vat_ckpt, got = grads()
     torch.testing.assert_close(vat_ckpt, vat)
     assert got.keys() == want.keys() and any(g.abs().sum() > 0 for g in want.values())

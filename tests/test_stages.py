@@ -1,4 +1,5 @@
 """The three stages end to end on a tiny shapes world: hand-off, trainable sets, DDP, resume, crash safety."""
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 import shapes
 import trainer
-from model import VLM
+from model import VLM, find_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -62,36 +63,41 @@ def changed(a, b):
     return sorted({k.split(".")[0] if not k.startswith("llm.") else "llm" for k in a.keys() & b.keys() if not torch.equal(a[k], b[k])})
 
 
-def test_stage_handoff_and_trainable_sets(world, monkeypatch):
-    teacher, dpt = weights(world["teacher"]), VLM.from_pretrained(world["dpt"])
-    # DPT (TAF): the student's connector is the teacher's, its tower too; only post_connector trained
-    assert dpt.config.taf and dpt.config.extra["stage"] == "dpt" and dpt.config.extra["step"] == 2
-    for k, v in dpt.state_dict().items():
-        if k.startswith(("connector.", "vision_tower.")):
-            assert torch.equal(v, teacher[k]), k
-    fresh = dict(dpt.state_dict())
-    before = {k: v.clone() for k, v in fresh.items()}
-
-    loaded = []
-    real = VLM.from_pretrained.__func__
-    monkeypatch.setattr(VLM, "from_pretrained", classmethod(lambda cls, p, **kw: loaded.append(p) or real(cls, p, **kw)))
+@pytest.fixture(scope="module")
+def chain(world):
+    """DFT from the fixture's DPT student, then SFT from that DFT, recording which directories each stage loads."""
+    loaded, real = {}, VLM.from_pretrained.__func__
     root = world["root"]
-    run_stage(DFT, init_from=world["dpt"], teacher=world["teacher"], data=world["instruct"], out_dir=str(root / "dft"),
-              student_layers=[0, 1], teacher_layers=[1, 2, 3])
-    dft = weights(root / "dft")
-    assert changed(before, dft) == ["llm", "post_connector"]  # not the tower, not the TAF connector
-    assert world["teacher"] in loaded
+    with pytest.MonkeyPatch.context() as mp:
+        for stage, kw in (("dft", dict(init_from=world["dpt"], teacher=world["teacher"], student_layers=[0, 1],
+                                       teacher_layers=[1, 2, 3])),
+                          ("sft", dict(init_from=str(root / "dft")))):
+            seen = loaded.setdefault(stage, [])
+            mp.setattr(VLM, "from_pretrained", classmethod(lambda cls, p, seen=seen, **k: seen.append(p) or real(cls, p, **k)))
+            run_stage(DFT if stage == "dft" else SFT, data=world["instruct"], out_dir=str(root / stage), **kw)
+    return dict(loaded=loaded, dft=str(root / "dft"), sft=str(root / "sft"))
 
-    loaded.clear()
-    run_stage(SFT, init_from=str(root / "dft"), data=world["instruct"], out_dir=str(root / "sft"))
-    assert loaded == [str(root / "dft")]  # SFT never loads the teacher
+
+def test_dpt_student_sees_through_the_teachers_frozen_connector_and_tower(world):
+    teacher, dpt = weights(world["teacher"]), VLM.from_pretrained(world["dpt"])
+    assert dpt.config.taf and dpt.config.extra["stage"] == "dpt" and dpt.config.extra["step"] == 2
+    shared = [k for k in dpt.state_dict() if k.startswith(("connector.", "vision_tower."))]
+    assert shared and all(torch.equal(dpt.state_dict()[k], teacher[k]) for k in shared)
+
+
+def test_dft_trains_the_lm_and_post_connector_with_the_teacher(world, chain):
+    assert changed(weights(world["dpt"]), weights(chain["dft"])) == ["llm", "post_connector"]
+    assert world["teacher"] in chain["loaded"]["dft"]
+    log = [json.loads(line) for line in open(os.path.join(chain["dft"], "train_log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all(r["vat"] > 0 for r in log)
+
+
+def test_sft_never_loads_the_teacher_and_keeps_the_layer_pairs(chain):
+    assert chain["loaded"]["sft"] == [chain["dft"]]
+    assert changed(weights(chain["dft"]), weights(chain["sft"])) == ["llm", "post_connector"]
     # the distillation layer pairs travel with the SFT checkpoint (evaluate.py measures alignment there)
-    assert VLM.from_pretrained(str(root / "sft")).config.extra["distill"] == \
+    assert VLM.from_pretrained(chain["sft"]).config.extra["distill"] == \
         {"student_layers": [0, 1], "teacher_layers": [1, 2, 3], "matching": "group"}
-    sft = weights(root / "sft")
-    assert changed(dft, sft) == ["llm", "post_connector"]
-    log = [l for l in open(root / "dft" / "train_log.jsonl")]
-    assert len(log) == 2 and '"vat"' in log[0]
 
 
 def test_everyone_sees_through_the_pretrained_tower(world):
@@ -103,8 +109,8 @@ def test_everyone_sees_through_the_pretrained_tower(world):
 
 
 def test_dpt_trains_post_connector_only(world):
-    # a second DPT run from the same scratch settings changes only post_connector vs its own init:
-    # checked through the teacher copy (connector) and the step-0 vs step-2 difference of a 0-lr run
+    # two one-step DPT runs from the same new student (same seed), one at lr 0: only the post_connector differs,
+    # so nothing else trains in DPT (the LM, the tower and the TAF connector stay as built)
     root = world["root"]
     run_stage(DPT, init_from="scratch", teacher=world["teacher"], data=world["pretrain"], out_dir=str(root / "dpt0"),
               llm=llm(32, 2), student_layers=[0, 1], teacher_layers=[1, 2, 3], max_steps=1, lr=0.0)
@@ -141,14 +147,15 @@ def test_killed_write_leaves_previous_checkpoint(world, monkeypatch):
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         run_stage(SFT, **common)
-    assert trainer.checkpoint_dir(out) == out
+    assert find_checkpoint(out) == out
     after = weights(out)
     assert all(torch.equal(good[k], after[k]) for k in good)  # the step-2 checkpoint is intact
     assert os.path.isdir(out + ".tmp")  # the half-written one never took its place
     # killed between the two renames: only out.old exists, and it is what loads
     os.rename(out, out + ".old")
-    assert trainer.checkpoint_dir(out) == out + ".old"
-    assert VLM.from_pretrained(trainer.checkpoint_dir(out)) is not None
+    assert find_checkpoint(out) == out + ".old"
+    old = VLM.from_pretrained(out)  # reads out.old
+    assert all(torch.equal(v, good[k]) for k, v in old.state_dict().items() if k in good)
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(world):
@@ -173,8 +180,14 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(world):
     assert any(not torch.equal(a[k], weights(world["dpt"])[k]) for k in a)  # training really moved the weights
 
 
-@pytest.mark.parametrize("path", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")))
-def test_every_preset_passes_the_config_checks(path):
-    cfg = trainer.configure(dict(trainer.DEFAULTS), [os.path.join(ROOT, "config", path)])
-    assert cfg.keys() == trainer.DEFAULTS.keys()
-    assert cfg["init_from"] in ("scratch", "backbones") or cfg["init_from"].startswith("out/")
+def test_the_presets_chain_stage_to_stage():
+    """Every preset passes the config checks; each writes its own out_dir; each init_from / teacher that is a
+    directory is another preset's out_dir (the hand-off a reader follows: teacher -> DPT -> DFT -> SFT)."""
+    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), [os.path.join(ROOT, "config", f)])
+            for f in sorted(os.listdir(os.path.join(ROOT, "config"))) if f.endswith(".py")}
+    outs = [c["out_dir"] for c in cfgs.values()]
+    assert len(set(outs)) == len(outs)
+    for f, c in cfgs.items():
+        for key in ("init_from", "teacher"):
+            if c[key] and c[key] not in ("scratch", "backbones"):
+                assert c[key] in outs, (f, key, c[key])

@@ -1,0 +1,70 @@
+"""
+One image and a prompt in, the model's answer out (this project's nanoGPT sample.py):
+
+    python sample.py --model=out/shapes/sft --image=out/shapes/images/test_00000.png --prompt="what color is the star ?"
+
+--model: any checkpoint directory (a stage's out_dir) or a Hugging Face LLaVA directory. The prompt is written as in
+training (data.tokenize_conversation: the image, then the prompt, then " ASSISTANT:"). Greedy decoding by default,
+as evaluate.py does; --temperature > 0 samples instead (--seed). On a GPU when there is one, in bfloat16; else on the
+CPU in float32. Prints the answer only.
+"""
+import sys
+
+import torch
+
+from data import tokenize_conversation
+from model import VLM
+
+DEFAULTS = dict(
+    model="out/shapes/sft",   # checkpoint directory: ours or a Hugging Face LLaVA one
+    image="",                 # a .png / .jpg file
+    prompt="describe the image .",  # the question, as the user's turn of the chat
+    max_new_tokens=64,        # the answer's length limit
+    temperature=0.0,          # 0: greedy; > 0: sample from softmax(logits / temperature)
+    seed=0,                   # for temperature > 0
+    device="auto",            # auto: cuda when available, else cpu
+    dtype="auto",             # auto: bfloat16 on cuda, float32 on cpu; or float32 / bfloat16
+)
+
+
+@torch.no_grad()
+def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
+    """The model's answer (text, up to its eos) to `prompt` about PIL `image`."""
+    tok = model.tokenizer
+    ids, _ = tokenize_conversation([{"from": "human", "value": prompt}], tok, model.num_image_tokens, True)
+    device = next(model.parameters()).device
+    ids = torch.tensor([ids], device=device)
+    pixels = model.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values.to(device)
+    new = model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens, temperature)[0].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def main(argv=None):
+    from PIL import Image
+    from configurator import configure
+    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
+    if not cfg["image"]:
+        raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg["dtype"] != "auto" and cfg["dtype"] not in dtypes:
+        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32 or bfloat16")
+    dtype = dtypes.get(cfg["dtype"], torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        image = Image.open(cfg["image"])
+        image.load()
+    except OSError as e:
+        raise FileNotFoundError(f"--image={cfg['image']}: cannot read it as an image ({e})") from e
+    model = VLM.from_pretrained(cfg["model"], dtype=dtype).to(device).eval()
+    torch.manual_seed(cfg["seed"])
+    text = answer(model, image, cfg["prompt"], cfg["max_new_tokens"], cfg["temperature"])
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    from configurator import cli
+    cli(main)

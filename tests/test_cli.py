@@ -1,0 +1,68 @@
+"""First contact: every script's --help / -h lists its settings with their defaults and exits 0; a user error
+prints one line and exits 2; a real crash keeps its traceback."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+import configurator
+import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(script, argv):
+    mod = importlib.import_module(script)
+    if hasattr(mod, "STAGE_DEFAULTS"):
+        return trainer.main(mod.STAGE_DEFAULTS, argv, doc=mod.__doc__)
+    return mod.main(argv) if script != "bench" else mod.main(configurator.configure(dict(mod.DEFAULTS), argv,
+                                                                                        mod.__doc__, [mod.__file__]))
+
+
+@pytest.mark.parametrize("script", ["train_dpt", "train_dft", "train_sft", "evaluate", "bench", "sample", "export_hf"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_and_exits_0(script, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(script, [flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    mod = importlib.import_module(script)
+    defaults = dict(trainer.DEFAULTS, **mod.STAGE_DEFAULTS) if hasattr(mod, "STAGE_DEFAULTS") else mod.DEFAULTS
+    assert out.startswith(mod.__doc__.strip()[:40]) and "usage: python " in out
+    for k, v in defaults.items():  # one line each: the setting, its default, what it does
+        line = next(line for line in out.splitlines() if line.startswith(f"  {k}={v!r}"))
+        assert len(line.split(None, 1)) == 2, f"{script}: {k} has no description"
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("config key 'lr' (from --lr=fast) expects float like the default 0.0002, got str 'fast'")
+    assert len(err.splitlines()) == 1
+
+
+def test_under_torchrun_every_rank_names_itself(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # an error of rank 1 alone must not go unsaid
+    with pytest.raises(SystemExit):
+        configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
+    assert capsys.readouterr().err.startswith(f"{os.path.basename(sys.argv[0])} [rank 1]: config key 'lr'")
+
+
+def test_real_crashes_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError):
+        configurator.cli(lambda: 1 / 0)
+    with pytest.raises(ValueError):  # raised by Python itself, not by one of our checks
+        configurator.cli(lambda: int("x"))
+
+
+def test_a_stage_script_with_a_bad_setting_exits_2_without_a_traceback():
+    r = subprocess.run([sys.executable, "train_dft.py", "--init_from=nowhere", "--teacher=", "--kd_weight=0",
+                        "--vat_weight=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("train_dft.py: init_from='nowhere': no checkpoint there; run the previous stage first "
+                                "(it writes its out_dir), or use init_from=backbones or scratch")

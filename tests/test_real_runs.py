@@ -1,0 +1,308 @@
+"""
+Real-model paths, on tiny Hugging Face checkpoints saved here as real ones come (bf16 LMs with byte-level BPE
+tokenizers and no pad token, SigLIP and CLIP towers) and LLaVA files with text-only and broken rows: DDP, precision,
+the start-up checks, resume rules, compile and signals.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import trainer
+from conftest import CORPUS, LAYERS, args, bpe_tokenizer, run, save_lm, save_tower, torchrun, weights, write_llava
+from model import VLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_order(n, seed, steps, world):
+    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
+    which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
+    split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
+    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
+    return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
+
+
+# -- 1-3: DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_runs(hf):
+    """DFT for 3 steps of batch 1: under torchrun with 2 processes, and in one process with grad_accum=2 (the same
+    samples in the same groups). Rank 0's first micro-batch is text-only (no gradient reaches the image adapter
+    there), rank 1's second one has only a missing image (dropped: nothing to run)."""
+    root = hf["root"]
+    order = data_order(8, 0, 3, 2)
+    kinds = ["image"] * 8
+    kinds[order[0][0]], kinds[order[1][1]] = "text", "missing"
+    data = write_llava(root / "ddp" / "data.json", kinds, seed=1)
+    common = dict(init_from=hf["dpt"], teacher=hf["teacher"], data=data, batch_size=1, max_steps=3,
+                  log_interval=1, eval_interval=0, save_interval=100, max_length=96, lr=1e-3, warmup_frac=0.0, **LAYERS)
+    single = str(root / "ddp" / "single")
+    run("dft", out_dir=single, grad_accum=2, **common)
+    out = str(root / "ddp" / "ddp")
+    r = torchrun("train_dft.py", args({**common, "out_dir": out}))  # a hang fails at its timeout
+    return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
+
+
+def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
+    r = ddp_runs["result"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(ddp_runs["single"]), weights(ddp_runs["ddp"])
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert not torch.equal(a["post_connector.weight"], b["post_connector.weight"] * 0)
+
+
+def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
+    r = ddp_runs["result"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(os.path.join(ddp_runs["ddp"], "train_state.pt"), weights_only=False)
+    assert state["step"] == 3
+    assert "dropped samples {'missing_image': 1}" in r.stdout
+
+
+def test_logged_losses_are_the_mean_over_all_ranks(ddp_runs):
+    def log(path):
+        return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["log"]
+    single, ddp = log(ddp_runs["single"]), log(ddp_runs["ddp"])
+    assert [r["step"] for r in ddp] == [1, 2, 3]
+    for s, d in zip(single, ddp):
+        for k in ("lm", "kd", "vat", "total"):
+            assert d[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), (d["step"], k)
+    # step 1: rank 1 has the only image sample, so a rank-0-only log would show no VAT at all
+    assert ddp[0]["vat"] > 0 and ddp[0]["lm"] != pytest.approx(ddp[1]["lm"])
+
+
+# -- 4: precision -----------------------------------------------------------------------------------------------
+
+def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
+    """The backbones were saved in bf16 (transformers 5 builds models in their config's dtype). Five AdamW steps at
+    lr 2e-4 move a norm weight by ~1e-3, less than bf16's spacing at 1.0 (2^-7): they survive only in float32."""
+    out = str(hf["root"] / "bf16")
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"], data=hf["data"],
+        out_dir=out, max_steps=5, lr=2e-4, dtype="bfloat16")
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    norm = weights(out)["llm.model.norm.weight"]
+    assert norm.dtype == torch.float32 and 0 < float((norm - 1).abs().max()) < 0.0078
+    m = VLM.from_pretrained(out)
+    assert m.config.llm["dtype"] == "float32" and next(m.llm.parameters()).dtype == torch.float32
+    # the frozen teacher may stay in bf16, and does under autocast
+    ts, _ = trainer.build_model(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"],
+                                     kd_weight=1.0), None)
+    assert next(ts.student.parameters()).dtype == torch.float32
+
+
+def test_bf16_teacher_and_student_keep_equal_towers_for_taf(hf):
+    """A teacher trained under bf16 autocast saves its frozen tower exactly as it came, so a student built from
+    the same pretrained tower can take the teacher's connector (TAF) in the next stage."""
+    teacher = str(hf["root"] / "bf16_teacher")
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["teacher_lm"], data=hf["data"],
+        out_dir=teacher, dtype="bfloat16", train_llm=False)
+    tower = load_file(os.path.join(hf["siglip"], "model.safetensors"))
+    saved = weights(teacher)
+    assert all(torch.equal(saved["vision_tower." + k], v) for k, v in tower.items())
+    run("dpt", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"], teacher=teacher,
+        data=hf["data"], out_dir=str(hf["root"] / "bf16_dpt"), dtype="bfloat16", **LAYERS)
+
+
+def test_float16_runs_with_a_grad_scaler_and_resumes_it(hf):
+    out = str(hf["root"] / "fp16")
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3, dtype="float16")
+    run("sft", stop_after=2, **common)
+    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
+    assert state["scaler"]["scale"] > 0 and state["step"] == 2
+    last = run("sft", **common)
+    assert last["step"] == 3 and all(torch.isfinite(v).all() for v in weights(out).values())
+    with pytest.raises(ValueError, match="dtype='half': use auto, float32, bfloat16 or float16"):
+        run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(hf["root"] / "half"), dtype="half")
+
+
+# -- 5: one tokenizer --------------------------------------------------------------------------------------------
+
+def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(hf):
+    other = bpe_tokenizer(corpus=[text[::-1] for text in CORPUS])  # other merges, same size
+    assert len(other) == len(bpe_tokenizer())
+    lm = save_lm(hf["root"] / "other_lm", other, seed=3)
+    with pytest.raises(ValueError, match=r"the teacher's tokenizer \(.*teacher\) and the student's \(.*other_lm\) differ"):
+        run("dpt", init_from="backbones", vision_model=hf["siglip"], llm_model=lm, teacher=hf["teacher"],
+            data=hf["data"], out_dir=str(hf["root"] / "other"), **LAYERS)
+
+
+def test_padded_embeddings_on_either_side_distill_over_the_real_vocabulary(hf):
+    """The fixture's teacher has 48 padding rows; here the student has 30 and the teacher none."""
+    tok = bpe_tokenizer()
+    t_lm = save_lm(hf["root"] / "t_nopad", tok, hidden=48, layers=4, seed=4)
+    s_lm = save_lm(hf["root"] / "s_pad", tok, pad_rows=30, seed=5)
+    t_out, s_out = str(hf["root"] / "t_nopad_vlm"), str(hf["root"] / "s_pad_dpt")
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=t_lm, data=hf["data"], out_dir=t_out)
+    last = run("dpt", init_from="backbones", vision_model=hf["siglip"], llm_model=s_lm, teacher=t_out,
+               data=hf["data"], out_dir=s_out, **LAYERS)
+    assert last["kd"] > 0
+    rows = {p: VLM.from_pretrained(p).llm.get_output_embeddings().out_features for p in (t_out, s_out)}
+    assert rows == {t_out: len(tok) + 1, s_out: len(tok) + 30}  # <image> was added to the unpadded one
+
+
+# -- 6: CLIP --------------------------------------------------------------------------------------------------------
+
+def test_clip_tower_llama_lm_end_to_end(hf):
+    """A CLIP tower emits 4 patches + a CLS token; the "default" strategy drops CLS, so 4 visual tokens. The Llama
+    LM's tokenizer has no pad token (eos pads) and adds BOS, which every training sequence starts with once."""
+    llama = save_lm(hf["root"] / "llama", bpe_tokenizer(bos=True), arch="llama", seed=6)
+    out = str(hf["root"] / "clip_llama")
+    run("sft", init_from="backbones", vision_model=hf["clip"], llm_model=llama, data=hf["data"], out_dir=out)
+    m = VLM.from_pretrained(out)
+    assert m.config.vision_feature_select_strategy == "default" and m.num_image_tokens == 4
+    assert m.tokenizer.pad_token == m.tokenizer.eos_token
+    px = torch.randn(2, 3, 16, 16)
+    hidden = m.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape[1] == 5 and torch.equal(m.vision_features(px), hidden[:, 1:])
+    from data import LLaVADataset
+    ds = LLaVADataset(hf["data"], None, m.tokenizer, m.image_processor, m.num_image_tokens, 96)
+    ids = ds[0]["input_ids"].tolist()
+    assert ids[0] == m.tokenizer.bos_token_id and ids.count(m.tokenizer.bos_token_id) == 1
+    assert ids.count(m.image_token_id) == 4
+
+
+def test_vision_feature_select_strategy_is_a_stage_setting(hf):
+    """On SigLIP, "default" drops the first patch as the reference code does (3 of 4 tokens here)."""
+    out = str(hf["root"] / "siglip_default")
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"], data=hf["data"],
+        out_dir=out, vision_feature_select_strategy="default")
+    assert VLM.from_pretrained(out).num_image_tokens == 3
+
+
+# -- 7: TAF needs the teacher's tower -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tower", ["clip", "siglip_other"])
+def test_taf_on_another_tower_is_refused(hf, tower):
+    path = hf["clip"] if tower == "clip" else save_tower(hf["root"] / "siglip_other", seed=7)
+    with pytest.raises(ValueError, match="TAF needs the teacher's vision tower"):
+        run("dpt", init_from="backbones", vision_model=path, llm_model=hf["student_lm"], teacher=hf["teacher"],
+            data=hf["data"], out_dir=str(hf["root"] / f"taf_{tower}"), **LAYERS)
+    # without TAF the same student distils (KD reads no connector of the teacher's); CLIP's 4 tokens match SigLIP's
+    run("dpt", init_from="backbones", vision_model=path, llm_model=hf["student_lm"], teacher=hf["teacher"],
+        data=hf["data"], out_dir=str(hf["root"] / f"notaf_{tower}"), taf=False, **LAYERS)
+
+
+# -- 8: a run that would train on nothing --------------------------------------------------------------------------
+
+def test_wrong_image_folder_stops_before_training(hf, tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError) as e:
+        run("sft", init_from=hf["dpt"], data=hf["data"], image_folder=str(tmp_path / "nowhere"), out_dir=out)
+    msg = str(e.value)
+    assert msg.startswith(f"{hf['data']}: 6 of 8 samples read cannot be used ({{'missing_image': 6}})")
+    assert str(tmp_path / "nowhere" / "images" / "0.png") in msg
+    assert not os.path.exists(out)
+
+
+# -- 9: resume only the same run -----------------------------------------------------------------------------------
+
+def test_rerun_into_a_finished_out_dir_with_other_settings_is_refused(hf, capsys):
+    out = str(hf["root"] / "finished")
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out)
+    run("sft", **common)
+    run("sft", **common, log_interval=5)  # same run: nothing to do
+    assert "already trained to step 2" in capsys.readouterr().out
+    other = write_llava(hf["root"] / "other.json", ["image"] * 4)
+    with pytest.raises(ValueError, match=rf"{out} holds a run with other settings \(data: '.*data.json' there, "
+                                         r"'.*other.json' now; lr: 0.001 there, 0.0002 now\)"):
+        run("sft", **dict(common, data=other), lr=2e-4)
+    with pytest.raises(ValueError, match=r"stage: 'sft' there, 'dft' now"):
+        run("dft", **common, teacher=hf["teacher"], **LAYERS)
+    # eval_interval > 0 holds a validation slice out of the training data: another run
+    with pytest.raises(ValueError, match=r"eval_interval: 0 there, 5 now"):
+        run("sft", **common, eval_interval=5)
+
+
+# -- 10: compile what runs -----------------------------------------------------------------------------------------
+
+def test_compile_compiles_the_decoders_training_calls(hf):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from data import LLaVADataset, collate
+    cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0,
+               vat_weight=1.0, **LAYERS)
+    ts, _ = trainer.build_model(cfg, None)
+    ds = LLaVADataset(hf["data"], None, ts.student.tokenizer, ts.student.image_processor, 4, 96)
+    batch = collate([ds[i] for i in range(4)], ts.student.tokenizer.pad_token_id)
+    want = ts(batch)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer.compile_models(ts, backend="eager")  # dynamo's tracing without code generation: fast
+    got = ts(batch)
+    assert counters["stats"]["unique_graphs"] >= 2  # the student's and the teacher's decoder really ran compiled
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    assert list(ts.student.state_dict()) == list(VLM.from_pretrained(hf["dpt"]).state_dict())  # keys unchanged
+
+
+# -- 12: the TAF shortcut survives the teacher's bf16 cast ------------------------------------------------------------
+
+def test_taf_connector_shortcut_survives_the_bf16_cast(hf):
+    cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0, **LAYERS)
+    ts, _ = trainer.build_model(cfg, None)
+    ts.teacher.to(torch.bfloat16)
+    assert ts.shared_vision and ts._reuses_teacher_connector()
+
+
+# -- 14: resume loads the optimizer state to the CPU ---------------------------------------------------------------
+
+def test_resume_loads_train_state_to_cpu(hf, monkeypatch):
+    out = str(hf["root"] / "maploc")
+    run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3, stop_after=1)
+    seen, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real(*a, **k))
+    run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3)
+    assert seen == ["cpu"]
+
+
+# -- 17: what the data loader dropped and cut, counted once per sample ---------------------------------------------
+
+def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
+    data = write_llava(hf["root"] / "drops" / "data.json", ["image", "missing", "image", "text"], seed=2)
+    # 4 samples, batch 2, 6 steps: every sample is fetched three times; the missing one counts once
+    run("sft", init_from=hf["dpt"], data=data, out_dir=str(hf["root"] / "drops" / "run"), max_steps=6,
+        max_length=70)
+    out = capsys.readouterr().out
+    assert "data: dropped samples {'missing_image': 1}; 2 cut at max_length=70" in out
+
+
+# -- 18: SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
+    root = hf["root"] / f"sig{int(sig)}"
+    common = dict(init_from=hf["dpt"], data=hf["data"], max_steps=40, batch_size=2, log_interval=1,
+                  eval_interval=0, save_interval=1000, max_length=96, lr=1e-3, warmup_frac=0.2)
+    run("sft", out_dir=str(root / "straight"), **common)
+    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), *args({**common, "out_dir": str(root / "cut")})]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step 3:"):
+            p.send_signal(sig)
+    assert p.wait(timeout=120) == 128 + int(sig), "".join(lines)[-3000:]
+    step = torch.load(root / "cut" / "train_state.pt", weights_only=False)["step"]
+    assert 3 <= step < 40 and f"{sig.name}: saved step {step}" in "".join(lines)
+    run("sft", out_dir=str(root / "cut"), **common)
+    a, b = weights(root / "straight"), weights(root / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_cast_to_bf16_keeps_rotary_frequencies_float32(hf):
+    """model.to(bf16) would cast the rotary inv_freq buffer too: at position 1000 the angle would be off by radians."""
+    from model import cast_weights
+    t = VLM.from_pretrained(hf["teacher"])
+    inv = t.llm.model.rotary_emb.inv_freq.clone()
+    cast_weights(t, torch.bfloat16)
+    assert next(t.llm.parameters()).dtype == torch.bfloat16
+    assert t.llm.model.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(t.llm.model.rotary_emb.inv_freq, inv)

@@ -214,8 +214,8 @@ def draw_heatmaps(path, image, title, rows, col_titles, panel=HEAT["panel"]):
     yb, xb, wb = y0 + len(rows) * row_h + 4, x0 + panel, len(col_titles) * panel - 8
     ramp = colormap(np.tile(np.linspace(0, 1, max(wb, 2), dtype=np.float32), (12, 1)))
     canvas.paste(Image.fromarray(ramp), (xb, yb))
-    d.text((xb, yb + 14), "each panel's minimum", fill=(0, 0, 0), font=font)
-    right = "its maximum"
+    left, right = ("each panel's minimum", "its maximum") if wb > 260 else ("panel min", "max")  # one column: short
+    d.text((xb, yb + 14), left, fill=(0, 0, 0), font=font)
     d.text((xb + wb - d.textlength(right, font=font), yb + 14), right, fill=(0, 0, 0), font=font)
     canvas.save(path)
     return path

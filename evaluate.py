@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from alignment import load_font, matched_layers, run_align, write_heatmaps  # noqa: F401 (load_font: experiments.py)
+from alignment import matched_layers, run_align, write_heatmaps
 from data import IGNORE_INDEX, collate, load_records, tokenize_conversation
 from model import VLM, find_checkpoint
 

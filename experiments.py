@@ -8,9 +8,6 @@ then <results>/shapes_table.md, shapes_results.json and shapes_chart.png.
     python experiments.py --size=test --seeds=1    # tiny world and models, 1-2 steps (tests/test_experiments.py)
     python experiments.py --size=hard --ablation_seeds=3   # the hard world (shapes.WORLDS["hard"]): module ablation
                                                    # and VAT forms -> <results>/shapes_hard_table.md, ...json, ...png
-    also: --seeds=3 --ablation_seeds=1 --seed_offset=0 --rows=<row names or kinds, e.g. main,layers>
-          --out=out/experiments --results=results --data=<shapes dir> --teacher=<trained teacher dir> --eval_limit=N
-          --cr_protocol=likelihood
 
 Runs go under <out>/<size>/: shapes/, teacher/, seed<s>/dpt_<variant>/, seed<s>/<row>/{dft,sft,eval}/. A finished
 stage writes <dir>.done.json (its arguments and wall time) and is skipped next time, so an interrupted call is just
@@ -31,8 +28,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import shapes
-from configurator import configure
-from evaluate import load_font
+from alignment import load_font
+from configurator import cli, configure
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,6 +82,7 @@ HARD_ROWS = [
     ("compodistill", "main", "kd_taf", {}),
     ("kd_vat_paper_form", "vat_form", "kd", dict(taf=False, vat_queries="all", vat_pool="flat")),
     ("kd_vat_text_form", "vat_form", "kd", dict(taf=False, vat_queries="text", vat_pool="flat")),
+    ("compodistill_paper_form", "vat_form", "kd_taf", dict(vat_queries="all", vat_pool="flat")),
 ] + [(f"kd_vat_w{w:g}", "pilot", "kd", dict(taf=False, vat_weight=float(w))) for w in (1, 3, 10, 30)]
 
 TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -122,8 +120,20 @@ SIZES = {
                       dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2),
                       sft={}, presets="shapes_hard", rows=HARD_ROWS, prefix="shapes_hard"),
 }
-OPTIONS = dict(size="quick", seeds=3, ablation_seeds=1, seed_offset=0, jobs=0, rows="", out="out/experiments",
-               results="results", data="", teacher="", eval_limit=-1, cr_protocol="likelihood")
+DEFAULTS = dict(
+    size="quick",              # test | quick | full | hard | hard_test (SIZES in experiments.py: world, budgets, rows)
+    seeds=3,                   # seeds of the "main" rows
+    ablation_seeds=1,          # seeds of every other row (matching, layers, VAT loss/form/weight/stage)
+    seed_offset=0,             # first student seed (pilot runs use another range, e.g. 100)
+    jobs=0,                    # pipelines at once (each stage a subprocess); 0: the size's default, 1: in this process
+    rows="",                   # comma-separated row names or kinds (main, layers, pilot, ...); "": all but pilot rows
+    out="out/experiments",     # runs go under <out>/<size>/
+    results="results",         # where the table (.md), the results (.json) and the chart (.png) go
+    data="",                   # an existing shapes directory (shapes.py) to use; "": generate <out>/<size>/shapes
+    teacher="",                # an existing trained teacher to use; "": train one under <out>/<size>/teacher
+    eval_limit=-1,             # items per eval file / subset / split; -1: the size's default, 0: all
+    cr_protocol="likelihood",  # how CR is scored: likelihood (the captions' loss) | mcq (the letter answered)
+)
 SCORES = ["vqa", "cr", "pope_f1", "align", "align_text"]  # fractions in [0, 1]
 
 
@@ -308,7 +318,7 @@ def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
 
 
 def main(argv=None):
-    o = configure(dict(OPTIONS), sys.argv[1:] if argv is None else argv)
+    o = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if o["size"] not in SIZES:
         raise ValueError(f"--size={o['size']}: use one of {list(SIZES)}")
     S, t_start, base = SIZES[o["size"]], time.time(), os.path.join(o["out"], o["size"])
@@ -393,4 +403,4 @@ def write_results(o, results, subsets, header, info):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

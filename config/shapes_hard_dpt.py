@@ -8,7 +8,7 @@ out_dir = "out/shapes_hard/dpt"
 data = "out/shapes_hard/pretrain.json"
 llm = dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-train_llm = 1
+train_llm = True
 student_layers = [1, 2]      # of 4: the middle layers
 teacher_layers = [2, 3, 4]   # of 6: group matching gives windows [2, 3] and [3, 4]
 max_length = 128

@@ -238,7 +238,6 @@ def test_tokenizer_covers_every_text(world):
 
 def test_project_loader_reads_it(world):
     """data.py's LLaVA loader serves the files as written: images found, answers supervised, no <unk>."""
-    import functools
     from transformers import AutoTokenizer
     import data
     out, meta, _ = world

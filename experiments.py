@@ -85,6 +85,7 @@ HARD_ROWS = [
     ("compodistill", "main", "kd_taf", {}),
     ("kd_vat_paper_form", "vat_form", "kd", dict(taf=False, vat_queries="all", vat_pool="flat")),
     ("kd_vat_text_form", "vat_form", "kd", dict(taf=False, vat_queries="text", vat_pool="flat")),
+    ("compodistill_paper_form", "vat_form", "kd_taf", dict(vat_queries="all", vat_pool="flat")),
 ] + [(f"kd_vat_w{w:g}", "pilot", "kd", dict(taf=False, vat_weight=float(w))) for w in (1, 3, 10, 30)]
 
 TINY_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -118,7 +118,8 @@ def test_every_size_and_row_resolves(size):
 def test_hard_rows_and_vat_forms():
     """The hard world's table: the four modules and SFT-only, VAT's paper and text-query forms (on KD, no TAF); the
     VAT-weight pilot rows only when asked for; every row's VAT weight is the DFT preset's."""
-    main = ["sft_only", "kd", "kd_taf", "kd_vat", "compodistill", "kd_vat_paper_form", "kd_vat_text_form"]
+    main = ["sft_only", "kd", "kd_taf", "kd_vat", "compodistill", "kd_vat_paper_form", "kd_vat_text_form",
+            "compodistill_paper_form"]
     assert [r[0] for r in experiments.select_rows("hard")] == main
     assert [r[0] for r in experiments.select_rows("hard", "pilot")] == ["kd_vat_w1", "kd_vat_w3", "kd_vat_w10",
                                                                         "kd_vat_w30"]
@@ -126,9 +127,12 @@ def test_hard_rows_and_vat_forms():
     c = {name: experiments.resolved_dft(dft, "hard") for name, _, _, dft in experiments.size_rows("hard")}
     assert (c["kd_vat_paper_form"]["vat_queries"], c["kd_vat_paper_form"]["vat_pool"]) == ("all", "flat")
     assert (c["kd_vat_text_form"]["vat_queries"], c["kd_vat_text_form"]["vat_pool"]) == ("text", "flat")
+    assert (c["compodistill_paper_form"]["vat_queries"], c["compodistill_paper_form"]["vat_pool"]) == ("all", "flat")
+    dpt = {name: variant for name, _, variant, _ in experiments.size_rows("hard")}  # TAF comes with the DPT run
+    assert dpt["compodistill_paper_form"] == dpt["compodistill"] == "kd_taf" and not experiments.DPT["kd_taf"]
     assert (c["kd_vat"]["vat_queries"], c["kd_vat"]["vat_pool"], c["kd_vat"]["taf"]) == ("image", "column", False)
     w = c["kd_vat"]["vat_weight"]
-    assert w > 0 and all(c[n]["vat_weight"] == w for n in ("compodistill", "kd_vat_paper_form", "kd_vat_text_form"))
+    assert w > 0 and all(c[n]["vat_weight"] == w for n in main[3:])
     assert c["kd"]["vat_weight"] == c["kd_taf"]["vat_weight"] == 0
 
 

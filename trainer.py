@@ -24,13 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
 from model import (VLM, TeacherStudent, add_lora, cast_weights, enable_checkpointing, find_checkpoint, load_vlm,
-                   plain_state_dict, set_trainable)
+                   plain_state_dict, read_weights, set_trainable)
 
 # Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
 DEFAULTS = dict(
@@ -316,7 +315,7 @@ def restore_lora(student, state, resume_dir):
         for n, p in student.named_parameters():
             if n in state["trainable"]:
                 p.copy_(state["trainable"][n])
-    saved = load_file(os.path.join(resume_dir, "model.safetensors"))
+    saved = read_weights(resume_dir)  # one file or shards, as save_pretrained wrote it
     merged = plain_state_dict(student)
     # (a tolerance: the save merged the same numbers, on the CPU, but a different BLAS may round the last bits)
     if any(not torch.allclose(merged[k].float(), v, rtol=1e-5, atol=1e-6) for k, v in saved.items()):

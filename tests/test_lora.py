@@ -113,6 +113,18 @@ def test_lora_resume_refuses_a_changed_base(hf, tmp_path):
         run("sft", **common)
 
 
+def test_lora_resumes_from_a_sharded_checkpoint(hf, tmp_path, monkeypatch):
+    """A real student in float32 is saved in shards (past model.SHARD_BYTES): the resume check reads them all."""
+    import json
+    import model
+    monkeypatch.setattr(model, "SHARD_BYTES", 50_000)  # the tiny student then takes several files
+    common = dict(init_from=hf["dpt"], data=hf["data"], max_steps=3, lora_rank=4, out_dir=str(tmp_path / "run"))
+    run("sft", stop_after=1, **common)
+    index = json.load(open(tmp_path / "run" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "run" / "model.safetensors").exists()
+    assert run("sft", **common)["step"] == 3
+
+
 def test_lora_is_refused_where_the_lm_does_not_train(hf, tmp_path):
     with pytest.raises(ValueError, match="lora_rank=4: LoRA adapts the LM, which does not train in this stage"):
         run("dpt", init_from=hf["dpt"], teacher=hf["teacher"], data=hf["data"], out_dir=str(tmp_path / "x"),

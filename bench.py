@@ -280,9 +280,9 @@ def param_counts(p, rank=0):
         c[who + "_lm_rest"] = count(m.llm) - c[who + "_layers"]  # embeddings, final norm, LM head
         c[who + "_tower"] = count(m.vision_tower)
         c[who + "_connectors"] = count(m.connector) + (count(m.post_connector) if m.post_connector is not None else 0)
-        c[who + "_linears"] = [(x.in_features, x.out_features) for x in layers[0].modules()
-                               if isinstance(x, torch.nn.Linear)]
-    c["lora"] = rank * sum(i + o for i, o in c["s_linears"]) * len(student.llm.base_model.layers)
+    layers = student.llm.base_model.layers  # LoRA: rank x (in + out) per Linear of every decoder layer
+    c["lora"] = rank * sum(x.in_features + x.out_features for x in layers[0].modules()
+                           if isinstance(x, torch.nn.Linear)) * len(layers)
     c["post_connector"] = count(student.post_connector)
     c["s_cfg"], c["t_cfg"] = student.llm.config, teacher.llm.config
     return c

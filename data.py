@@ -52,6 +52,15 @@ def bos_prefix(tokenizer):
     return (bos,) if ids and ids[0] == bos else ()
 
 
+def decode_answer(tokenizer, ids):
+    """Generated token ids (a list or a 1-d tensor) -> the answer: the text up to the first eos, special tokens
+    dropped."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def tokenize_conversation(conversations, tokenizer, num_image_tokens, has_image, template=CHAT, sample_id=None):
     """Return (input_ids, labels) as lists of ints. Raises ValueError (naming sample_id) on a malformed sample.
 

@@ -49,8 +49,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
-from data import IGNORE_INDEX, collate, load_records, tokenize_conversation
-from model import VLM, find_checkpoint
+from data import IGNORE_INDEX, collate, decode_answer, load_records, tokenize_conversation
+from model import VLM, find_checkpoint, resolve_dtype
 
 TASKS = ["vqa", "cr", "pope", "wino", "align"]
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
@@ -327,10 +327,7 @@ class Runner:
         for b, _ in self.batches(specs, desc):
             with self.autocast():
                 new = self.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], max_new_tokens)
-            for row in new.tolist():
-                if self.tok.eos_token_id in row:
-                    row = row[:row.index(self.tok.eos_token_id)]
-                out.append(self.tok.decode(row, skip_special_tokens=True).strip())
+            out += [decode_answer(self.tok, row) for row in new]
         return out
 
     def _hidden(self, b):
@@ -716,11 +713,8 @@ def main(argv=None):
         raise ValueError("give --model=<checkpoint dir>, or --compare=name=dir,name=dir with --out=<dir>")
     if cfg["compare"] and not cfg["out"]:
         raise ValueError("--compare needs --out=<dir> for the comparison table")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if cfg["dtype"] != "auto" and cfg["dtype"] not in dtypes:
-        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32 or bfloat16")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtypes.get(cfg["dtype"], torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(cfg["dtype"], device)
     teacher, teacher_path = _load(cfg["teacher"], dtype) if cfg["teacher"] else (None, None)
     if teacher is not None:
         teacher.to(device)

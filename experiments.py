@@ -74,12 +74,7 @@ ROWS = [
 # every row): the module ablation, and VAT's three forms (reference: image queries, column-pooled; the paper's Eq. 2:
 # all queries, flattened; text queries only, flattened). The "pilot" rows run only when named in --rows: they chose
 # the VAT weight on a seed that is not one of the table's (--seed_offset).
-HARD_ROWS = [
-    ("sft_only", "main", "none", dict(kd_weight=0, vat_weight=0, taf=False)),
-    ("kd", "main", "kd", dict(vat_weight=0, taf=False)),
-    ("kd_taf", "main", "kd_taf", dict(vat_weight=0)),
-    ("kd_vat", "main", "kd", dict(taf=False)),
-    ("compodistill", "main", "kd_taf", {}),
+HARD_ROWS = ROWS[:5] + [  # the main rows, as on the default world
     ("kd_vat_paper_form", "vat_form", "kd", dict(taf=False, vat_queries="all", vat_pool="flat")),
     ("kd_vat_text_form", "vat_form", "kd", dict(taf=False, vat_queries="text", vat_pool="flat")),
     ("compodistill_paper_form", "vat_form", "kd_taf", dict(vat_queries="all", vat_pool="flat")),
@@ -91,7 +86,7 @@ TINY_HARD = dict(TINY_VISION, image_size=32)  # 16 visual tokens on the hard wor
 TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=256, tie_word_embeddings=True)
 # Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage; the hard
-# sizes also name their presets (config/<presets>_<stage>.py), rows and results files (<results>/<prefix>_table.md).
+# sizes also name their presets (config/<presets>_<stage>.py, also the results files' prefix) and rows.
 SIZES = {
     "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
                  tower=dict(vision=TINY_VISION, steps=2, batch_size=4, progress=False),
@@ -110,16 +105,12 @@ SIZES = {
                  sft=dict(max_steps=13, eval_interval=13, save_interval=13)),
     # The hard world at the quick size's budgets and batch (its own presets); CPU, 2 pipelines at once.
     "hard": dict(world=dict(shapes.WORLDS["hard"], n_train=4000, n_test=200), eval_limit=0, jobs=2, tower={},
-                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS,
-                 prefix="shapes_hard"),
-    "hard_test": dict(world=dict(shapes.WORLDS["hard"], n_train=24, n_test=4, image_size=32), eval_limit=2, jobs=1,
-                      tower=dict(vision=TINY_HARD, steps=2, batch_size=4, progress=False),
-                      all=dict(batch_size=2, max_length=96, max_steps=1, warmup_frac=0.0, log_interval=1,
-                               eval_interval=0),
-                      teacher=dict(llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
-                      dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2),
-                      sft={}, presets="shapes_hard", rows=HARD_ROWS, prefix="shapes_hard"),
+                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS),
 }
+# The test size on the hard world: 16 visual tokens, so longer sequences.
+SIZES["hard_test"] = dict(SIZES["test"], world=dict(shapes.WORLDS["hard"], n_train=24, n_test=4, image_size=32),
+                          tower=dict(SIZES["test"]["tower"], vision=TINY_HARD),
+                          all=dict(SIZES["test"]["all"], max_length=96), presets="shapes_hard", rows=HARD_ROWS)
 DEFAULTS = dict(
     size="quick",              # test | quick | full | hard | hard_test (SIZES in experiments.py: world, budgets, rows)
     seeds=3,                   # seeds of the "main" rows
@@ -369,7 +360,7 @@ def write_results(o, results, subsets, header, info):
     cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
             ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "align CR (text q, flat cos)", "final VAT loss (DFT)",
              "wall (s)"])
-    prefix = SIZES[o["size"]].get("prefix", "shapes")
+    prefix = SIZES[o["size"]].get("presets", "shapes")
     world = "hard shapes world" if prefix == "shapes_hard" else "shapes world"
     lines = [f"# CompoDistill on the {world}, size `{o['size']}`", "", header, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -388,7 +379,7 @@ def write_results(o, results, subsets, header, info):
               "training value (scales differ across vat_loss and VAT forms; '-' when vat_weight=0). wall: DPT + DFT "
               "+ SFT + eval of one seed (a shared DPT run counted in full); teacher: training + eval. Rows whose "
               "settings resolve to the same config reuse those runs (seeds column).", "",
-              f"DPT variants (overrides on config/{SIZES[o['size']].get('presets', 'shapes')}_dpt.py, which is "
+              f"DPT variants (overrides on config/{prefix}_dpt.py, which is "
               "KD + TAF): " +
               "; ".join(f"{k}: {v or 'no overrides'}" for k, v in DPT.items()), ""]
     os.makedirs(o["results"], exist_ok=True)

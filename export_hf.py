@@ -41,14 +41,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import CHAT, IMAGE_TOKEN, tokenize_conversation
-from model import VLM, ours_to_llava_key, tower_tokens, unique_state_dict, write_weights, SHARD_BYTES
+from model import VLM, ours_to_llava_key, resolve_dtype, tower_tokens, unique_state_dict, write_weights, SHARD_BYTES
 
 DEFAULTS = dict(
     model="",            # checkpoint directory: any stage's out_dir (or a LLaVA directory, rewritten as ours is)
     out="",              # the Hugging Face directory to write (default: <model>_hf)
     dtype="float32",     # float32 | bfloat16 | float16: the exported weights' dtype
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE = "what color is the square ?"
 
 
@@ -193,10 +192,9 @@ def main(argv=None):
     cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["model"]:
         raise ValueError("give --model=<checkpoint dir> (and --out=<dir>, default <model>_hf)")
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"dtype={cfg['dtype']!r}: use float32, bfloat16 or float16")
+    dtype = resolve_dtype(cfg["dtype"], torch.device("cpu"), allowed=("float32", "bfloat16", "float16"))
     out = cfg["out"] or os.path.normpath(cfg["model"]) + "_hf"
-    export(cfg["model"], out, DTYPES[cfg["dtype"]])
+    export(cfg["model"], out, dtype)
     print(f"-> {out} (LlavaForConditionalGeneration.from_pretrained / AutoProcessor.from_pretrained)")
     return out
 

@@ -75,6 +75,19 @@ def _vision_config(cfg):
     return getattr(cfg, "vision_config", cfg)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name, device, allowed=("auto", "float32", "bfloat16")):
+    """A script's `dtype` setting as a torch dtype: one of `allowed`, where "auto" is bfloat16 on CUDA and float32
+    elsewhere. Anything else is an error that lists the choices."""
+    if name not in allowed:
+        raise ValueError(f"dtype={name!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 def cast_weights(module, dtype):
     """Cast the parameters (and saved buffers) to `dtype`, in place. Buffers a model computes from its config stay as
     built: rotary frequencies in bf16 would put the angle of position 1000 off by up to ~2 radians (module.to(dtype)

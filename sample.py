@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from data import tokenize_conversation
-from model import VLM
+from data import decode_answer, tokenize_conversation
+from model import VLM, resolve_dtype
 
 DEFAULTS = dict(
     model="out/shapes/sft",   # checkpoint directory: ours or a Hugging Face LLaVA one
@@ -35,10 +35,7 @@ def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
     device = next(model.parameters()).device
     ids = torch.tensor([ids], device=device)
     pixels = model.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values.to(device)
-    new = model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens, temperature)[0].tolist()
-    if tok.eos_token_id in new:
-        new = new[:new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True).strip()
+    return decode_answer(tok, model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens, temperature)[0])
 
 
 def main(argv=None):
@@ -49,10 +46,7 @@ def main(argv=None):
         raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if cfg["dtype"] != "auto" and cfg["dtype"] not in dtypes:
-        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32 or bfloat16")
-    dtype = dtypes.get(cfg["dtype"], torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(cfg["dtype"], device)
     try:
         image = Image.open(cfg["image"])
         image.load()

@@ -540,17 +540,17 @@ def train(cfg):
         else:
             rngs = [rng_state()]
         weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
-        # checkpoints are float32, and written (and LoRA-merged) from the CPU
-        weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-                   for k, v in weights.items()}
         if master:
+            # checkpoints are float32, and written (and LoRA-merged) from the CPU
+            weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                       for k, v in weights.items()}
             student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
             # in train_state.pt for resume
-            trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+            trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
             save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs,
                                                "scaler": scaler.state_dict() if scaler else None,
-                                               "trainable": {n: weights[n].cpu() for n in trainable} if lora else None,
+                                               "trainable": trainable,
                                                "config": cfg, "log": log}, log,
                             weights=weights)
         if ddp:

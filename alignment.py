@@ -1,11 +1,14 @@
 """
 The paper's diagnosis: does the student look at the image where the teacher looks? For each matched layer pair
 (student layer j, teacher window j, as in training), the head-averaged attention on the image-token keys, compared
-two ways, and drawn as heat maps over the patch grid.
+three ways, and drawn as heat maps over the patch grid.
 
-  image queries  rows = the image tokens (what VAT aligns by default): 1 - the VAT column-form distance
-                 (attention_distill.vat_loss, cosine, averaged over the pairs: exactly 1 - the training loss with
-                 vat_layer_reduce="mean") and the plain cosine of the flattened maps.
+  image queries  rows = the image tokens (what the reference code's VAT form aligns): 1 - that column-form distance
+                 (attention_distill.vat_loss, cosine, averaged over the pairs: exactly 1 - the training loss of
+                 vat_queries=image vat_pool=column with vat_layer_reduce="mean") and the plain cosine of the
+                 flattened maps.
+  all queries    rows = every position (image and text): 1 - the paper's VAT distance (the training default: the
+                 flattened maps, cosine, averaged over the pairs).
   text queries   rows = the text after the image (the question, or the caption being scored): the cosine of the
                  flattened maps and of the row-averaged profiles. With the LLaVA layout (image first) and causal
                  attention, image-token queries never see the text, so image-query numbers depend on the image
@@ -99,6 +102,10 @@ def run_align(r, teacher, s_layers, windows, specs, desc):
                                           filter_outliers=True, layer_reduce="mean"))
             pair["vat_cos"][l] += vat * B
             pair["flat_cos"][l] += float(flat[l].sum())
+        # the paper's form (the training default): every query row's attention over the image, flattened
+        rm = b["attention_mask"][None, :, :, None].to(A_s.dtype)
+        sums["all_vat_cos"] += B * (1.0 - float(ad.vat_loss(A_s * rm, A_t * rm, pool="flat", loss="cosine",
+                                                            filter_outliers=False, layer_reduce="mean")))
         tm = text_rows[None, :, :, None].float()
         T_s, T_t = A_s * tm, A_t * tm
         sums["text_flat_cos"] += float(F.cosine_similarity(T_s.flatten(2), T_t.flatten(2), dim=-1, eps=1e-8).mean(0).sum())
@@ -108,7 +115,8 @@ def run_align(r, teacher, s_layers, windows, specs, desc):
     per_pair = {nm: dict(vat_cos=pair["vat_cos"][l] / n, flat_cos=pair["flat_cos"][l] / n) for l, nm in enumerate(names)}
     mean = lambda key: sum(v[key] for v in per_pair.values()) / len(per_pair)  # noqa: E731
     return dict(n=n, image_queries=dict(vat_cos=mean("vat_cos"), flat_cos=mean("flat_cos"), per_pair=per_pair),
-                text_queries=dict(flat_cos=sums["text_flat_cos"] / n, column_cos=sums["text_column_cos"] / n))
+                text_queries=dict(flat_cos=sums["text_flat_cos"] / n, column_cos=sums["text_column_cos"] / n),
+                all_queries=dict(vat_cos=sums["all_vat_cos"] / n))
 
 
 # -----------------------------------------------------------------------------

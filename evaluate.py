@@ -17,6 +17,9 @@ Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in 
   pope_*.json[l]     {"question" | "text", "answer" | "label" ("yes"/"no"), "image", "category"}
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
                      {"image", "negative_image", "caption", "negative_caption"} (BiVLC)
+  reefknot/          Reefknot's layout: YESNO.jsonl, Multichoice.jsonl, VQA.jsonl, one {"image_id", "query_prompt",
+                     "label", "relation_type"} a line; the image is <image_id>.jpg or .png under --image_folder (for
+                     the shapes layout, <data>/images). --reefknot_dir points at the official download.
 
 Protocols. Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in
 training.
@@ -28,6 +31,10 @@ training.
   pope   generate: the first word must be yes/no (anything else is invalid and counted wrong); forced: "yes" vs
          "no" log-probability at the first answer position. Accuracy, precision, recall, F1 (positive class
          "yes"), yes-ratio and invalid rate per split.
+  reefknot  relation hallucination, Reefknot's scoring: greedy answers to each query_prompt; YESNO: "yes" when the
+         answer contains the word yes, else "no"; Multichoice: the answer's first letter; VQA: the label's words
+         appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and by
+         relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
   align  (needs a teacher) see alignment.py: image-query and text-query similarity in the matched layers.
 For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
 caption_prompt to what they were trained with. The shapes models are never trained on multiple choice: their
@@ -52,11 +59,12 @@ from alignment import matched_layers, run_align, write_heatmaps
 from data import IGNORE_INDEX, collate, decode_answer, load_records, tokenize_conversation
 from model import VLM, find_checkpoint, resolve_dtype
 
-TASKS = ["vqa", "cr", "pope", "wino", "align"]
+TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
+REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "vqa": "VQA.jsonl"}
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
 MCQ_PROMPT = "Which caption describes the image?\n(A) {a}\n(B) {b}\nAnswer with A or B."
-MAX_NEW_TOKENS = dict(vqa=16, pope=6, mcq=40)  # mcq: long enough for a model that repeats a caption
+MAX_NEW_TOKENS = dict(vqa=16, pope=6, mcq=40, reefknot=16)  # mcq: long enough for a model that repeats a caption
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -146,6 +154,45 @@ def pope_metrics(predictions, labels):
     return dict(n=n, accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1,
                 yes_ratio=sum(p == "yes" for p in predictions) / n,
                 invalid=sum(p is None for p in predictions) / n)
+
+
+def reefknot_correct(task, answer, label):
+    """Is a free-form answer right, by Reefknot's rules? yesno: "yes" when the answer holds the word yes (else "no"),
+    against the label; multichoice: the first letter of the answer (after an opening bracket) is the label's letter;
+    vqa: the label's words occur in the answer's words, in order and next to each other."""
+    words = _words(answer).split()
+    if task == "yesno":
+        return ("yes" if "yes" in words else "no") == str(label).strip().lower()
+    if task == "multichoice":
+        letter = answer.strip().lstrip("([ ").upper()[:1]
+        return letter != "" and letter == str(label).strip().upper()[:1]
+    if task == "vqa":
+        want = _words(label).split()
+        return bool(want) and any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
+    raise ValueError(f"unknown Reefknot task {task!r}: use {list(REEFKNOT_FILES)}")
+
+
+def reefknot_metrics(correct, tasks, relation_types, answers=None):
+    """Accuracy and hallucination rate (1 - accuracy) per task, overall and per relation type, and their mean over
+    the tasks present (Reefknot's R-score is 1 - that mean hallucination rate, i.e. the mean accuracy)."""
+    def score(ok):
+        acc = _mean(ok)
+        return dict(n=len(ok), accuracy=acc, hallucination_rate=1.0 - acc)
+    report = {}
+    for task in REEFKNOT_FILES:
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        if not idx:
+            continue
+        rep = score([correct[i] for i in idx])
+        rep["by_relation_type"] = {rt: score([correct[i] for i in idx if relation_types[i] == rt])
+                                   for rt in sorted({relation_types[i] for i in idx})}
+        if task == "yesno" and answers is not None:
+            rep["yes_ratio"] = _mean("yes" in _words(answers[i]).split() for i in idx)
+        report[task] = rep
+    present = [t for t in REEFKNOT_FILES if t in report]
+    report["mean"] = dict(accuracy=_mean(report[t]["accuracy"] for t in present),
+                          hallucination_rate=_mean(report[t]["hallucination_rate"] for t in present), tasks=present)
+    return report
 
 
 def winoground_scores(S):
@@ -264,7 +311,39 @@ def load_wino(path, folder, limit=None):
     return _keep_with_images(items, ["image_0", "image_1"], folder, f"wino ({path})")
 
 
-def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file=""):
+def reefknot_image(image_id, folder):
+    """The image file of a Reefknot item: <image_id> itself if it names a file, else <image_id>.jpg or .png."""
+    image_id = str(image_id)
+    for name in (image_id, image_id + ".jpg", image_id + ".png"):
+        if os.path.splitext(name)[1] and os.path.isfile(os.path.join(folder, name)):
+            return name
+    return image_id + ".jpg"  # missing: _keep_with_images skips and counts it
+
+
+def load_reefknot(reefknot_dir, folder, limit=None):
+    """Items of the Reefknot files present in reefknot_dir (at least one of REEFKNOT_FILES)."""
+    found = {t: os.path.join(reefknot_dir, f) for t, f in REEFKNOT_FILES.items()
+             if os.path.isfile(os.path.join(reefknot_dir, f))}
+    if not found:
+        raise FileNotFoundError(f"reefknot: none of {list(REEFKNOT_FILES.values())} in {reefknot_dir}; point "
+                                "--reefknot_dir at the folder of the Reefknot download (or generate the shapes world)")
+    items, skipped = [], 0
+    for task, path in found.items():
+        rows = []
+        for k, r in enumerate(_read_list(path)[:limit or None]):
+            missing = [f for f in ("image_id", "query_prompt", "label") if f not in r]
+            if missing:
+                raise ValueError(f"{path}: line {k + 1} has no {missing}; Reefknot items hold image_id, query_prompt, "
+                                 "label (and relation_type)")
+            rows.append(dict(task=task, image=reefknot_image(r["image_id"], folder), query=r["query_prompt"],
+                             label=str(r["label"]), relation_type=r.get("relation_type") or "unspecified"))
+        rows, k = _keep_with_images(rows, ["image"], folder, f"reefknot/{REEFKNOT_FILES[task]}")
+        items += rows
+        skipped += k
+    return items, skipped
+
+
+def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reefknot_dir=""):
     """The test files under data_dir (shapes layout <data>/test/..., or directly in <data>), or the overrides."""
     t = os.path.join(data_dir, "test")
     pope_dir = pope_dir or _first_existing(t, data_dir) or data_dir
@@ -274,7 +353,8 @@ def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file=""):
                 cr=cr_dir or _first_existing(os.path.join(t, "cr"), os.path.join(data_dir, "cr")),
                 pope=pope,
                 wino=wino_file or _first_existing(os.path.join(t, "winoground.jsonl"),
-                                                  os.path.join(data_dir, "winoground.jsonl")))
+                                                  os.path.join(data_dir, "winoground.jsonl")),
+                reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"), os.path.join(data_dir, "reefknot")))
 
 
 # -----------------------------------------------------------------------------
@@ -453,6 +533,16 @@ def run_pope(r, items, answer_suffix=""):
     return report
 
 
+def run_reefknot(r, items, answer_suffix=""):
+    answers = r.generate([(it["query"] + answer_suffix, it["image"], None) for it in items], MAX_NEW_TOKENS["reefknot"],
+                         "reefknot")
+    correct = [reefknot_correct(it["task"], a, it["label"]) for it, a in zip(items, answers)]
+    rep = reefknot_metrics(correct, [it["task"] for it in items], [it["relation_type"] for it in items], answers)
+    rep["examples"] = [dict(task=it["task"], query=it["query"], label=it["label"], answer=a, correct=ok)
+                       for it, a, ok in list(zip(items, answers, correct))[:8]]
+    return rep
+
+
 def run_wino(r, items, caption_prompt=CAPTION_PROMPT):
     specs = [(caption_prompt, it["images"][j], it["captions"][i]) for it in items for i in (0, 1) for j in (0, 1)]
     lp = r.loglik(specs, "wino")
@@ -503,7 +593,7 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         teacher.to(next(model.parameters()).device)
     folder = o["image_folder"] or data_dir
     r = Runner(model, folder, batch_size, progress)
-    files = find_files(data_dir, o["vqa_file"], o["cr_dir"], o["pope_dir"], o["wino_file"])
+    files = find_files(data_dir, o["vqa_file"], o["cr_dir"], o["pope_dir"], o["wino_file"], o["reefknot_dir"])
     report = dict(model=name or model_path or type(model).__name__, teacher=teacher_name or teacher_path, data=data_dir,
                   image_folder=folder, tasks=tasks, limit=limit, device=str(r.device), notes=[], skipped={},
                   seconds={})
@@ -548,6 +638,12 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         elif task == "wino":
             items, report["skipped"]["wino"] = load_wino(need("wino", "wino"), folder, limit)
             report["wino"] = run_wino(r, items, caption_prompt)
+        elif task == "reefknot":
+            # Reefknot names images by id; the shapes world keeps them in <data>/images
+            shapes_images = os.path.join(data_dir, "images")
+            rk_folder = o["image_folder"] or (shapes_images if os.path.isdir(shapes_images) else data_dir)
+            items, report["skipped"]["reefknot"] = load_reefknot(need("reefknot", "reefknot"), rk_folder, limit)
+            report["reefknot"] = run_reefknot(Runner(model, rk_folder, batch_size, progress), items)
         elif task == "align":
             report["align"] = {}
             if files["vqa"]:
@@ -605,7 +701,8 @@ def compare_table(reports):
     """Markdown: one row per model (name -> report); numbers in %. CR subset cells are "MCQ / likelihood"."""
     subsets = list(dict.fromkeys(s for rep in reports.values() for s in (_get(rep, "cr", "subsets") or [])))
     head = (["model", "VQA", "CR mcq", "CR lik"] + [f"{s} (mcq/lik)" for s in subsets] +
-            ["POPE F1 (gen/forced)", "Wino group", "align VQA (img/text q)", "align CR (img/text q)"])
+            ["POPE F1 (gen/forced)", "Wino group", "Reefknot halluc. (yes-no / mc / vqa / mean)",
+             "align VQA (img/text q)", "align CR (img/text q)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rep in reports.items():
         row = [name, _pct(_get(rep, "vqa", "accuracy")), _pct(_get(rep, "cr", "mcq", "avg")),
@@ -613,7 +710,8 @@ def compare_table(reports):
         row += [f"{_pct(_get(rep, 'cr', 'mcq', 'per_subset', s, 'acc'))} / "
                 f"{_pct(_get(rep, 'cr', 'likelihood', 'per_subset', s, 'acc'))}" for s in subsets]
         row += [f"{_pct(_get(rep, 'pope', 'generate', 'avg', 'f1'))} / {_pct(_get(rep, 'pope', 'forced', 'avg', 'f1'))}",
-                _pct(_get(rep, "wino", "group"))]
+                _pct(_get(rep, "wino", "group")),
+                " / ".join(_pct(_get(rep, "reefknot", t, "hallucination_rate")) for t in (*REEFKNOT_FILES, "mean"))]
         row += [f"{_pct(_get(rep, 'align', t, 'image_queries', 'vat_cos'), 2)} / "
                 f"{_pct(_get(rep, 'align', t, 'text_queries', 'flat_cos'), 2)}" for t in ("vqa", "cr")]
         lines.append("| " + " | ".join(row) + " |")
@@ -659,6 +757,22 @@ def report_markdown(rep):
         w = rep["wino"]
         md += ["## Winoground-style", "", f"text {_pct(w['text'])}, image {_pct(w['image'])}, "
                f"group {_pct(w['group'])} on {w['n']} items", ""]
+    if "reefknot" in rep:
+        k = rep["reefknot"]
+        types = sorted({rt for t in REEFKNOT_FILES if t in k for rt in k[t]["by_relation_type"]})
+        md += ["## Reefknot (relation hallucination)", "",
+               "| task | n | accuracy | hallucination rate | " + " | ".join(f"halluc. {rt}" for rt in types) + " |",
+               "|---|---|---|---|" + "---|" * len(types)]
+        for t in REEFKNOT_FILES:
+            if t in k:
+                by = k[t]["by_relation_type"]
+                md.append(f"| {t} | {k[t]['n']} | {_pct(k[t]['accuracy'])} | {_pct(k[t]['hallucination_rate'])} | " +
+                          " | ".join(_pct(_get(by, rt, "hallucination_rate")) for rt in types) + " |")
+        md.append(f"| **mean** | | {_pct(k['mean']['accuracy'])} | {_pct(k['mean']['hallucination_rate'])} |" +
+                  " |" * len(types))
+        if "yesno" in k:
+            md.append(f"\nYESNO yes-ratio {_pct(k['yesno']['yes_ratio'])}")
+        md.append("")
     if "align" in rep:
         md += ["## Attention alignment (student vs teacher, matched layers)", "",
                "| task | n | img q: 1 - VAT | img q: flat cos | text q: flat cos | text q: column cos | per pair (1 - VAT) |",
@@ -684,7 +798,7 @@ DEFAULTS = dict(
     data="out/shapes",        # folder holding test/ (shapes) or the benchmark files
     out="",                   # where the report goes (default: <model>/eval)
     dtype="auto",             # auto: bfloat16 weights on CUDA, float32 on CPU; or float32 / bfloat16
-    tasks="vqa,cr,pope,align",  # any of vqa, cr, pope, wino, align
+    tasks="vqa,cr,pope,reefknot,align",  # any of vqa, cr, pope, wino, reefknot, align
     limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file
     batch_size=16,            # prompts per forward
     heatmaps=0,               # number of attention heat-map PNGs (half VQA, half CR items)
@@ -700,6 +814,7 @@ DEFAULTS = dict(
     cr_dir="",                # a VQA .jsonl, a folder of SugarCrepe .json subsets,
     pope_dir="",              # a folder of POPE files,
     wino_file="",             # a Winoground / BiVLC .jsonl
+    reefknot_dir="",          # a folder with Reefknot's YESNO.jsonl, Multichoice.jsonl, VQA.jsonl
 )
 CLI_ONLY = {"model", "compare", "teacher", "data", "out", "dtype"}  # the rest are evaluate()'s settings
 

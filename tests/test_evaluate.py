@@ -177,7 +177,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     student.save_pretrained(str(tmp_path / "student"))
     teacher.save_pretrained(str(tmp_path / "teacher"))
     out = str(tmp_path / "eval")
-    tasks = ["vqa", "cr", "pope", "wino", "align"]
+    tasks = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
     rep = ev.evaluate(str(tmp_path / "student"), world, tasks=tasks, teacher=str(tmp_path / "teacher"), heatmaps=1,
                       out=out, batch_size=8, progress=False)
     saved = json.load(open(os.path.join(out, "report.json")))
@@ -188,6 +188,9 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert all(saved["cr"][p]["per_subset"][s]["n"] == 10 for p in ("mcq", "likelihood") for s in ev.CR_ORDER)
     assert {s: v["n"] for s, v in saved["pope"]["forced"]["per_split"].items()} == \
         {"adversarial": 20, "popular": 20, "random": 20}
+    n_rk = {t: sum(1 for _ in open(os.path.join(world, "test", "reefknot", f))) for t, f in ev.REEFKNOT_FILES.items()}
+    assert n_rk["yesno"] == 20 and 0 < n_rk["vqa"] == n_rk["multichoice"] <= 10  # images in <data>/images, by id
+    assert {t: saved["reefknot"][t]["n"] for t in ev.REEFKNOT_FILES} == n_rk and saved["skipped"]["reefknot"] == 0
     assert set(saved["align"]) == {"vqa", "cr"} and set(saved["align"]["cr"]["image_queries"]["per_pair"]) == \
         {"student layer 1 vs teacher layers 2-3", "student layer 2 vs teacher layers 3-4"}
     assert saved["cr"]["mcq"]["unknown_words"] == []  # shapes.vocabulary() covers the MCQ prompt
@@ -240,3 +243,91 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | ")
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+
+
+# -----------------------------------------------------------------------------
+# Reefknot (relation hallucination)
+
+
+def test_reefknot_scoring_by_hand():
+    ok = ev.reefknot_correct
+    assert [ok("yesno", a, "yes") for a in ["Yes", "yes, it is", "Yes.", "no", "I think so", ""]] == \
+        [True, True, True, False, False, False]
+    assert [ok("yesno", a, "no") for a in ["No", "not really", "", "yes", "Yes, no doubt"]] == \
+        [True, True, True, False, False]
+    assert [ok("multichoice", a, "C") for a in ["C", "c", "(c)", "C. behind", " c ) above", "B", "", "cat"]] == \
+        [True, True, True, True, True, False, False, True]  # Reefknot reads the first letter, "cat" included
+    assert [ok("vqa", a, "left of") for a in ["left of", "It is left of it.", "Left Of", "left", "of left",
+                                             "right of"]] == [True, True, True, False, False, False]
+    assert ok("vqa", "eating", "eating") and not ok("vqa", "beating", "eating")
+    # 4 YESNO items (2 perception, 2 cognition), 2 multichoice, 1 vqa
+    tasks = ["yesno"] * 4 + ["multichoice"] * 2 + ["vqa"]
+    types = ["perception", "perception", "cognition", "cognition", "perception", "cognition", "perception"]
+    correct = [True, False, True, True, True, False, False]
+    answers = ["yes", "yes", "no", "yes", "a", "b", "x"]
+    m = ev.reefknot_metrics(correct, tasks, types, answers)
+    assert m["yesno"]["n"] == 4 and m["yesno"]["accuracy"] == 0.75 and m["yesno"]["hallucination_rate"] == 0.25
+    assert m["yesno"]["by_relation_type"]["perception"]["accuracy"] == 0.5
+    assert m["yesno"]["by_relation_type"]["cognition"]["hallucination_rate"] == 0.0
+    assert m["yesno"]["yes_ratio"] == 0.75
+    assert m["multichoice"]["accuracy"] == 0.5 and m["vqa"]["hallucination_rate"] == 1.0
+    assert m["mean"]["accuracy"] == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+    assert m["mean"]["hallucination_rate"] == pytest.approx(1 - (0.75 + 0.5 + 0.0) / 3)
+    assert m["mean"]["tasks"] == ["yesno", "multichoice", "vqa"]
+
+
+class _CannedRunner:
+    """Stands in for evaluate.Runner: answers each prompt from a table, and records what it was asked."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def generate(self, specs, max_new_tokens, desc):
+        self.asked += specs
+        return [self.answers[q] for q, _, _ in specs]
+
+
+def _official_layout(root, images):
+    """Reefknot as downloaded: numeric Visual Genome ids, images as <id>.jpg in another folder, the three files;
+    one item whose image is missing, one without a relation_type (the released Multichoice file has none)."""
+    os.makedirs(images, exist_ok=True)
+    for i in ("2344270", "4680"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(os.path.join(images, i + ".jpg"))
+    rows = {"YESNO.jsonl": [
+                dict(image_id="2344270", query_prompt="Is the cat eating fish in this photo? Please answer yes or no.",
+                     label="yes", relation_type="cognition"),
+                dict(image_id="2344270", query_prompt="Is the cat under fish in this photo? please answer yes or no.",
+                     label="no", relation_type="perception"),
+                dict(image_id="999", query_prompt="Is the dog on bed in this photo? Please answer yes or no.",
+                     label="yes", relation_type="perception")],  # 999.jpg does not exist: skipped and counted
+            "Multichoice.jsonl": [
+                dict(image_id="4680", query_prompt="What is the relation with man and horse in this photo? A. riding "
+                     "B. eating C. under D. beside, please choose.", label="A", type="Multichoice")],
+            "VQA.jsonl": [
+                dict(image_id="4680", query_prompt="What is the relation between the man and the horse?",
+                     label="riding", relation_type="cognition"),
+                dict(image_id="4680", query_prompt="Where is the horse relative to the fence?",
+                     label="next to", relation_type="perception")]}
+    os.makedirs(root, exist_ok=True)
+    for name, items in rows.items():
+        with open(os.path.join(root, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+
+
+def test_reefknot_reads_the_official_layout_and_scores_it(tmp_path):
+    root, images = str(tmp_path / "reefknot"), str(tmp_path / "vg")
+    _official_layout(root, images)
+    with pytest.warns(UserWarning, match="999.jpg"):
+        items, skipped = ev.load_reefknot(root, images)
+    assert skipped == 1 and [it["task"] for it in items] == ["yesno", "yesno", "multichoice", "vqa", "vqa"]
+    assert items[0]["image"] == "2344270.jpg" and items[2]["relation_type"] == "unspecified"
+    r = _CannedRunner({it["query"]: a for it, a in zip(items, ["Yes, it is.", "Yes", "A", "riding", "behind it"])})
+    rep = ev.run_reefknot(r, items)
+    assert [q for q, _, _ in r.asked] == [it["query"] for it in items]  # the prompts go in as they are
+    assert rep["yesno"]["accuracy"] == 0.5 and rep["yesno"]["by_relation_type"]["perception"]["accuracy"] == 0.0
+    assert rep["multichoice"]["accuracy"] == 1.0 and rep["vqa"]["accuracy"] == 0.5
+    assert rep["vqa"]["by_relation_type"] == {"cognition": dict(n=1, accuracy=1.0, hallucination_rate=0.0),
+                                             "perception": dict(n=1, accuracy=0.0, hallucination_rate=1.0)}
+    assert rep["mean"]["hallucination_rate"] == pytest.approx(1 - (0.5 + 1.0 + 0.5) / 3)
+    with pytest.raises(FileNotFoundError, match="YESNO.jsonl"):
+        ev.load_reefknot(str(tmp_path), images)

@@ -61,7 +61,6 @@ token carries and how many tokens an object has, and keeps the grammar, the test
   * No position words (no "top left" on a 4x4 grid): relations are the only way to talk about place.
 What it costs: 36 instead of 9 visual tokens make every step about 1.5x slower on a CPU (config/shapes_hard_*.py).
 """
-import argparse
 import json
 import math
 import os
@@ -84,6 +83,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PROMPT = "describe the image ."
 CR_SUBSETS = ["swap_att", "replace_att", "replace_obj", "replace_rel", "swap_obj", "add_obj", "add_att"]
 POPE_SPLITS = ["random", "popular", "adversarial"]
+REEFKNOT_FILES = ["YESNO", "Multichoice", "VQA"]  # test/reefknot/<name>.jsonl, Reefknot's own file names
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, still deterministic
 CLUTTER_COLOR, CLUTTER_RADIUS = (120, 120, 120), (1.0, 1.8)  # grey specks (hard world): no word names them
 CLUTTER_ID = 1 + len(COLORS)  # the specks' class in label_map (0 = background, 1..8 = an object's colour)
@@ -92,7 +92,14 @@ SUB = 4  # patch-evidence tower: each patch is labelled as SUB x SUB blocks (8 p
 # "blocks" (per patch: what covers each of its SUB x SUB blocks, and where the patch is); "blocks+shape" (the same,
 # plus the shape of the object covering most of the patch). See the module docstring for why the hard world uses
 # the last one.
-TOWER_LABELS = ("cell", "blocks", "blocks+shape")
+TOWER_LABELS = ("cell", "blocks", "blocks+shape", "cell+relations")
+# Instruction mixes: question-kind weights and turns per conversation (1..4, with these weights).
+MIXES = {
+    "base": dict(weights=dict(color=12, binding=12, size=6, exist=14, count=8, rel_yn=20, rel_query=14, position=14),
+                 turns=[5, 3, 2]),
+    "relations": dict(weights=dict(color=10, binding=6, size=4, exist=16, count=4, rel_yn=16, rel_query=10,
+                                   rel_what=10, rel_choice=8, position=16), turns=[1, 3, 3, 3]),
+}
 
 
 # The world's rules. "default" is the world of run_shapes.sh and the committed results; "hard" is the world where a
@@ -119,6 +126,7 @@ def vocabulary(grid=3):
         words |= set(sum(position_words(grid), []))
     # evaluate.py's multiple-choice prompt; never in training text, but better distinct words than <unk>
     words |= set("which caption describes answer with or b ( )".split())
+    words |= set("relation between c d".split())
     return sorted(words)
 
 
@@ -319,11 +327,12 @@ def pretrain_caption(rng, objects):
     return list_caption([make_np(rng, o) for o in rng.sample(objects, len(objects))])
 
 
-def question(rng, objects, grid, kind=None):
+def question(rng, objects, grid, kind=None, weights=None):
     """One (question, answer, kind) about the scene. Yes/no kinds are balanced by a coin flip."""
-    kinds = ["color", "binding", "size", "exist", "count", "rel_yn", "rel_query"] + (["position"] if position_words(grid) else [])
-    weights = [12, 12, 6, 14, 8, 20, 14, 14][:len(kinds)]
-    kind = kind or rng.choices(kinds, weights)[0]
+    weights = dict(weights or MIXES["base"]["weights"])
+    if not position_words(grid):
+        weights.pop("position", None)
+    kind = kind or rng.choices(list(weights), list(weights.values()))[0]
     o = rng.choice(objects)
     if kind == "color":
         return f"what color is the {o['shape']} ?", o["color"], kind
@@ -358,11 +367,24 @@ def question(rng, objects, grid, kind=None):
         a_np, b_np = (make_np(rng, x, size=False, color=rng.random() < 0.7) for x in (a, b))
         return f"is the {np_text(a_np)} {rel_text(rel if yes else RELATIONS[rel])} the {np_text(b_np)} ?", \
             "yes" if yes else "no", kind
+    if kind in ("rel_what", "rel_choice"):  # pairs with exactly one relation: in one row or one column
+        pairs = [(a, b) for a in objects for b in objects if a is not b and len(relation(a, b)) == 1]
+        if not pairs:
+            return question(rng, objects, grid, "rel_yn")
+        a, b = rng.choice(pairs)
+        rel = relation(a, b)[0]
+        q = f"what is the relation between the {name(a)} and the {name(b)} ?"
+        if kind == "rel_what":
+            return q, rel_text(rel), kind
+        opts = rng.sample(list(RELATIONS), 4)
+        letters = "abcd"
+        q += " " + " ".join(f"( {letters[i]} ) {rel_text(r)}" for i, r in enumerate(opts))
+        return q, letters[opts.index(rel)], kind
     if kind == "rel_query":  # only (reference, relation) pairs with exactly one answer
         options = [(b, rel, [a for a in objects if rel in relation(a, b)]) for b in objects for rel in RELATIONS]
         options = [t for t in options if len(t[2]) == 1]
         if not options:  # e.g. four objects in a 2x2 block: every side holds two or none
-            return question(rng, objects, grid, "rel_yn")
+            return question(rng, objects, grid, "rel_yn", weights)
         b, rel, ans = rng.choice(options)
         return f"what is {rel_text(rel)} the {np_text(make_np(rng, b, size=False))} ?", name(ans[0]), kind
     rows, cols = position_words(grid)
@@ -393,11 +415,13 @@ def text_only(rng):
     return f"say {w} .", w
 
 
-def conversation(rng, objects, grid):
+def conversation(rng, objects, grid, mix=None):
     """1-3 turns (50/30/20 %); the first human turn carries the image placeholder."""
+    mix = MIXES[mix or "base"]
     turns, seen = [], set()
-    for t in range(rng.choices([1, 2, 3], [5, 3, 2])[0]):
-        q, a, _ = question(rng, objects, grid)
+    n = mix["turns"]
+    for t in range(rng.choices(list(range(1, len(n) + 1)), n)[0]):
+        q, a, _ = question(rng, objects, grid, weights=mix["weights"])
         if q in seen:
             continue
         seen.add(q)
@@ -447,6 +471,30 @@ def cr_item(rng, subset, objects):
     return pos, relational_caption(nps[0], rel, nps[1])
 
 
+def reefknot_items(rng, objects, image_id):
+    """Relation-hallucination items for one test image in Reefknot's layout ({image_id, query_prompt, label,
+    relation_type}; spatial relations are Reefknot's "perception" kind), phrased as the training questions:
+    YESNO a pair of questions on one object pair, the true relation (yes) and its opposite on the same axis (no:
+    both objects are there, only the relation is false); Multichoice and VQA on a pair that shares a row or a column
+    (exactly one of the four relations holds), the four relations as options in random order. {} for a task with no
+    such pair."""
+    item = lambda q, label: dict(image_id=image_id, query_prompt=q, label=label, relation_type="perception")
+    a, b = rng.sample(objects, 2)
+    rel = rng.choice(relation(a, b))
+    out = {"YESNO": [item(f"is the {name(a)} {rel_text(rel)} the {name(b)} ?", "yes"),
+                     item(f"is the {name(a)} {rel_text(RELATIONS[rel])} the {name(b)} ?", "no")]}
+    pairs = [(p, q) for p in objects for q in objects if p is not q and len(relation(p, q)) == 1]
+    if pairs:
+        a, b = rng.choice(pairs)
+        rel = relation(a, b)[0]
+        q = f"what is the relation between the {name(a)} and the {name(b)} ?"
+        opts = rng.sample(list(RELATIONS), 4)
+        out["Multichoice"] = [item(q + " " + " ".join(f"( {'abcd'[i]} ) {rel_text(r)}" for i, r in enumerate(opts)),
+                                   "ABCD"[opts.index(rel)])]
+        out["VQA"] = [item(q, rel_text(rel))]
+    return out
+
+
 def pope_items(rng, objects, freq):
     """One present and one absent object per image, for each split:
     random = an absent combo, uniformly; popular = one of the 3 absent combos most frequent in training
@@ -473,7 +521,7 @@ def _write(path, obj):
 
 
 def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True,
-             n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell"):
+             n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell", mix="base"):
     """Write the whole world under `out` and return its meta dict (also saved as meta.json). The keywords after
     `progress` are the world's rules (WORLDS holds the two presets); patch_size and tower_labels are stored for
     pretrain_tower. The default world writes exactly what it wrote before these options existed."""
@@ -484,11 +532,11 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     if not 2 <= n_objects[0] <= n_objects[1] <= most or list(sizes) != list(SIZES):
         raise ValueError(f"shapes world: n_objects={n_objects} must lie in 2..{most} (shapes are unique in an image "
                          f"and one must stay absent), and sizes must name {list(SIZES)}")
-    if tower_labels not in TOWER_LABELS or (tower_labels != "cell" and (not patch_size or patch_size % SUB)):
+    if tower_labels not in TOWER_LABELS or (tower_labels.startswith("blocks") and (not patch_size or patch_size % SUB)):
         raise ValueError(f"shapes world: tower_labels={tower_labels!r} / patch_size={patch_size}: use 'cell', or "
                          f"{TOWER_LABELS[1:]} with a patch size divisible by {SUB}")
     world = dict(n_objects=list(n_objects), sizes=sizes, clutter=list(clutter), patch_size=patch_size,
-                 tower_labels=tower_labels)
+                 tower_labels=tower_labels, **({"mix": mix} if mix != "base" else {}))
     default_world = world == dict(n_objects=[2, 4], sizes=SIZES, clutter=[0, 0], patch_size=0, tower_labels="cell")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     bar = lambda it, desc: tqdm(it, desc=desc, disable=not progress, leave=False)
@@ -504,7 +552,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         cap = pretrain_caption(R("pretrain", i), objects)
         pretrain.append({"id": f"train_{i:05d}", "image": path, "conversations": [
             {"from": "human", "value": "<image>\n" + PROMPT}, {"from": "gpt", "value": cap}]})
-        instruct.append({"id": f"train_{i:05d}", "image": path, "conversations": conversation(R("instruct", i), objects, grid)})
+        instruct.append({"id": f"train_{i:05d}", "image": path, "conversations": conversation(R("instruct", i), objects, grid, mix)})
     n_text = round(text_only_frac * n_train)
     for k in range(n_text):  # spread through the file so a sequential reader meets them too
         q, a = text_only(R("text", k))
@@ -513,6 +561,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     freq = Counter((o["color"], o["shape"]) for s in scenes.values() for o in s["objects"])
 
     vqa, cr, pope = [], {s: {} for s in CR_SUBSETS}, {s: [] for s in POPE_SPLITS}
+    reefknot = {k: [] for k in REEFKNOT_FILES}
     for i in bar(range(n_test), "test images"):
         path = f"images/test_{i:05d}.png"
         forced = HELD_OUT[(i // 2) % len(HELD_OUT)] if i % 2 == 0 else None  # half carry a held-out combo
@@ -525,6 +574,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         for subset in CR_SUBSETS:
             pos, neg = cr_item(R("cr", subset, i), subset, objects)
             cr[subset][str(i)] = {"filename": path, "caption": pos, "negative_caption": neg}
+        for k, rows in reefknot_items(R("reefknot", i), objects, f"test_{i:05d}").items():
+            reefknot[k] += rows
         yes, no = pope_items(R("pope", i), objects, freq)
         for split in POPE_SPLITS:
             for obj, ans in ((yes, "yes"), (no[split], "no")):
@@ -537,7 +588,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
             os.remove(os.path.join(out, "images", f))
     files = {"pretrain.json": pretrain, "instruct.json": instruct, "scenes.json": scenes, "test/vqa.jsonl": vqa,
              **{f"test/cr/{s}.json": items for s, items in cr.items()},
-             **{f"test/pope_{s}.jsonl": rows for s, rows in pope.items()}}
+             **{f"test/pope_{s}.jsonl": rows for s, rows in pope.items()},
+             **{f"test/reefknot/{k}.jsonl": rows for k, rows in reefknot.items()}}
     for rel_path, obj in files.items():
         _write(os.path.join(out, rel_path), obj)
 
@@ -546,6 +598,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     texts = [t["value"] for s in pretrain + instruct for t in s["conversations"]]
     texts += [r["question"] + " " + r["answer"] for r in vqa + sum(pope.values(), [])]
     texts += [v[k] for items in cr.values() for v in items.values() for k in ("caption", "negative_caption")]
+    texts += [r["query_prompt"] + " " + r["label"].lower() for rows in reefknot.values() for r in rows]
     unknown = {w for t in texts for w in t.replace("<image>", " ").split()} - set(vocab)
     if unknown:  # a grammar edit that forgot vocabulary(): fail here, not as <unk> in training
         raise RuntimeError(f"shapes.vocabulary() misses words the generator used: {sorted(unknown)}")
@@ -560,7 +613,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                 counts=dict(train_images=n_train, test_images=n_test, pretrain=len(pretrain),
                             instruct=len(instruct), instruct_text_only=n_text, vqa=len(vqa),
                             **{f"cr_{s}": len(v) for s, v in cr.items()},
-                            **{f"pope_{s}": len(v) for s, v in pope.items()}),
+                            **{f"pope_{s}": len(v) for s, v in pope.items()},
+                            **{f"reefknot_{k.lower()}": len(v) for k, v in reefknot.items()}),
                 pope_definitions=pope_items.__doc__.split("\n", 1)[1].strip(),
                 image_paths="relative to this directory (also in test/*)")
     if not default_world:  # (the default world's meta.json stays as it always was)
@@ -569,141 +623,34 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     return meta
 
 
-# ----------------------------------------------------------------------------- the world's "pretrained SigLIP"
-# image_size comes from the world; patch_size defaults to one patch per grid cell (48 px / 3 -> 16 px, 9 tokens)
-TOWER = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-             num_attention_heads=4)
+# ----------------------------------------------------------------------------- command line
+DEFAULTS = dict(
+    world="default",          # the world's rules: a name in shapes.WORLDS (default | hard)
+    out="",                   # where to write it ("": out/shapes for the default world, out/shapes_<world> else)
+    seed=0,                   # every image and text draws from a stream seeded by it
+    n_train=4000,             # training images (one caption and one 1-4 turn conversation each)
+    n_test=200,               # test images (the VQA, CR, POPE and Reefknot items are about them)
+    tower_steps=800,          # pretraining steps of the world's vision tower (shapes_tower.py; 0: no tower)
+)
 
 
-def cell_labels(objects, patches, grid):
-    """Per patch (row-major, patches x patches), what lies in the cell under the patch centre and where:
-    (colour, shape, size, row, col); colour/shape/size are 0 for an empty cell, else 1 + the index in
-    COLORS / SHAPES / SIZES; row/col are the cell's."""
-    by_cell = {(o["row"], o["col"]): o for o in objects}
-    labels = []
-    for k in range(patches * patches):
-        r, c = divmod(k, patches)
-        cell = (int((r + 0.5) / patches * grid), int((c + 0.5) / patches * grid))
-        o = by_cell.get(cell)
-        what = (0, 0, 0) if o is None else (1 + list(COLORS).index(o["color"]), 1 + SHAPES.index(o["shape"]),
-                                            1 + list(SIZES).index(o["size"]))
-        labels.append(what + cell)
-    return labels
-
-
-def patch_labels(objects, image_size, patch_size, clutter=(), shape=True):
-    """Per patch (row-major), what the patch itself shows: what covers each of its SUB x SUB blocks (label_map
-    ids: 0 background, 1 + colour index, CLUTTER_ID); with `shape`, the shape of the object that covers most of its
-    blocks (0: no object; 1 + SHAPES index; ties to the lower colour id); then the patch's own row and column.
-    Never a size, and never what another patch shows."""
-    blocks = label_map(objects, image_size, patch_size // SUB, clutter)
-    n, shape_of = image_size // patch_size, {1 + list(COLORS).index(o["color"]): 1 + SHAPES.index(o["shape"])
-                                             for o in objects}
-    out = []
-    for r in range(n):
-        for c in range(n):
-            b = [int(v) for v in blocks[r * SUB:(r + 1) * SUB, c * SUB:(c + 1) * SUB].flatten()]
-            ids = Counter(v for v in b if v in shape_of)
-            main = min(ids, key=lambda v: (-ids[v], v)) if ids else None
-            out.append(tuple(b) + ((shape_of[main] if main else 0,) if shape else ()) + (r, c))
-    return out
-
-
-def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2e-3, seed=0, progress=True):
-    """
-    Train a SigLIP tower from scratch to name what lies in each cell and where (colour, shape, size, row,
-    column; linear heads on the feature layer the VLM reads), then save it where the VLMs load it (`vision_model=<world>/vision_tower`).
-    It stands in for the real recipe's pretrained SigLIP: teacher and students share it, frozen, so they
-    differ only where CompoDistill says they do, in the LM's use of the visual tokens. (A tower learned
-    through the teacher's LM gets too little signal on a CPU budget: the teacher ignored the image.)
-    Returns the per-attribute accuracy on the world's test images.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoImageProcessor, AutoModel
-    from model import VLMConfig, _hf_config
-    meta = json.load(open(os.path.join(world, "meta.json")))
-    scenes = json.load(open(os.path.join(world, "scenes.json")))
-    proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
-    rules = meta.get("world", {})  # absent: the default world (per-cell labels, one patch per cell)
-    mode = rules.get("tower_labels", "cell")
-    by_patch, with_shape = mode != "cell", mode == "blocks+shape"
-    vision = dict(vision, image_size=meta["image_size"])
-    vision.setdefault("patch_size", rules.get("patch_size") or meta["image_size"] // meta["grid"])
-    patches = vision["image_size"] // vision["patch_size"]
-    torch.manual_seed(seed)
-    tower = AutoModel.from_config(_hf_config(vision))
-    layer = VLMConfig.vision_feature_layer  # what the VLM reads (LLaVA: second to last)
-    if by_patch:
-        names = [f"block{k}" for k in range(SUB * SUB)] + ["shape"] * with_shape + ["row", "col"]
-        n_out = [CLUTTER_ID + 1] * SUB * SUB + [1 + len(SHAPES)] * with_shape + [patches, patches]
-    else:
-        names = ["color", "shape", "size", "row", "col"]
-        n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
-    heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
-
-    def labels(p):
-        sc = scenes[p]
-        if by_patch:
-            return patch_labels(sc["objects"], meta["image_size"], vision["patch_size"], sc.get("clutter", ()),
-                                shape=with_shape)
-        return cell_labels(sc["objects"], patches, meta["grid"])
-
-    def load(split):
-        paths = sorted(p for p, s in scenes.items() if s["split"] == split)
-        px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
-        y = torch.tensor([labels(p) for p in paths])
-        return px, y
-
-    def losses(px, y):
-        z = heads(tower(pixel_values=px, output_hidden_states=True).hidden_states[layer]).split(n_out, -1)
-        return sum(F.cross_entropy(zi.flatten(0, 1), y[..., i].flatten()) for i, zi in enumerate(z)), z
-
-    train_px, train_y = load("train")
-    test_px, test_y = load("test")
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="shapes vision tower", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(len(train_px), (batch_size,), generator=g)
-        loss, _ = losses(train_px[idx], train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        _, z = losses(test_px, test_y)
-    acc = {k: float((zi.argmax(-1) == test_y[..., i]).float().mean()) for i, (k, zi) in enumerate(zip(names, z))}
-    if by_patch:  # one number per kind of evidence: every block; blocks that show an object; blocks of clutter
-        pred = torch.stack([zi.argmax(-1) for zi in z[:SUB * SUB]], -1)
-        y = test_y[..., :SUB * SUB]
-        acc = dict(block=float((pred == y).float().mean()),
-                   object_block=float((pred == y)[(y > 0) & (y < CLUTTER_ID)].float().mean()),
-                   clutter_block=float((pred == y)[y == CLUTTER_ID].float().mean()) if (y == CLUTTER_ID).any() else None,
-                   **{k: acc[k] for k in ("shape", "row", "col") if k in acc})
-    if out:
-        tower.save_pretrained(out)
-        proc.save_pretrained(out)
-        _write(os.path.join(out, "pretraining.json"), dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                                           feature_layer=layer, test_accuracy=acc))
-    return acc
+def main(argv=None):
+    import sys
+    from configurator import configure
+    cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
+    if cfg["world"] not in WORLDS:
+        raise ValueError(f"--world={cfg['world']}: use one of {list(WORLDS)}")
+    out = cfg["out"] or ("out/shapes" if cfg["world"] == "default" else f"out/shapes_{cfg['world']}")
+    meta = generate(out, seed=cfg["seed"], n_train=cfg["n_train"], n_test=cfg["n_test"], **WORLDS[cfg["world"]])
+    print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {out}")
+    if cfg["tower_steps"]:
+        from shapes_tower import pretrain_tower
+        acc = pretrain_tower(out, os.path.join(out, "vision_tower"), steps=cfg["tower_steps"], seed=cfg["seed"])
+        print("vision tower test accuracy:", json.dumps({k: round(v, 4) for k, v in acc.items() if v is not None}),
+              f"-> {out}/vision_tower")
+    return meta
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Generate the synthetic shapes world (see the module docstring).")
-    p.add_argument("--world", choices=list(WORLDS), default="default", help="the world's rules (WORLDS)")
-    for key, default in dict(out="", seed=0, n_train=4000, n_test=200, tower_steps=800).items():
-        p.add_argument(f"--{key}", type=type(default), default=default)
-    args = vars(p.parse_args())
-    tower_steps, world = args.pop("tower_steps"), args.pop("world")
-    args["out"] = args["out"] or ("out/shapes" if world == "default" else f"out/shapes_{world}")
-    meta = generate(**args, **WORLDS[world])
-    print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {args['out']}")
-    if tower_steps:  # the world's pretrained vision tower (0: skip, e.g. for a from-scratch tower)
-        acc = pretrain_tower(args["out"], os.path.join(args["out"], "vision_tower"), steps=tower_steps, seed=args["seed"])
-        print("vision tower test accuracy per " + ("cell:" if world == "default" else "patch block:"), json.dumps({k: round(v, 4) for k, v in acc.items()}),
-              f"-> {args['out']}/vision_tower")
+    from configurator import cli
+    cli(main)

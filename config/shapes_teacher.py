@@ -1,5 +1,5 @@
 # The shapes teacher: a 6-layer, 256-wide Qwen2 LM trained from scratch with its connector (LLaVA-style:
-# captions and instructions mixed) on the world's pretrained vision tower (shapes.py pretrain_tower: a small
+# captions and instructions mixed) on the world's pretrained vision tower (shapes_tower.py: a small
 # SigLIP that names each cell's colour, shape, size and place), frozen and shared with the students, as a
 # pretrained SigLIP is in the real recipe. 48 px images / 16 px patches: 9 visual tokens, one per grid cell.
 # (A tower learned through the LM instead left even this teacher ignoring the image at a CPU budget.)

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import shapes  # noqa: E402
+import shapes_tower  # noqa: E402
 
 
 def _hashes(root):
@@ -47,7 +48,7 @@ def test_determinism(world, tmp_path):
     same = str(tmp_path / "same")
     shapes.generate(same, seed=0, n_train=40, n_test=20, progress=False, **_rules(meta))
     h0, h1 = _hashes(out), _hashes(same)
-    assert len(h0) == 40 + 20 + 15 + 3 and h0 == h1  # images, json(l) files, tokenizer + processor files
+    assert len(h0) == 40 + 20 + 15 + 3 + 3 and h0 == h1  # images, json(l) files, Reefknot files, tokenizer + processor
     other = str(tmp_path / "other")
     shapes.generate(other, seed=1, n_train=40, n_test=20, progress=False, **_rules(meta))
     h2 = _hashes(other)
@@ -192,6 +193,15 @@ def _oracle(q, objs):
     if q.startswith("what is in the "):
         here = [o for o in objs if (rows[o["row"]], cols[o["col"]]) == (w[4], w[5])]
         return name(here[0]) if here else "nothing"
+    if q.startswith("what is the relation between the "):  # one pair in a row or a column: its one relation
+        head, _, options = q.removesuffix(" ?").partition(" ? ")
+        a_np, b_np = head[len("what is the relation between the "):].split(" and the ")
+        rels = shapes.relation(find(a_np)[0], find(b_np)[0])
+        assert len(rels) == 1, q
+        if not options:
+            return shapes.rel_text(rels[0])
+        opts = [o.strip() for o in options.split("(")[1:]]  # "a ) left of" ...
+        return next(o.split(" ) ")[0] for o in opts if o.split(" ) ")[1] == shapes.rel_text(rels[0]))
     if q.startswith("what is "):  # "what is REL the B ?": the one object on that side of B
         rel, ref = w[2], find(" ".join(w[w.index("the") + 1:-1]))[0]
         side = [o for o in objs if rel in shapes.relation(o, ref)]
@@ -209,6 +219,26 @@ def test_every_image_answer_is_right(world):
             qa += [(t[i]["value"].replace("<image>\n", ""), t[i + 1]["value"], s["image"]) for i in range(0, len(t), 2)]
     for q, a, image in qa:
         assert _oracle(q, scenes[image]["objects"]) == a, (q, a, image)
+
+
+def test_reefknot_items_are_true_to_their_scene(world):
+    """Reefknot's layout; YESNO in pairs on one object pair (the true relation, then its opposite); Multichoice and
+    VQA on pairs with one relation; every label what an independent answerer says."""
+    out, _, scenes = world
+    rows = {k: _jsonl(os.path.join(out, "test", "reefknot", f"{k}.jsonl")) for k in shapes.REEFKNOT_FILES}
+    assert len(rows["YESNO"]) == 40 and 0 < len(rows["Multichoice"]) == len(rows["VQA"]) <= 20
+    for k, items in rows.items():
+        for r in items:
+            assert set(r) == {"image_id", "query_prompt", "label", "relation_type"} and r["relation_type"] == "perception"
+            objs = scenes[f"images/{r['image_id']}.png"]["objects"]
+            assert _oracle(r["query_prompt"], objs) == r["label"].lower(), r
+    yn = rows["YESNO"]
+    for pos, neg in zip(yn[::2], yn[1::2]):
+        assert (pos["label"], neg["label"], pos["image_id"]) == ("yes", "no", neg["image_id"])
+        p, n = pos["query_prompt"].split(), neg["query_prompt"].split()
+        assert [w for w in p if w not in shapes.RELATIONS] == [w for w in n if w not in shapes.RELATIONS]
+    for r in rows["Multichoice"]:
+        assert r["label"] in "ABCD" and all(f"( {x} ) " in r["query_prompt"] for x in "abcd")
 
 
 def test_yes_no_balanced():
@@ -256,11 +286,11 @@ def test_cell_labels_hand_case():
             dict(color="red", shape="circle", size="small", row=2, col=1)]
     blue_star = (1 + 2, 1 + 5, 2)  # COLORS index 2, SHAPES index 5, SIZES index 1, each +1 (0 = empty)
     red_circle = (1 + 0, 1 + 0, 1)
-    lab = shapes.cell_labels(objs, patches=3, grid=3)
+    lab = shapes_tower.cell_labels(objs, patches=3, grid=3)
     assert lab == [(0, 0, 0, 0, 0), (0, 0, 0, 0, 1), blue_star + (0, 2),
                    (0, 0, 0, 1, 0), (0, 0, 0, 1, 1), (0, 0, 0, 1, 2),
                    (0, 0, 0, 2, 0), red_circle + (2, 1), (0, 0, 0, 2, 2)]
-    fine = shapes.cell_labels(objs, patches=6, grid=3)
+    fine = shapes_tower.cell_labels(objs, patches=6, grid=3)
     assert [k for k, x in enumerate(fine) if x[0]] == [4, 5, 10, 11, 26, 27, 32, 33]
 
 
@@ -272,7 +302,7 @@ def test_pretrained_tower_learns_the_cells(tmp_path):
     shapes.generate(out, n_train=300, n_test=20, image_size=24, progress=False)
     tiny = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2)
-    acc = shapes.pretrain_tower(out, str(tmp_path / "tower"), vision=tiny, steps=300, batch_size=32, progress=False)
+    acc = shapes_tower.pretrain_tower(out, str(tmp_path / "tower"), vision=tiny, steps=300, batch_size=32, progress=False)
     empty = 1 - 3 / 9  # 2-4 objects in 9 cells: about 2/3 of the cells are empty
     assert min(acc["color"], acc["row"], acc["col"]) > 0.9, acc
     assert acc["shape"] > empty + 0.15, acc
@@ -338,7 +368,7 @@ def test_patch_labels_hand_case():
     red, grey, square = 1 + list(shapes.COLORS).index("red"), shapes.CLUTTER_ID, 1 + shapes.SHAPES.index("square")
     sq = dict(color="red", shape="square", size="large", row=3, col=1, x=16.0, y=36.0, r=4 / 0.82)  # [12,20)x[32,40)
     speck = dict(x=43.0, y=5.0, r=1.5)  # covers the 2 px block [42,44)x[4,6) whole, slivers of its neighbours
-    lab = shapes.patch_labels([sq], 48, 8, [speck])
+    lab = shapes_tower.patch_labels([sq], 48, 8, [speck])
     assert len(lab) == 36 and all(len(x) == shapes.SUB * shapes.SUB + 3 for x in lab)
     assert lab[4 * 6 + 1] == (0, 0, red, red) * 4 + (square, 4, 1)  # right half of patch (4, 1)
     assert lab[4 * 6 + 2] == (red, red, 0, 0) * 4 + (square, 4, 2)  # left half of patch (4, 2)
@@ -346,7 +376,7 @@ def test_patch_labels_hand_case():
     assert all(set(x[:17]) == {0} for x in others)  # empty, and no shape
     assert lab[5] == tuple(grey if k == 2 * 4 + 1 else 0 for k in range(16)) + (0, 0, 5)  # block row 2, col 1
     assert [r * 6 + c for *_, r, c in lab] == list(range(36))
-    assert shapes.patch_labels([sq], 48, 8, shape=False)[25] == (0, 0, red, red) * 4 + (4, 1)  # "blocks" labels
+    assert shapes_tower.patch_labels([sq], 48, 8, shape=False)[25] == (0, 0, red, red) * 4 + (4, 1)  # "blocks" labels
 
 
 def test_patch_shape_is_the_majority_objects():
@@ -354,7 +384,7 @@ def test_patch_shape_is_the_majority_objects():
     red, blue = 1 + list(shapes.COLORS).index("red"), 1 + list(shapes.COLORS).index("blue")
     sq = dict(color="red", shape="square", size="small", row=0, col=0, x=11.0, y=11.0, r=3 / 0.82)  # [8,14)^2
     cross = dict(color="blue", shape="cross", size="large", row=0, col=1, x=19.5, y=12.0, r=5.0)
-    lab = shapes.patch_labels([sq, cross], 48, 8)[1 * 6 + 1]
+    lab = shapes_tower.patch_labels([sq, cross], 48, 8)[1 * 6 + 1]
     blocks = lab[:16]
     assert [k for k, v in enumerate(blocks) if v == red] == [0, 1, 2, 4, 5, 6, 8, 9, 10]
     assert 0 < blocks.count(blue) < 9 and set(blocks) == {0, red, blue}

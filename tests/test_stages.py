@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import shapes
+import shapes_tower
 import trainer
 from model import VLM, find_checkpoint
 
@@ -47,7 +48,7 @@ def world(tmp_path_factory):
     d = dict(pretrain=str(data / "pretrain.json"), instruct=str(data / "instruct.json"),
              teacher=str(root / "teacher"), dpt=str(root / "dpt"), root=root)
     d["tower"] = str(data / "vision_tower")
-    shapes.pretrain_tower(str(data), d["tower"], vision=VISION, steps=2, batch_size=4, progress=False)
+    shapes_tower.pretrain_tower(str(data), d["tower"], vision=VISION, steps=2, batch_size=4, progress=False)
     run_stage(SFT, init_from="scratch", data=d["pretrain"] + "," + d["instruct"], out_dir=d["teacher"],
               vision_model=d["tower"], llm=llm(48, 4))
     run_stage(DPT, init_from="scratch", teacher=d["teacher"], data=d["pretrain"], out_dir=d["dpt"],

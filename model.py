@@ -507,7 +507,7 @@ class TeacherStudent(nn.Module):
     """
 
     def __init__(self, teacher, student, student_layers=None, teacher_layers=None, matching="group",
-                 vat_queries="image", vat_pool="column", vat_loss="cosine", vat_layer_reduce="sum", kd_weight=1.0,
+                 vat_queries="all", vat_pool="flat", vat_loss="cosine", vat_layer_reduce="sum", kd_weight=1.0,
                  vat_weight=1.0, kd_temperature=1.0):
         super().__init__()
         self.student = student

@@ -66,8 +66,10 @@ DEFAULTS = dict(
                                   # (early, intermediate, late, all), a (lo, hi) depth fraction or a list of indices
     teacher_layers=None,          # the teacher layers they are matched to (the same forms)
     matching="group",             # group | simple | adaptive: how student layers are matched to teacher layers
-    vat_queries="image",          # whose attention is aligned: image (image-token rows), all, or text rows
-    vat_pool="column",            # column (the reference code's per-column profile) | flat (the paper's Eq. 2)
+    vat_queries="all",            # whose attention is aligned: all rows (the paper's Eq. 2), text rows, or image
+                                  # rows (the reference code's form, with vat_pool=column)
+    vat_pool="flat",              # flat (the paper's Eq. 2: the maps flattened) | column (the reference code's
+                                  # per-column profile, outliers filtered)
     vat_loss="cosine",            # cosine | mse | kl
     vat_layer_reduce="sum",       # sum over the layer pairs (reference code) | mean (the paper's Eq. 2)
     lora_rank=0,                  # >0: LoRA adapters (peft) on the LM instead of training all of it (reference: 128)

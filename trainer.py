@@ -331,6 +331,24 @@ def compile_models(ts, **kwargs):
             m.llm.base_model.compile(**kwargs)
 
 
+def check_out_dir(out_dir):
+    """Refuse an out_dir no checkpoint could be written to: the first save comes only after save_interval steps."""
+    path = os.path.abspath(out_dir)
+    for p in (path, path + ".tmp", path + ".old"):  # the checkpoint swap writes all three (save_checkpoint)
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"out_dir={out_dir}: {p} is a file, not a directory; choose another out_dir, or move "
+                             "the file away")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_dir={out_dir}: {parent} is a file, not a directory, so no directory can be made "
+                         "under it; choose another out_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
+                         "you can write")
+
+
 def check_resume(saved, cfg, out_dir):
     """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
     diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
@@ -420,6 +438,8 @@ def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
     if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
         raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
+    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
+        check_out_dir(cfg["out_dir"])
     ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
     master = rank == 0
     out_dir = cfg["out_dir"]

@@ -384,7 +384,8 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
       "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
                     connector (VLM.from_backbones)
       "scratch"     a new LM from the `llm` config dict. With a teacher (a VLM or its directory) it shares the
-                    teacher's tower, tokenizer and image processor, as KD and VAT need; else it sits on
+                    teacher's tower (its feature layer and selection too), tokenizer and image processor, as KD, VAT
+                    and TAF need; else it sits on
                     vision_model's pretrained tower or a new one from the `vision` dict, with the tokenizer and
                     image processor given (default: data_dir's tokenizer/ and image_processor/, as shapes.py writes)
     """
@@ -400,12 +401,13 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
         return VLM.from_pretrained(init_from)
     if not llm:
         raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
-    select = vision_feature_select_strategy
+    select, layer = vision_feature_select_strategy, VLMConfig.vision_feature_layer
     if isinstance(teacher, str):  # not distilling (a baseline), but the same tower and tokenizer
         teacher = VLM.from_pretrained(teacher)
     if teacher is not None:  # the teacher's tower, tokenizer and image processor: KD and VAT need them equal
         tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
         vision, select = teacher.config.vision, teacher.config.vision_feature_select_strategy
+        layer = teacher.config.vision_feature_layer
     else:
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or os.path.join(data_dir, "tokenizer")))
         if vision_model:  # a pretrained tower (e.g. shapes.py's) under a new LM
@@ -419,7 +421,7 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
             raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
     llm = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config = VLMConfig(vision=vision, llm=llm, connector=connector, vision_feature_select_strategy=select,
-                       image_token_id=tok.convert_tokens_to_ids("<image>"))
+                       vision_feature_layer=layer, image_token_id=tok.convert_tokens_to_ids("<image>"))
     model = VLM(config, vision_tower=tower)
     model.tokenizer, model.image_processor = tok, proc
     return model
@@ -575,11 +577,22 @@ class TeacherStudent(nn.Module):
         compare the two frozen connectors once (not every step: on GPU that is a host sync per step), before
         the teacher is cast to bf16."""
         if not self.shared_vision:
-            raise ValueError("TAF needs the teacher's vision tower: the student's tower (or its feature layer / "
-                             "selection) differs from the teacher's, so the teacher's connector would read features "
-                             "it was never trained on. Build the student on the teacher's tower (init_from=scratch "
-                             "with a teacher shares it; with init_from=backbones pass the teacher's vision_model), or "
-                             "run without TAF (taf=False)")
+            s, t = self.student, self.teacher
+            what = []
+            if not same_weights(s.vision_tower, t.vision_tower):
+                what.append("the student's tower has other weights than the teacher's")
+            if s.config.vision_feature_layer != t.config.vision_feature_layer:
+                what.append(f"the student reads feature layer {s.config.vision_feature_layer}, the teacher "
+                            f"{t.config.vision_feature_layer}")
+            if s.config.vision_feature_select_strategy != t.config.vision_feature_select_strategy:
+                what.append(f"the student selects features {s.config.vision_feature_select_strategy!r}, the teacher "
+                            f"{t.config.vision_feature_select_strategy!r}")
+            raise ValueError("TAF needs the teacher's vision tower: " + "; ".join(what or ["the towers differ"]) +
+                             "; the teacher's connector would read features it was never trained on. Build the "
+                             "student on the teacher's tower (init_from=scratch with the teacher takes its tower, "
+                             "feature layer and selection; with init_from=backbones pass the teacher's vision_model, "
+                             "or the teacher's own directory, and its vision_feature_select_strategy), or run without "
+                             "TAF (taf=False)")
         self._same_connector = same_weights(self.student.connector, self.teacher.connector)
 
     def _reuses_teacher_connector(self):

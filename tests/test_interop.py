@@ -182,6 +182,37 @@ def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
     assert p == llava["siglip"] and m.config.extra["imported_from"] == "llava"
 
 
+def test_a_scratch_student_reads_the_llava_teachers_feature_layer(tmp_path):
+    """A SigLIP LLaVA on vision_feature_layer -1 (not LLaVA's usual -2): init_from=scratch builds the student on the
+    teacher's layer and selection, so TAF is accepted and, without TAF, both models read the same features."""
+    teacher_dir = save_llava(tmp_path / "layer-1", feature_layer=-1, strategy="default")
+    data = write_llava(tmp_path / "data.json", ["image"] * 4)
+    llm = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    base = dict(batch_size=2, max_steps=1, log_interval=1, eval_interval=0, save_interval=100, max_length=96,
+                init_from="scratch", teacher=teacher_dir, data=data, llm=llm, student_layers=[0, 1],
+                teacher_layers=[0, 1])
+    args = lambda d: [f"--{k}={v}" for k, v in d.items()]
+    teacher = VLM.from_pretrained(teacher_dir)
+    pv = pixels(teacher, picture())
+    for taf in (True, False):
+        out = str(tmp_path / f"taf{taf}")
+        trainer.main(dict(stage="dpt", kd_weight=1.0, taf=taf), args({**base, "out_dir": out}))
+        s = VLM.from_pretrained(out)
+        assert (s.config.vision_feature_layer, s.config.vision_feature_select_strategy) == (-1, "default")
+        assert torch.equal(s.vision_features(pv), teacher.vision_features(pv))
+
+
+def test_taf_refusal_says_what_differs_and_what_to_do():
+    from conftest import tiny_vlm
+    t = tiny_vlm(seed=0)
+    s = tiny_vlm(seed=1, vision_tower=t.vision_tower, hidden=48)
+    s.config.vision_feature_layer = -1
+    with pytest.raises(ValueError, match=r"TAF needs the teacher's vision tower: the student reads feature layer -1, "
+                                         r"the teacher -2; .*init_from=scratch with the teacher"):
+        TeacherStudent(t, s, [0], [0]).apply_taf()
+
+
 def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
     torch.manual_seed(0)
     m = VLM(VLMConfig(vision=vision_cfg(), llm=dict(llm_cfg(), tie_word_embeddings=True), image_token_id=3)).eval()

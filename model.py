@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -354,13 +355,29 @@ class VLM(nn.Module):
 
     @staticmethod
     def load_vision_tower(path, dtype=None):
-        """The vision tower of a checkpoint (id or path), e.g. SiglipVisionModel from a full SigLIP."""
-        vcfg = _vision_config(AutoConfig.from_pretrained(path))
-        return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
+        """The vision tower of a checkpoint (id or path): a vision model, the vision part of a full CLIP / SigLIP
+        (e.g. SiglipVisionModel), or the tower inside a Hugging Face LLaVA directory or one of our checkpoints (its
+        vision_tower weights, strictly; float32 unless `dtype` says otherwise)."""
+        kind = vlm_kind(path)
+        if kind is None:
+            vcfg = _vision_config(AutoConfig.from_pretrained(path))
+            return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
+        config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
+        with params_on_meta():
+            tower = AutoModel.from_config(_vision_config(_hf_config(config.vision)))
+        rename = llava_key_to_ours if kind == "llava" else (lambda k: k)
+        nested = any(k.startswith("vision_model.") for k in tower.state_dict())
+        # the tower's tensors only: a 7B LLaVA's LM is never read for its tower
+        tensors = read_weights(path, keep=lambda k: (rename(k) or "").startswith("vision_tower."))
+        tensors = {match_tower_nesting(rename(k), nested).removeprefix("vision_tower."): t for k, t in tensors.items()}
+        return load_weights(tower, tensors, f"{path} (its vision tower)", dtype or torch.float32).eval()
 
     @classmethod
     def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, **kw):
-        """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer."""
+        """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer. A whole VLM's
+        directory as `vision` (LLaVA or ours) gives its tower with the feature layer and selection it was used with
+        (a selection in `kw` wins)."""
+        kw = {**tower_settings(vision), **{k: v for k, v in kw.items() if v != ""}}
         tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(llm))
@@ -382,7 +399,8 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
     The one way a model starts, from whatever `init_from` points at:
       a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
       "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
-                    connector (VLM.from_backbones)
+                    connector (VLM.from_backbones); vision_model may also be a LLaVA directory or one of our
+                    checkpoints, whose tower (weights, feature layer, selection, image processor) is taken
       "scratch"     a new LM from the `llm` config dict. With a teacher (a VLM or its directory) it shares the
                     teacher's tower (its feature layer and selection too), tokenizer and image processor, as KD, VAT
                     and TAF need; else it sits on
@@ -414,6 +432,9 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
             tower = VLM.load_vision_tower(vision_model)
             vision = tower.config.to_dict()
             proc = AutoImageProcessor.from_pretrained(image_processor or vision_model)
+            settings = tower_settings(vision_model)  # a LLaVA's tower is read as that LLaVA reads it
+            layer = settings.get("vision_feature_layer", layer)
+            select = select or settings.get("vision_feature_select_strategy", "")
         elif vision:
             tower = None
             proc = AutoImageProcessor.from_pretrained(image_processor or os.path.join(data_dir, "image_processor"))
@@ -689,6 +710,30 @@ def find_checkpoint(path):
     return None
 
 
+def vlm_kind(path):
+    """"ours" or "llava" when `path` is a directory whose config.json describes a whole VLM (then checkpoint_kind
+    checks it), else None: a hub id, a vision model's or an LM's directory."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if ("vision" in cfg and "llm" in cfg) or cfg.get("model_type") == "llava":
+        return checkpoint_kind(path)
+    return None
+
+
+def tower_settings(path):
+    """{vision_feature_layer, vision_feature_select_strategy} a whole VLM's directory reads its tower with (empty for
+    anything else): a tower taken from a LLaVA is read as that LLaVA reads it."""
+    kind = vlm_kind(path)
+    if kind is None:
+        return {}
+    c = llava_config(path) if kind == "llava" else VLMConfig.load(path)
+    return dict(vision_feature_layer=c.vision_feature_layer,
+                vision_feature_select_strategy=c.vision_feature_select_strategy)
+
+
 def checkpoint_kind(path):
     """"ours" or "llava" for a directory VLM.from_pretrained can load; anything else is an error that says what was
     found there and what is accepted."""
@@ -716,10 +761,17 @@ def checkpoint_kind(path):
     return kind
 
 
-def read_weights(path):
-    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists."""
+def _read_safetensors(file, keep=None):
+    """name -> tensor of one safetensors file (only the names `keep` accepts, when given)."""
+    with safe_open(file, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+
+
+def read_weights(path, keep=None):
+    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists; with
+    `keep` (name -> bool), only the tensors it accepts are read."""
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return load_file(os.path.join(path, WEIGHTS_NAME))
+        return _read_safetensors(os.path.join(path, WEIGHTS_NAME), keep)
     index = os.path.join(path, WEIGHTS_INDEX_NAME)
     with open(index) as f:
         weight_map = json.load(f)["weight_map"]
@@ -728,7 +780,10 @@ def read_weights(path):
         if not os.path.isfile(os.path.join(path, shard)):
             raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {path}: copy or download "
                                     "every shard of the checkpoint")
-        tensors.update(load_file(os.path.join(path, shard)))
+        if keep is None or any(keep(k) for k, v in weight_map.items() if v == shard):
+            tensors.update(_read_safetensors(os.path.join(path, shard), keep))
+    if keep is not None:
+        weight_map = {k: v for k, v in weight_map.items() if keep(k)}
     if tensors.keys() != weight_map.keys():
         raise ValueError(f"{index} and its shards disagree on the tensor names (in the index only: "
                          f"{sorted(weight_map.keys() - tensors.keys())[:5]}, in the shards only: "

@@ -38,7 +38,8 @@ DEFAULTS = dict(
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
     init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
                                   # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
-    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP)
+    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP),
+                                  # or a LLaVA / checkpoint directory, whose tower it takes
     llm_model="",                 # backbones: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
     llm={},                       # scratch: HF causal-LM config dict of a new LM (see config/shapes_*.py)
     vision={},                    # scratch without vision_model or a teacher: HF vision config dict of a new tower

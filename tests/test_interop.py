@@ -203,6 +203,31 @@ def test_a_scratch_student_reads_the_llava_teachers_feature_layer(tmp_path):
         assert torch.equal(s.vision_features(pv), teacher.vision_features(pv))
 
 
+def test_a_llava_directory_as_vision_model_gives_its_own_tower(tmp_path):
+    """vision_model=<LLaVA dir> (what the TAF refusal suggests for a LLaVA teacher): its vision_tower weights, image
+    processor, feature layer and selection; never a randomly initialised tower."""
+    from transformers import AutoImageProcessor
+    path = save_llava(tmp_path / "llava", feature_layer=-1, strategy="default")
+    saved = {k.removeprefix("vision_tower."): t for k, t in read_weights(path).items() if k.startswith("vision_tower.")}
+    tower = VLM.load_vision_tower(path)
+    got = tower.state_dict()
+    assert saved and saved.keys() <= got.keys()
+    assert all(torch.equal(got[k], t.float()) for k, t in saved.items())
+    lm = save_lm(tmp_path / "lm", bpe_tokenizer(), hidden=32, layers=2, seed=1)
+    m = VLM.from_backbones(path, lm)
+    assert (m.config.vision_feature_layer, m.config.vision_feature_select_strategy) == (-1, "default")
+    assert m.image_processor.to_dict() == AutoImageProcessor.from_pretrained(path).to_dict()
+    # and so a backbones student may take TAF from that LLaVA teacher
+    data = write_llava(tmp_path / "data.json", ["image"] * 4)
+    out = str(tmp_path / "dpt")
+    trainer.main(dict(stage="dpt", kd_weight=1.0, taf=True), [
+        "--init_from=backbones", f"--vision_model={path}", f"--llm_model={lm}", f"--teacher={path}", f"--data={data}",
+        f"--out_dir={out}", "--batch_size=2", "--max_steps=1", "--eval_interval=0", "--max_length=96",
+        "--student_layers=[0, 1]", "--teacher_layers=[0, 1]"])
+    s = VLM.from_pretrained(out)
+    assert s.config.taf and all(torch.equal(s.vision_tower.state_dict()[k], t.float()) for k, t in saved.items())
+
+
 def test_taf_refusal_says_what_differs_and_what_to_do():
     from conftest import tiny_vlm
     t = tiny_vlm(seed=0)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
@@ -56,8 +56,7 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path):
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
+        d = _read_json(os.path.join(path, "config.json"))
         if "drop_first_patch" in d:  # checkpoints written before the LLaVA name
             d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
         return cls(**d)
@@ -716,8 +715,7 @@ def vlm_kind(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         return None
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = _read_json(cfg_path)
     if ("vision" in cfg and "llm" in cfg) or cfg.get("model_type") == "llava":
         return checkpoint_kind(path)
     return None
@@ -743,8 +741,7 @@ def checkpoint_kind(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (found: {found}); expected {ACCEPTED}")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = _read_json(cfg_path)
     if "vision" in cfg and "llm" in cfg:
         kind = "ours"
     elif cfg.get("model_type") == "llava":
@@ -762,9 +759,25 @@ def checkpoint_kind(path):
 
 
 def _read_safetensors(file, keep=None):
-    """name -> tensor of one safetensors file (only the names `keep` accepts, when given)."""
-    with safe_open(file, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+    """name -> tensor of one safetensors file (only the names `keep` accepts, when given). A damaged file (cut short
+    by an interrupted copy, an error page saved in its place) is an error that names it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "the file is damaged or not safetensors: copy or download the checkpoint again, or rerun the "
+                         "stage that wrote it") from e
+
+
+def _read_json(file):
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the file is damaged: copy or download the checkpoint again, "
+                         "or rerun the stage that wrote it") from e
 
 
 def read_weights(path, keep=None):
@@ -773,8 +786,11 @@ def read_weights(path, keep=None):
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         return _read_safetensors(os.path.join(path, WEIGHTS_NAME), keep)
     index = os.path.join(path, WEIGHTS_INDEX_NAME)
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file); the file is damaged: copy or "
+                         "download the checkpoint again")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         if not os.path.isfile(os.path.join(path, shard)):

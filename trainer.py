@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -164,6 +165,19 @@ def save_checkpoint(out_dir, student, train_state, log, weights=None):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_train_state(resume_dir, out_dir):
+    """train_state.pt of a checkpoint, to the CPU (under torchrun every rank would otherwise load the whole optimizer
+    state onto cuda:0). A missing or damaged file is an error that names it and says what to do."""
+    path = os.path.join(resume_dir, "train_state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        why = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise ValueError(f"{path}: cannot read the training state ({why}); it is missing or damaged, so the run in "
+                         f"{out_dir} cannot resume. Put back a good copy to resume; to start this stage over instead, "
+                         f"move {out_dir} away") from e
 
 
 def rng_state():
@@ -447,8 +461,7 @@ def train(cfg):
     resume_dir = find_checkpoint(out_dir)
     state = None
     if resume_dir:
-        # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        state = load_train_state(resume_dir, out_dir)
         check_resume(state["config"], cfg, out_dir)
         if state["step"] >= cfg["max_steps"]:
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")

@@ -259,6 +259,71 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
         assert torch.equal(m2(ids, torch.ones_like(ids), pv)["logits"], want)
 
 
+# -- damaged files: one line that names the file ---------------------------------------------------------------------
+
+def damage(path, how):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncated": data[:len(data) // 2], "garbage": b"<html>not found</html>" * 8, "empty": b""}[how])
+
+
+def tiny_checkpoint(path, shard_bytes=None):
+    from conftest import tiny_vlm
+    tiny_vlm().save_pretrained(str(path), max_shard_bytes=shard_bytes)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_damaged_weights_name_the_file(how, tmp_path):
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    damage(os.path.join(d, "model.safetensors"), how)
+    with pytest.raises(ValueError) as e:
+        VLM.from_pretrained(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{d}/model.safetensors: cannot read the weights (") and "\n" not in msg
+    assert msg.endswith("copy or download the checkpoint again, or rerun the stage that wrote it")
+    # a LLaVA directory's shard and its index, through evaluate.py's loader
+    d = tiny_checkpoint(tmp_path / "sharded", shard_bytes=40_000)
+    shard = sorted(f for f in os.listdir(d) if f.startswith("model-"))[1]
+    damage(os.path.join(d, shard), how)
+    with pytest.raises(ValueError, match=rf"^{d}/{shard}: cannot read the weights \("):
+        ev._load(d)
+    damage(os.path.join(d, "model.safetensors.index.json"), how)
+    with pytest.raises(ValueError, match=rf"^{d}/model.safetensors.index.json: not valid JSON \("):
+        ev._load(d)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_a_damaged_train_state_names_the_file(how, tmp_path):
+    out = tiny_checkpoint(tmp_path / "run")
+    torch.save({"step": 1, "optimizer": {"state": {i: torch.zeros(64) for i in range(8)}}}, f"{out}/train_state.pt")
+    damage(f"{out}/train_state.pt", how)
+    with pytest.raises(ValueError) as e:
+        trainer.main(dict(stage="sft"), [f"--out_dir={out}", f"--init_from={out}", "--data=unused.json"])
+    msg = str(e.value)
+    assert msg.startswith(f"{out}/train_state.pt: cannot read the training state (") and "\n" not in msg
+    assert msg.endswith(f"to start this stage over instead, move {out} away")
+
+
+@pytest.mark.slow
+def test_damaged_files_through_the_command_line(tmp_path):
+    """The real scripts: exit 2 and one line on stderr, no traceback."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    damage(os.path.join(d, "model.safetensors"), "truncated")
+    out = tiny_checkpoint(tmp_path / "run")
+    damage(os.path.join(out, "model.safetensors"), "empty")
+    open(os.path.join(out, "train_state.pt"), "wb").close()
+    for script, argv, first in [("evaluate.py", [f"--model={d}", f"--data={tmp_path}"], f"{d}/model.safetensors"),
+                                ("train_sft.py", [f"--out_dir={out}"], f"{out}/train_state.pt")]:
+        r = subprocess.run([sys.executable, script, *argv], cwd=root, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.startswith(f"{script}: {first}: cannot read") and len(r.stderr.strip().splitlines()) == 1
+
+
 # -- export ----------------------------------------------------------------------------------------------------------
 
 def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teacher_hidden=None, tie=False):

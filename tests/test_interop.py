@@ -291,6 +291,9 @@ def test_damaged_weights_name_the_file(how, tmp_path):
     damage(os.path.join(d, "model.safetensors.index.json"), how)
     with pytest.raises(ValueError, match=rf"^{d}/model.safetensors.index.json: not valid JSON \("):
         ev._load(d)
+    damage(os.path.join(d, "config.json"), how)
+    with pytest.raises(ValueError, match=rf"^{d}/config.json: not valid JSON \("):
+        ev._load(d)
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])

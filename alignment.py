@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import attention_distill as ad
+from data import load_image
 from model import TeacherStudent
 
 # -----------------------------------------------------------------------------
@@ -255,8 +256,7 @@ def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
             if A_t is not None:
                 rows.append(("teacher, text queries", [patch_grid(p, patches) for p in txt_t]))
             rows.append((f"{who}, text queries", [patch_grid(p, patches) for p in txt_s]))
-            with Image.open(os.path.join(r.folder, spec[1])) as im:
-                image = im.convert("RGB")
+            image = load_image(os.path.join(r.folder, spec[1]))
             path = os.path.join(out_dir, f"heatmap_{k:03d}.png")
             paths.append(draw_heatmaps(path, image, titles[k], rows, col_titles))
             k += 1

@@ -45,11 +45,10 @@ from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
-from data import IGNORE_INDEX, collate, decode_answer, load_records, tokenize_conversation
+from data import IGNORE_INDEX, collate, decode_answer, load_image, load_records, tokenize_conversation
 from model import VLM, find_checkpoint, resolve_dtype
 
 TASKS = ["vqa", "cr", "pope", "wino", "align"]
@@ -299,8 +298,7 @@ class Runner:
 
     def pixels(self, rel):
         if rel not in self._cache:
-            with Image.open(os.path.join(self.folder, rel)) as im:
-                img = im.convert("RGB")
+            img = load_image(os.path.join(self.folder, rel))
             self._cache[rel] = self.proc(images=img, return_tensors="pt").pixel_values[0]
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

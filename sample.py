@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from data import decode_answer, tokenize_conversation
+from data import decode_answer, load_image, tokenize_conversation
 from model import VLM, resolve_dtype
 
 DEFAULTS = dict(
@@ -29,7 +29,7 @@ DEFAULTS = dict(
 
 @torch.no_grad()
 def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
-    """The model's answer (text, up to its eos) to `prompt` about PIL `image`."""
+    """The model's answer (text, up to its eos) to `prompt` about PIL `image` (RGB; data.load_image reads files so)."""
     tok = model.tokenizer
     ids, _ = tokenize_conversation([{"from": "human", "value": prompt}], tok, model.num_image_tokens, True)
     device = next(model.parameters()).device
@@ -39,7 +39,6 @@ def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
 
 
 def main(argv=None):
-    from PIL import Image
     from configurator import configure
     cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["image"]:
@@ -48,8 +47,7 @@ def main(argv=None):
     device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     try:
-        image = Image.open(cfg["image"])
-        image.load()
+        image = load_image(cfg["image"])
     except OSError as e:
         raise FileNotFoundError(f"--image={cfg['image']}: cannot read it as an image ({e})") from e
     model = VLM.from_pretrained(cfg["model"], dtype=dtype).to(device).eval()

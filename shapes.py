@@ -621,6 +621,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
     import torch
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoModel
+    from data import load_image
     from model import VLMConfig, _hf_config
     meta = json.load(open(os.path.join(world, "meta.json")))
     scenes = json.load(open(os.path.join(world, "scenes.json")))
@@ -651,7 +652,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=300, batch_size=64, lr=2
 
     def load(split):
         paths = sorted(p for p, s in scenes.items() if s["split"] == split)
-        px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+        px = proc([load_image(os.path.join(world, p)) for p in paths], return_tensors="pt")["pixel_values"]
         y = torch.tensor([labels(p) for p in paths])
         return px, y
 

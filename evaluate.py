@@ -17,6 +17,8 @@ Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in 
   pope_*.json[l]     {"question" | "text", "answer" | "label" ("yes"/"no"), "image", "category"}
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
                      {"image", "negative_image", "caption", "negative_caption"} (BiVLC)
+An item whose image is missing or is not an image is skipped, counted in the report's "skipped" and named in a
+warning; a test file none of whose images can be read stops the run.
 
 Protocols. Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in
 training.
@@ -45,6 +47,7 @@ from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
@@ -186,21 +189,47 @@ def _first_existing(*paths):
     return next((p for p in paths if p and os.path.exists(p)), None)
 
 
-def _keep_with_images(items, keys, folder, task):
-    """Drop (and count) items whose image files are missing: a few bad rows must not stop a long run."""
-    kept, missing = [], []
-    for it in items:
-        absent = [os.path.join(folder, it[k]) for k in keys if not os.path.isfile(os.path.join(folder, it[k]))]
-        if absent:
-            missing.append(absent[0])
+def _image_problem(path, cache):
+    """Why the image at `path` cannot be used ("missing", or what reading it said), or None; cached per path (many
+    items share an image)."""
+    if path not in cache:
+        if not os.path.isfile(path):
+            cache[path] = "missing"
         else:
+            try:
+                with Image.open(path) as im:
+                    im.verify()  # the file's structure, without decoding it: the evaluation decodes it once, later
+                cache[path] = None
+            except (OSError, ValueError, SyntaxError) as e:  # not an image, or a damaged one
+                cache[path] = (str(e).splitlines() or [""])[0] or type(e).__name__
+    return cache[path]
+
+
+def _keep_with_images(items, keys, folder, task):
+    """Drop (and count) items whose image files are missing or are not images: a few bad rows must not stop a long
+    run; none left is an error."""
+    kept, missing, unreadable, cache = [], [], [], {}
+    for it in items:
+        bad = [(p, why) for p in (os.path.join(folder, it[k]) for k in keys) if (why := _image_problem(p, cache))]
+        if not bad:
             kept.append(it)
-    if missing and not kept:
-        raise FileNotFoundError(f"{task}: none of the {len(missing)} items' images exist (e.g. {missing[0]}); "
-                                "set --image_folder to the folder the test file's image paths are relative to")
+        elif bad[0][1] == "missing":
+            missing.append(bad[0][0])
+        else:
+            unreadable.append(bad[0])
+    if (missing or unreadable) and not kept:
+        if not unreadable:
+            raise FileNotFoundError(f"{task}: none of the {len(missing)} items' images exist (e.g. {missing[0]}); "
+                                    "set --image_folder to the folder the test file's image paths are relative to")
+        raise ValueError(f"{task}: none of the {len(missing) + len(unreadable)} items' images can be read "
+                         f"({len(unreadable)} not images, e.g. {unreadable[0][0]} ({unreadable[0][1]}); "
+                         f"{len(missing)} missing); check the test file's images and --image_folder")
     if missing:
         warnings.warn(f"{task}: skipping {len(missing)} items whose images are missing (e.g. {missing[0]})")
-    return kept, len(missing)
+    if unreadable:
+        warnings.warn(f"{task}: skipping {len(unreadable)} items whose images cannot be read (e.g. "
+                      f"{unreadable[0][0]}: {unreadable[0][1]})")
+    return kept, len(missing) + len(unreadable)
 
 
 def load_vqa(path, folder, limit=None):
@@ -298,7 +327,12 @@ class Runner:
 
     def pixels(self, rel):
         if rel not in self._cache:
-            img = load_image(os.path.join(self.folder, rel))
+            path = os.path.join(self.folder, rel)
+            try:
+                img = load_image(path)
+            except (OSError, ValueError, SyntaxError) as e:  # damaged past what the check before the run sees
+                raise ValueError(f"{path}: cannot be read as an image ({(str(e).splitlines() or [''])[0]}); replace "
+                                 "the file, or remove its items from the test file") from e
             self._cache[rel] = self.proc(images=img, return_tensors="pt").pixel_values[0]
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

@@ -43,6 +43,8 @@ def main(argv=None):
     cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["image"]:
         raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
+    if cfg["max_new_tokens"] < 1:
+        raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: the answer needs at least 1 token; give 1 or more")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)

@@ -240,3 +240,38 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | ")
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+
+
+def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
+    """A benchmark image that is not an image is skipped and counted like a missing one, and named in a warning; a
+    test set with no readable image stops with one line; an image that only fails when decoded is one line too."""
+    import shutil
+    for i in range(3):
+        shutil.copy(os.path.join(world, "images", f"test_0000{i}.png"), tmp_path / f"{i}.png")
+    (tmp_path / "page.png").write_text("<html>404 not found</html>")
+    rows = [dict(question="what shape is red ?", answer="star", image=f) for f in
+            ("0.png", "page.png", "1.png", "gone.png", "2.png", "page.png")]
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    with pytest.warns(UserWarning) as w:
+        rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
+    assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 3}
+    said = " ".join(str(x.message) for x in w)
+    assert "skipping 2 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
+    assert "skipping 1 items whose images are missing" in said
+
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["image"] in ("page.png", "gone.png"))
+    with pytest.raises(ValueError) as e:
+        ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
+    assert str(e.value).startswith(f"vqa ({tmp_path / 'vqa.jsonl'}): none of the 3 items' images can be read (") \
+        and "\n" not in str(e.value)
+
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(tmp_path / "cut.jpg")
+    data = open(tmp_path / "cut.jpg", "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    assert ev._image_problem(str(tmp_path / "cut.jpg"), {}) is None  # the check before the run does not decode
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'cut.jpg'}: cannot be read as an image \(.*[Tt]runcated"):
+        ev.Runner(m, str(tmp_path), progress=False).pixels("cut.jpg")

@@ -961,7 +961,8 @@ def llava_to_ours(tensors, model, source):
 
 def llava_config(path):
     """Our VLMConfig for a LLaVA directory: its vision and text configs, the projector as mlp2x_gelu, its image token,
-    vision_feature_layer and vision_feature_select_strategy."""
+    vision_feature_layer and vision_feature_select_strategy (and, for a student exported by export_hf.py, the layer
+    pairs it was distilled on)."""
     c = AutoConfig.from_pretrained(path)
     problems = []
     if c.projector_hidden_act != "gelu":
@@ -977,10 +978,13 @@ def llava_config(path):
     text = c.text_config.to_dict()
     # LLaVA ties the LM head to the embedding when its own config says so (it inherits the text config's flag)
     text["tie_word_embeddings"] = bool(c.tie_word_embeddings or text.get("tie_word_embeddings"))
+    extra = {"imported_from": "llava", "source": os.path.abspath(path)}
+    ours = getattr(c, "compodistill", None) or {}  # what export_hf.py keeps of a distilled student
+    if ours.get("distill"):
+        extra["distill"] = ours["distill"]
     return VLMConfig(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu",
                      image_token_id=c.image_token_index, vision_feature_layer=c.vision_feature_layer,
-                     vision_feature_select_strategy=c.vision_feature_select_strategy,
-                     extra={"imported_from": "llava", "source": os.path.abspath(path)})
+                     vision_feature_select_strategy=c.vision_feature_select_strategy, extra=extra)
 
 
 def check_llava_tokenizer(model, path):

@@ -417,6 +417,23 @@ def test_export_loads_in_transformers_with_our_logits_prompt_and_generation(case
         assert open(os.path.join(out, f)).read() == open(os.path.join(out2, f)).read(), f
 
 
+def test_export_keeps_the_distilled_layer_pairs(tmp_path):
+    """evaluate.py --tasks=align on an export measures the pairs the student was distilled on, not the presets."""
+    import alignment
+    ours, _ = student(tmp_path, teacher_hidden=24)
+    distill = {"student_layers": [1], "teacher_layers": [0, 1], "matching": "simple"}
+    ours.config.extra = {"stage": "sft", "distill": distill}
+    out = export(ours, str(tmp_path / "hf"))
+    hf_llava(out)  # transformers still loads it as it is
+    back = VLM.from_pretrained(out)
+    assert back.config.extra["distill"] == distill
+    teacher = VLM(VLMConfig(vision=vision_cfg(), llm=llm_cfg(hidden=24, layers=2, heads=2, kv_heads=1),
+                            image_token_id=back.image_token_id), vision_tower=back.vision_tower)
+    assert alignment.matched_layers(back, teacher) == ([1], [[0]])  # simple matching: 1 <- the last teacher layer
+    export(back, str(tmp_path / "hf2"))  # and the next export keeps them
+    assert open(os.path.join(out, "config.json")).read() == open(tmp_path / "hf2" / "config.json").read()
+
+
 def test_export_refuses_a_taf_student_of_a_wider_teacher(tmp_path):
     import export_hf
     _, path = student(tmp_path, teacher_hidden=48)

@@ -31,6 +31,8 @@ training.
          "no" log-probability at the first answer position. Accuracy, precision, recall, F1 (positive class
          "yes"), yes-ratio and invalid rate per split.
   align  (needs a teacher) see alignment.py: image-query and text-query similarity in the matched layers.
+Precision: the models compute in the dtype their weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on
+the CPU), without autocast, as sample.py does; a VLM passed in from Python computes in its own dtype.
 For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
 caption_prompt to what they were trained with. The shapes models are never trained on multiple choice: their
 MCQ scores sit near chance; the likelihood protocol is the informative one there.
@@ -44,7 +46,6 @@ import sys
 import time
 import warnings
 from collections import OrderedDict, defaultdict
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
@@ -310,7 +311,8 @@ def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file=""):
 
 
 class Runner:
-    """The model, its tokenizer and image processor, a small image cache, and the batch loop."""
+    """The model, its tokenizer and image processor, a small image cache, and the batch loop. The model computes in
+    the dtype of its weights (no autocast): the dtype it was loaded in decides, as in sample.py."""
 
     def __init__(self, model, image_folder, batch_size=16, progress=True, cache_size=256):
         if model.tokenizer is None or model.image_processor is None:
@@ -321,9 +323,6 @@ class Runner:
         self.device = next(model.parameters()).device
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self._cache, self._cache_size = OrderedDict(), cache_size
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def pixels(self, rel):
         if rel not in self._cache:
@@ -357,8 +356,7 @@ class Runner:
     def generate(self, specs, max_new_tokens, desc):
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                new = self.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], max_new_tokens)
+            new = self.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], max_new_tokens)
             out += [decode_answer(self.tok, row) for row in new]
         return out
 
@@ -371,10 +369,9 @@ class Runner:
         """Mean log-probability of each spec's answer tokens (its <eos> included) given image and prompt."""
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                h = self._hidden(b)
-                pred = b["labels"][:, 1:] != IGNORE_INDEX
-                logits = self.model.logits(h[:, :-1][pred])
+            h = self._hidden(b)
+            pred = b["labels"][:, 1:] != IGNORE_INDEX
+            logits = self.model.logits(h[:, :-1][pred])
             lp = logits.float().log_softmax(-1).gather(-1, b["labels"][:, 1:][pred][:, None])[:, 0]
             rows = pred.nonzero()[:, 0]
             sums = torch.zeros(len(pred), device=lp.device).index_add_(0, rows, lp)
@@ -398,10 +395,9 @@ class Runner:
             raise ValueError(f"the tokenizer cannot spell {words}")
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                h = self._hidden(b)
-                last = b["attention_mask"].sum(1) - 1
-                logits = self.model.logits(h[torch.arange(len(last)), last])
+            h = self._hidden(b)
+            last = b["attention_mask"].sum(1) - 1
+            logits = self.model.logits(h[torch.arange(len(last)), last])
             lp = logits.float().log_softmax(-1)
             out.append(torch.stack([lp[:, g].logsumexp(-1) for g in groups], 1).cpu())
         return torch.cat(out).tolist()
@@ -715,7 +711,8 @@ DEFAULTS = dict(
     teacher="",               # teacher checkpoint directory: enables "align" and the teacher rows of heat maps
     data="out/shapes",        # folder holding test/ (shapes) or the benchmark files
     out="",                   # where the report goes (default: <model>/eval)
-    dtype="auto",             # auto: bfloat16 weights on CUDA, float32 on CPU; or float32 / bfloat16
+    dtype="auto",             # the models load and compute in it (no autocast): auto = bfloat16 on CUDA, float32
+                              # on CPU; or float32 / bfloat16
     tasks="vqa,cr,pope,align",  # any of vqa, cr, pope, wino, align
     limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file
     batch_size=16,            # prompts per forward

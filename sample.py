@@ -5,8 +5,9 @@ One image and a prompt in, the model's answer out (this project's nanoGPT sample
 
 --model: any checkpoint directory (a stage's out_dir) or a Hugging Face LLaVA directory. The prompt is written as in
 training (data.tokenize_conversation: the image, then the prompt, then " ASSISTANT:"). Greedy decoding by default,
-as evaluate.py does; --temperature > 0 samples instead (--seed). On a GPU when there is one, in bfloat16; else on the
-CPU in float32. Prints the answer only.
+as evaluate.py does; --temperature > 0 samples instead (--seed). On a GPU when there is one. The model computes in the
+dtype its weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on the CPU), without autocast, as in
+evaluate.py. Prints the answer only.
 """
 import sys
 
@@ -23,7 +24,8 @@ DEFAULTS = dict(
     temperature=0.0,          # 0: greedy; > 0: sample from softmax(logits / temperature)
     seed=0,                   # for temperature > 0
     device="auto",            # auto: cuda when available, else cpu
-    dtype="auto",             # auto: bfloat16 on cuda, float32 on cpu; or float32 / bfloat16
+    dtype="auto",             # the model loads and computes in it (no autocast): auto = bfloat16 on cuda, float32
+                              # on cpu; or float32 / bfloat16
 )
 
 

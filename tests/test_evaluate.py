@@ -275,3 +275,50 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     assert ev._image_problem(str(tmp_path / "cut.jpg"), {}) is None  # the check before the run does not decode
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'cut.jpg'}: cannot be read as an image \(.*[Tt]runcated"):
         ev.Runner(m, str(tmp_path), progress=False).pixels("cut.jpg")
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_computes_in_the_dtype_the_model_was_loaded_in(world, tmp_path, dtype, device):
+    """One rule for evaluate.py and sample.py: the model computes in the dtype of its loaded weights (--dtype), no
+    autocast. What the LM's layers see, and the scores against a plain forward of the same model."""
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "m"))
+    m = VLM.from_pretrained(str(tmp_path / "m"), dtype=dtype).to(device).eval()
+    seen = []
+    m.llm.model.layers[0].register_forward_pre_hook(
+        lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"]).dtype), with_kwargs=True)
+    r = ev.Runner(m, world, batch_size=4, progress=False)
+    specs = [(ev.CAPTION_PROMPT, "images/test_00000.png", "a red star"), (ev.CAPTION_PROMPT, "images/test_00001.png",
+                                                                        "a blue circle above a green square")]
+    lp = r.loglik(specs, "test")
+    r.generate([(s[0], s[1], None) for s in specs], 3, "test")
+    assert seen and set(seen) == {dtype}
+    for spec, score in zip(specs, lp):  # the batch's scores are the plain forward's, in the same dtype
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([r.sample(*spec)], r.pad_id).items()}
+        with torch.no_grad():
+            loss = m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])["loss"]
+        assert score == pytest.approx(-float(loss), abs=1e-4 if dtype == torch.float32 else 0.1)
+
+
+def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
+    """On CUDA evaluate.py used to run float32 weights under bf16 autocast, so --dtype=float32 computed in bf16 (and
+    sample.py did not): evaluating on a device that reports cuda must enter no autocast."""
+    from contextlib import nullcontext
+
+    class ReportsCuda(str):  # moves tensors to the CPU, tells whoever asks its type that it is a GPU
+        type = "cuda"
+    entered = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append((a, k)) or nullcontext()
+                        if k.get("enabled", True) else real(*a, **k))
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    r = ev.Runner(m, world, batch_size=4, progress=False)
+    r.device = ReportsCuda("cpu")
+    specs = [(ev.CAPTION_PROMPT, "images/test_00000.png", "a red star")]
+    r.loglik(specs, "test")
+    r.generate([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], 2, "test")
+    r.first_token_logprobs([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], ["a"], "test")
+    assert entered == []

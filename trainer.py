@@ -7,6 +7,7 @@ is here, top to bottom: set-up (plain python or torchrun DDP), models, data, opt
 checkpoints (a directory per stage, written atomically, resumable bit for bit).
 """
 
+import bisect
 import datetime
 import json
 import math
@@ -346,6 +347,18 @@ def compile_models(ts, **kwargs):
             m.llm.base_model.compile(**kwargs)
 
 
+def validation_note(cfg, dataset, val_set):
+    """The start-up line that says where the validation loss comes from: a held-out slice costs training samples."""
+    if cfg["eval_interval"] <= 0:
+        return "validation: none (eval_interval=0); every sample trains"
+    if cfg["val_data"]:
+        return f"validation: the {len(val_set)} samples of val_data={cfg['val_data']}"
+    per_file = Counter(bisect.bisect_right(dataset.cumulative_sizes, i) for i in val_set.indices)
+    files = [p.path for p in dataset.datasets]
+    return (f"validation: {len(val_set)} samples held out of the training data (val_frac={cfg['val_frac']}): " +
+            ", ".join(f"{per_file[k]} of {f}" for k, f in enumerate(files)) + "; they do not train")
+
+
 def check_out_dir(out_dir):
     """Refuse an out_dir no checkpoint could be written to: the first save comes only after save_interval steps."""
     path = os.path.abspath(out_dir)
@@ -532,6 +545,7 @@ def train(cfg):
     if not train_idx:
         raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
                          "a separate val_data file, or eval_interval=0")
+    print0(validation_note(cfg, dataset, val_set))
     train_set = torch.utils.data.Subset(dataset, train_idx)
     step = state["step"] if state else 0
     sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])

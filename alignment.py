@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import attention_distill as ad
+from data import load_image
 from model import TeacherStudent
 
 # -----------------------------------------------------------------------------
@@ -68,13 +69,12 @@ def attention_maps(model, b, layers):
 
 def matched_stack(r, b, student, teacher, s_layers, windows):
     """A_s, A_t: (L, B, T, N_v) (A_t None without a teacher; teacher windows averaged), cols, text rows."""
-    with r.autocast():
-        maps_s, cols = attention_maps(student, b, s_layers)
-        A_s = torch.stack([maps_s[l] for l in s_layers])
-        A_t = None
-        if teacher is not None:
-            maps_t, _ = attention_maps(teacher, b, sorted({l for w in windows for l in w}))
-            A_t = ad.window_average(maps_t, windows)
+    maps_s, cols = attention_maps(student, b, s_layers)
+    A_s = torch.stack([maps_s[l] for l in s_layers])
+    A_t = None
+    if teacher is not None:
+        maps_t, _ = attention_maps(teacher, b, sorted({l for w in windows for l in w}))
+        A_t = ad.window_average(maps_t, windows)
     T = b["input_ids"].shape[1]
     text_rows = b["attention_mask"].bool() & (torch.arange(T, device=cols.device)[None] > cols[:, -1:])
     return A_s.float(), None if A_t is None else A_t.float(), cols, text_rows
@@ -263,8 +263,7 @@ def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
             if A_t is not None:
                 rows.append(("teacher, text queries", [patch_grid(p, patches) for p in txt_t]))
             rows.append((f"{who}, text queries", [patch_grid(p, patches) for p in txt_s]))
-            with Image.open(os.path.join(r.folder, spec[1])) as im:
-                image = im.convert("RGB")
+            image = load_image(os.path.join(r.folder, spec[1]))
             path = os.path.join(out_dir, f"heatmap_{k:03d}.png")
             paths.append(draw_heatmaps(path, image, titles[k], rows, col_titles))
             k += 1

@@ -6,7 +6,8 @@ each line, then reads the command line:
 
 Each argument without "--" is a Python file exec'd over the defaults (config/*.py); each "--key=value" overrides one
 setting. Unlike nanoGPT, unknown keys and wrong types are errors: a typo must not silently train with the default.
--h / --help prints the script's docstring and every setting with its default and the comment beside it.
+-h / --help prints the script's docstring and every setting with its default and the comment beside it (with config
+files on the command line: their values, and their comments where they have one).
 
 cli(main) runs a script's main(): an error raised by this project's own checks (a bad setting, a missing file, settings
 that cannot work together) prints one message and exits with code 2; an error raised anywhere else (PyTorch,
@@ -75,12 +76,11 @@ def usage(defaults, doc="", sources=()):
 
 def configure(defaults, argv, doc="", sources=()):
     """Apply config files and --key=value overrides to the dict `defaults` in place; return the resolved settings.
-    -h / --help prints usage(defaults, doc, sources) and exits."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(defaults, doc, sources))
-        raise SystemExit(0)
+    -h / --help prints usage(defaults, doc, sources) and exits; with config files, their values and comments."""
+    help_ = any(a in ("-h", "--help") for a in argv)
     keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
-    for arg in argv:
+    files = [a for a in argv if not a.startswith("-")]
+    for arg in files if help_ else argv:
         if not arg.startswith("--"):
             try:
                 with open(arg) as f:
@@ -107,6 +107,9 @@ def configure(defaults, argv, doc="", sources=()):
             except (ValueError, SyntaxError):
                 value = text
         defaults[key] = _check(key, value, keys, f"from {arg}")
+    if help_:
+        print(usage(defaults, doc, [*sources, *files]))
+        raise SystemExit(0)
     return {k: defaults[k] for k in keys}
 
 

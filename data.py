@@ -161,6 +161,19 @@ def image_processor(image_size):
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
 
 
+def load_image(path):
+    """The image at `path` as an 8-bit RGB PIL image, decoded now (so a damaged file fails here, not later). 16-bit
+    images (PNG mode "I;16", as scans and microscopy often come) keep their high byte: convert("RGB") would clip
+    every value above 255, turning mid-grey into white."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            a = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+            return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+        return im.convert("RGB")
+
+
 # -----------------------------------------------------------------------------
 # dataset
 
@@ -271,9 +284,7 @@ class LLaVADataset(Dataset):
         if image is not None:
             path = os.path.join(self.image_folder, image)
             try:
-                from PIL import Image
-                with Image.open(path) as im:
-                    img = im.convert("RGB")  # forces the decode here, so a corrupt file fails inside the try
+                img = load_image(path)
             except (OSError, ValueError) as e:  # missing, unreadable or not an image
                 return drop("missing_image", f"cannot read image {path} ({e}); check image_folder")
             pixel_values = self.image_processor(images=img, return_tensors="pt").pixel_values[0]

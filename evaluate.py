@@ -20,6 +20,8 @@ Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in 
   reefknot/          Reefknot's layout: YESNO.jsonl, Multichoice.jsonl, VQA.jsonl, one {"image_id", "query_prompt",
                      "label", "relation_type"} a line; the image is <image_id>.jpg or .png under --image_folder (for
                      the shapes layout, <data>/images). --reefknot_dir points at the official download.
+An item whose image is missing or is not an image is skipped, counted in the report's "skipped" and named in a
+warning; a test file none of whose images can be read stops the run.
 
 Protocols. Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in
 training.
@@ -36,6 +38,8 @@ training.
          appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and by
          relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
   align  (needs a teacher) see alignment.py: image-query and text-query similarity in the matched layers.
+Precision: the models compute in the dtype their weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on
+the CPU), without autocast, as sample.py does; a VLM passed in from Python computes in its own dtype.
 For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
 caption_prompt to what they were trained with. The shapes models are never trained on multiple choice: their
 MCQ scores sit near chance; the likelihood protocol is the informative one there.
@@ -49,14 +53,13 @@ import sys
 import time
 import warnings
 from collections import OrderedDict, defaultdict
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
-from data import IGNORE_INDEX, collate, decode_answer, load_records, tokenize_conversation
+from data import IGNORE_INDEX, collate, decode_answer, load_image, load_records, tokenize_conversation
 from model import VLM, find_checkpoint, resolve_dtype
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
@@ -234,21 +237,47 @@ def _first_existing(*paths):
     return next((p for p in paths if p and os.path.exists(p)), None)
 
 
-def _keep_with_images(items, keys, folder, task):
-    """Drop (and count) items whose image files are missing: a few bad rows must not stop a long run."""
-    kept, missing = [], []
-    for it in items:
-        absent = [os.path.join(folder, it[k]) for k in keys if not os.path.isfile(os.path.join(folder, it[k]))]
-        if absent:
-            missing.append(absent[0])
+def _image_problem(path, cache):
+    """Why the image at `path` cannot be used ("missing", or what reading it said), or None; cached per path (many
+    items share an image)."""
+    if path not in cache:
+        if not os.path.isfile(path):
+            cache[path] = "missing"
         else:
+            try:
+                with Image.open(path) as im:
+                    im.verify()  # the file's structure, without decoding it: the evaluation decodes it once, later
+                cache[path] = None
+            except (OSError, ValueError, SyntaxError) as e:  # not an image, or a damaged one
+                cache[path] = (str(e).splitlines() or [""])[0] or type(e).__name__
+    return cache[path]
+
+
+def _keep_with_images(items, keys, folder, task):
+    """Drop (and count) items whose image files are missing or are not images: a few bad rows must not stop a long
+    run; none left is an error."""
+    kept, missing, unreadable, cache = [], [], [], {}
+    for it in items:
+        bad = [(p, why) for p in (os.path.join(folder, it[k]) for k in keys) if (why := _image_problem(p, cache))]
+        if not bad:
             kept.append(it)
-    if missing and not kept:
-        raise FileNotFoundError(f"{task}: none of the {len(missing)} items' images exist (e.g. {missing[0]}); "
-                                "set --image_folder to the folder the test file's image paths are relative to")
+        elif bad[0][1] == "missing":
+            missing.append(bad[0][0])
+        else:
+            unreadable.append(bad[0])
+    if (missing or unreadable) and not kept:
+        if not unreadable:
+            raise FileNotFoundError(f"{task}: none of the {len(missing)} items' images exist (e.g. {missing[0]}); "
+                                    "set --image_folder to the folder the test file's image paths are relative to")
+        raise ValueError(f"{task}: none of the {len(missing) + len(unreadable)} items' images can be read "
+                         f"({len(unreadable)} not images, e.g. {unreadable[0][0]} ({unreadable[0][1]}); "
+                         f"{len(missing)} missing); check the test file's images and --image_folder")
     if missing:
         warnings.warn(f"{task}: skipping {len(missing)} items whose images are missing (e.g. {missing[0]})")
-    return kept, len(missing)
+    if unreadable:
+        warnings.warn(f"{task}: skipping {len(unreadable)} items whose images cannot be read (e.g. "
+                      f"{unreadable[0][0]}: {unreadable[0][1]})")
+    return kept, len(missing) + len(unreadable)
 
 
 def load_vqa(path, folder, limit=None):
@@ -362,7 +391,8 @@ def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reef
 
 
 class Runner:
-    """The model, its tokenizer and image processor, a small image cache, and the batch loop."""
+    """The model, its tokenizer and image processor, a small image cache, and the batch loop. The model computes in
+    the dtype of its weights (no autocast): the dtype it was loaded in decides, as in sample.py."""
 
     def __init__(self, model, image_folder, batch_size=16, progress=True, cache_size=256):
         if model.tokenizer is None or model.image_processor is None:
@@ -374,13 +404,14 @@ class Runner:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self._cache, self._cache_size = OrderedDict(), cache_size
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-
     def pixels(self, rel):
         if rel not in self._cache:
-            with Image.open(os.path.join(self.folder, rel)) as im:
-                img = im.convert("RGB")
+            path = os.path.join(self.folder, rel)
+            try:
+                img = load_image(path)
+            except (OSError, ValueError, SyntaxError) as e:  # damaged past what the check before the run sees
+                raise ValueError(f"{path}: cannot be read as an image ({(str(e).splitlines() or [''])[0]}); replace "
+                                 "the file, or remove its items from the test file") from e
             self._cache[rel] = self.proc(images=img, return_tensors="pt").pixel_values[0]
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -405,8 +436,7 @@ class Runner:
     def generate(self, specs, max_new_tokens, desc):
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                new = self.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], max_new_tokens)
+            new = self.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], max_new_tokens)
             out += [decode_answer(self.tok, row) for row in new]
         return out
 
@@ -419,10 +449,9 @@ class Runner:
         """Mean log-probability of each spec's answer tokens (its <eos> included) given image and prompt."""
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                h = self._hidden(b)
-                pred = b["labels"][:, 1:] != IGNORE_INDEX
-                logits = self.model.logits(h[:, :-1][pred])
+            h = self._hidden(b)
+            pred = b["labels"][:, 1:] != IGNORE_INDEX
+            logits = self.model.logits(h[:, :-1][pred])
             lp = logits.float().log_softmax(-1).gather(-1, b["labels"][:, 1:][pred][:, None])[:, 0]
             rows = pred.nonzero()[:, 0]
             sums = torch.zeros(len(pred), device=lp.device).index_add_(0, rows, lp)
@@ -446,10 +475,9 @@ class Runner:
             raise ValueError(f"the tokenizer cannot spell {words}")
         out = []
         for b, _ in self.batches(specs, desc):
-            with self.autocast():
-                h = self._hidden(b)
-                last = b["attention_mask"].sum(1) - 1
-                logits = self.model.logits(h[torch.arange(len(last)), last])
+            h = self._hidden(b)
+            last = b["attention_mask"].sum(1) - 1
+            logits = self.model.logits(h[torch.arange(len(last)), last])
             lp = logits.float().log_softmax(-1)
             out.append(torch.stack([lp[:, g].logsumexp(-1) for g in groups], 1).cpu())
         return torch.cat(out).tolist()
@@ -797,7 +825,8 @@ DEFAULTS = dict(
     teacher="",               # teacher checkpoint directory: enables "align" and the teacher rows of heat maps
     data="out/shapes",        # folder holding test/ (shapes) or the benchmark files
     out="",                   # where the report goes (default: <model>/eval)
-    dtype="auto",             # auto: bfloat16 weights on CUDA, float32 on CPU; or float32 / bfloat16
+    dtype="auto",             # the models load and compute in it (no autocast): auto = bfloat16 on CUDA, float32
+                              # on CPU; or float32 / bfloat16
     tasks="vqa,cr,pope,reefknot,align",  # any of vqa, cr, pope, wino, reefknot, align
     limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file
     batch_size=16,            # prompts per forward

@@ -1,7 +1,8 @@
 """
 Every row of the CompoDistill comparison on the shapes world (teacher; student alone; KD; +TAF; +VAT; CompoDistill;
 matching, layer, VAT-loss, VAT-weight and VAT-stage ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on each SFT checkpoint,
-then <results>/shapes_table.md, shapes_results.json and shapes_chart.png.
+then <results>/shapes_table.md, shapes_results.json and shapes_chart.png (<results>: --results, else results/ for the
+sizes whose tables are published there, quick and hard, else <out>/<size>/results).
 
     python experiments.py --size=quick             # CPU: the steps of config/shapes_*.py, as run_shapes.sh uses them
     python experiments.py --size=full --jobs=6     # one GPU (not yet run): longer teacher, batch 128, 6 pipelines at once
@@ -87,7 +88,8 @@ TINY_HARD = dict(TINY_VISION, image_size=32)  # 16 visual tokens on the hard wor
 TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=256, tie_word_embeddings=True)
 # Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage; the hard
-# sizes also name their presets (config/<presets>_<stage>.py, also the results files' prefix) and rows.
+# sizes also name their presets (config/<presets>_<stage>.py, also the results files' prefix) and rows. "published":
+# the size whose tables are the committed ones in results/ (the others write theirs under <out>/<size>/results).
 SIZES = {
     "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
                  tower=dict(vision=TINY_VISION, steps=2, batch_size=4, progress=False),
@@ -95,7 +97,7 @@ SIZES = {
                  teacher=dict(llm=dict(TINY_LLM, hidden_size=48, num_hidden_layers=6), max_steps=2),
                  dpt=dict(llm=dict(TINY_LLM, hidden_size=32, num_hidden_layers=4)), dft=dict(max_steps=2), sft={}),
     "quick": dict(world=dict(n_train=4000, n_test=200, image_size=48), eval_limit=0, jobs=2, tower={},
-                  all={}, teacher={}, dpt={}, dft={}, sft={}),
+                  all={}, teacher={}, dpt={}, dft={}, sft={}, published=True),
     # Not yet run on a GPU. The students keep the quick size's sample budget (below their own learning transition)
     # at batch 128; the teacher gets 8x the quick teacher's samples, a bigger world and 4x the eval items.
     "full": dict(world=dict(n_train=8000, n_test=800, image_size=48), eval_limit=0, jobs=6, tower={},
@@ -106,7 +108,7 @@ SIZES = {
                  sft=dict(max_steps=13, eval_interval=13, save_interval=13)),
     # The hard world at the quick size's budgets and batch (its own presets); CPU, 2 pipelines at once.
     "hard": dict(world=dict(shapes.WORLDS["hard"], n_train=4000, n_test=200), eval_limit=0, jobs=2, tower={},
-                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS),
+                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS, published=True),
 }
 # The test size on the hard world: 16 visual tokens, so longer sequences.
 SIZES["hard_test"] = dict(SIZES["test"], world=dict(shapes.WORLDS["hard"], n_train=24, n_test=4, image_size=32),
@@ -120,7 +122,8 @@ DEFAULTS = dict(
     jobs=0,                    # pipelines at once (each stage a subprocess); 0: the size's default, 1: in this process
     rows="",                   # comma-separated row names or kinds (main, layers, pilot, ...); "": all but pilot rows
     out="out/experiments",     # runs go under <out>/<size>/
-    results="results",         # where the table (.md), the results (.json) and the chart (.png) go
+    results="",                # where the table (.md), the results (.json) and the chart (.png) go; "": results/ for
+                               # the published sizes (quick, hard), <out>/<size>/results for the others
     data="",                   # an existing shapes directory (shapes.py) to use; "": generate <out>/<size>/shapes
     teacher="",                # an existing trained teacher to use; "": train one under <out>/<size>/teacher
     eval_limit=-1,             # items per eval file / subset / split; -1: the size's default, 0: all
@@ -132,6 +135,14 @@ RELATION_SCORES = ["pope_f1", "pope_acc", "reefknot", "relation_questions"]  # p
 
 def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
+
+
+def results_dir(o):
+    """--results, else results/ for a published size, else <out>/<size>/results: a test run must not overwrite the
+    committed tables."""
+    if o["results"]:
+        return o["results"]
+    return "results" if SIZES[o["size"]].get("published") else os.path.join(o["out"], o["size"], "results")
 
 
 def preset(size, stage):
@@ -323,6 +334,7 @@ def main(argv=None):
     if o["size"] not in SIZES:
         raise ValueError(f"--size={o['size']}: use one of {list(SIZES)}")
     S, t_start, base = SIZES[o["size"]], time.time(), os.path.join(o["out"], o["size"])
+    o["results"] = results_dir(o)
     jobs = o["jobs"] or S["jobs"]
     limit = S["eval_limit"] if o["eval_limit"] < 0 else o["eval_limit"]
     all_rows, rows = size_rows(o["size"]), select_rows(o["size"], o["rows"])

@@ -16,6 +16,8 @@ What it writes, in the layout of the llava-hf checkpoints on the hub:
                           {system} USER: <image>\\n{question} ASSISTANT:   (and answers as " {answer}<eos>"; the
                           tokenizer adds BOS in front where training has one)
   generation_config.json  greedy, stopping at the tokenizer's eos, the image token suppressed (as in VLM.generate)
+The config also keeps, under "compodistill", the layer pairs the student was distilled on (transformers ignores the
+key; importing the directory again gives evaluate.py's alignment task those pairs).
 
 The projector. LLaVA's is Linear(d_vis, d) -> GELU -> Linear(d, d), d the LM's width: our mlp2x_gelu connector as it
 is. Under TAF the student sees images through the teacher's connector (width d_t) and a post_connector
@@ -87,6 +89,14 @@ def hf_tensors(vlm, dtype, where="the model"):
     return {k: t.to(dtype) if t.is_floating_point() else t for k, t in out.items()}
 
 
+def distill_note(vlm):
+    """{"compodistill": {"distill": the layer pairs the student was distilled on}} (nothing for a model that was not
+    distilled): transformers keeps an unknown config key as it is, and model.llava_config reads it back, so
+    evaluate.py's alignment on an export measures the pairs training aligned."""
+    distill = (vlm.config.extra or {}).get("distill")
+    return {"compodistill": {"distill": distill}} if distill else {}
+
+
 def hf_config(vlm, dtype):
     from transformers import LlavaConfig
     name = str(dtype).removeprefix("torch.")
@@ -96,7 +106,8 @@ def hf_config(vlm, dtype):
                       image_seq_length=vlm.num_image_tokens, projector_hidden_act="gelu",
                       vision_feature_layer=vlm.config.vision_feature_layer,
                       vision_feature_select_strategy=vlm.config.vision_feature_select_strategy,
-                      multimodal_projector_bias=True, tie_word_embeddings=bool(text.get("tie_word_embeddings")))
+                      multimodal_projector_bias=True, tie_word_embeddings=bool(text.get("tie_word_embeddings")),
+                      **distill_note(vlm))
     cfg.architectures = ["LlavaForConditionalGeneration"]
     cfg.dtype = name
     return cfg

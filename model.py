@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -55,8 +56,7 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path):
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
+        d = _read_json(os.path.join(path, "config.json"))
         if "drop_first_patch" in d:  # checkpoints written before the LLaVA name
             d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
         return cls(**d)
@@ -354,13 +354,29 @@ class VLM(nn.Module):
 
     @staticmethod
     def load_vision_tower(path, dtype=None):
-        """The vision tower of a checkpoint (id or path), e.g. SiglipVisionModel from a full SigLIP."""
-        vcfg = _vision_config(AutoConfig.from_pretrained(path))
-        return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
+        """The vision tower of a checkpoint (id or path): a vision model, the vision part of a full CLIP / SigLIP
+        (e.g. SiglipVisionModel), or the tower inside a Hugging Face LLaVA directory or one of our checkpoints (its
+        vision_tower weights, strictly; float32 unless `dtype` says otherwise)."""
+        kind = vlm_kind(path)
+        if kind is None:
+            vcfg = _vision_config(AutoConfig.from_pretrained(path))
+            return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
+        config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
+        with params_on_meta():
+            tower = AutoModel.from_config(_vision_config(_hf_config(config.vision)))
+        rename = llava_key_to_ours if kind == "llava" else (lambda k: k)
+        nested = any(k.startswith("vision_model.") for k in tower.state_dict())
+        # the tower's tensors only: a 7B LLaVA's LM is never read for its tower
+        tensors = read_weights(path, keep=lambda k: (rename(k) or "").startswith("vision_tower."))
+        tensors = {match_tower_nesting(rename(k), nested).removeprefix("vision_tower."): t for k, t in tensors.items()}
+        return load_weights(tower, tensors, f"{path} (its vision tower)", dtype or torch.float32).eval()
 
     @classmethod
     def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, **kw):
-        """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer."""
+        """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer. A whole VLM's
+        directory as `vision` (LLaVA or ours) gives its tower with the feature layer and selection it was used with
+        (a selection in `kw` wins)."""
+        kw = {**tower_settings(vision), **{k: v for k, v in kw.items() if v != ""}}
         tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(llm))
@@ -382,9 +398,11 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
     The one way a model starts, from whatever `init_from` points at:
       a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
       "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
-                    connector (VLM.from_backbones)
+                    connector (VLM.from_backbones); vision_model may also be a LLaVA directory or one of our
+                    checkpoints, whose tower (weights, feature layer, selection, image processor) is taken
       "scratch"     a new LM from the `llm` config dict. With a teacher (a VLM or its directory) it shares the
-                    teacher's tower, tokenizer and image processor, as KD and VAT need; else it sits on
+                    teacher's tower (its feature layer and selection too), tokenizer and image processor, as KD, VAT
+                    and TAF need; else it sits on
                     vision_model's pretrained tower or a new one from the `vision` dict, with the tokenizer and
                     image processor given (default: data_dir's tokenizer/ and image_processor/, as shapes.py writes)
     """
@@ -400,18 +418,22 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
         return VLM.from_pretrained(init_from)
     if not llm:
         raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
-    select = vision_feature_select_strategy
+    select, layer = vision_feature_select_strategy, VLMConfig.vision_feature_layer
     if isinstance(teacher, str):  # not distilling (a baseline), but the same tower and tokenizer
         teacher = VLM.from_pretrained(teacher)
     if teacher is not None:  # the teacher's tower, tokenizer and image processor: KD and VAT need them equal
         tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
         vision, select = teacher.config.vision, teacher.config.vision_feature_select_strategy
+        layer = teacher.config.vision_feature_layer
     else:
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or os.path.join(data_dir, "tokenizer")))
         if vision_model:  # a pretrained tower (e.g. shapes.py's) under a new LM
             tower = VLM.load_vision_tower(vision_model)
             vision = tower.config.to_dict()
             proc = AutoImageProcessor.from_pretrained(image_processor or vision_model)
+            settings = tower_settings(vision_model)  # a LLaVA's tower is read as that LLaVA reads it
+            layer = settings.get("vision_feature_layer", layer)
+            select = select or settings.get("vision_feature_select_strategy", "")
         elif vision:
             tower = None
             proc = AutoImageProcessor.from_pretrained(image_processor or os.path.join(data_dir, "image_processor"))
@@ -419,7 +441,7 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
             raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
     llm = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config = VLMConfig(vision=vision, llm=llm, connector=connector, vision_feature_select_strategy=select,
-                       image_token_id=tok.convert_tokens_to_ids("<image>"))
+                       vision_feature_layer=layer, image_token_id=tok.convert_tokens_to_ids("<image>"))
     model = VLM(config, vision_tower=tower)
     model.tokenizer, model.image_processor = tok, proc
     return model
@@ -575,11 +597,22 @@ class TeacherStudent(nn.Module):
         compare the two frozen connectors once (not every step: on GPU that is a host sync per step), before
         the teacher is cast to bf16."""
         if not self.shared_vision:
-            raise ValueError("TAF needs the teacher's vision tower: the student's tower (or its feature layer / "
-                             "selection) differs from the teacher's, so the teacher's connector would read features "
-                             "it was never trained on. Build the student on the teacher's tower (init_from=scratch "
-                             "with a teacher shares it; with init_from=backbones pass the teacher's vision_model), or "
-                             "run without TAF (taf=False)")
+            s, t = self.student, self.teacher
+            what = []
+            if not same_weights(s.vision_tower, t.vision_tower):
+                what.append("the student's tower has other weights than the teacher's")
+            if s.config.vision_feature_layer != t.config.vision_feature_layer:
+                what.append(f"the student reads feature layer {s.config.vision_feature_layer}, the teacher "
+                            f"{t.config.vision_feature_layer}")
+            if s.config.vision_feature_select_strategy != t.config.vision_feature_select_strategy:
+                what.append(f"the student selects features {s.config.vision_feature_select_strategy!r}, the teacher "
+                            f"{t.config.vision_feature_select_strategy!r}")
+            raise ValueError("TAF needs the teacher's vision tower: " + "; ".join(what or ["the towers differ"]) +
+                             "; the teacher's connector would read features it was never trained on. Build the "
+                             "student on the teacher's tower (init_from=scratch with the teacher takes its tower, "
+                             "feature layer and selection; with init_from=backbones pass the teacher's vision_model, "
+                             "or the teacher's own directory, and its vision_feature_select_strategy), or run without "
+                             "TAF (taf=False)")
         self._same_connector = same_weights(self.student.connector, self.teacher.connector)
 
     def _reuses_teacher_connector(self):
@@ -676,6 +709,29 @@ def find_checkpoint(path):
     return None
 
 
+def vlm_kind(path):
+    """"ours" or "llava" when `path` is a directory whose config.json describes a whole VLM (then checkpoint_kind
+    checks it), else None: a hub id, a vision model's or an LM's directory."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    cfg = _read_json(cfg_path)
+    if ("vision" in cfg and "llm" in cfg) or cfg.get("model_type") == "llava":
+        return checkpoint_kind(path)
+    return None
+
+
+def tower_settings(path):
+    """{vision_feature_layer, vision_feature_select_strategy} a whole VLM's directory reads its tower with (empty for
+    anything else): a tower taken from a LLaVA is read as that LLaVA reads it."""
+    kind = vlm_kind(path)
+    if kind is None:
+        return {}
+    c = llava_config(path) if kind == "llava" else VLMConfig.load(path)
+    return dict(vision_feature_layer=c.vision_feature_layer,
+                vision_feature_select_strategy=c.vision_feature_select_strategy)
+
+
 def checkpoint_kind(path):
     """"ours" or "llava" for a directory VLM.from_pretrained can load; anything else is an error that says what was
     found there and what is accepted."""
@@ -685,8 +741,7 @@ def checkpoint_kind(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (found: {found}); expected {ACCEPTED}")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = _read_json(cfg_path)
     if "vision" in cfg and "llm" in cfg:
         kind = "ours"
     elif cfg.get("model_type") == "llava":
@@ -703,19 +758,48 @@ def checkpoint_kind(path):
     return kind
 
 
-def read_weights(path):
-    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists."""
+def _read_safetensors(file, keep=None):
+    """name -> tensor of one safetensors file (only the names `keep` accepts, when given). A damaged file (cut short
+    by an interrupted copy, an error page saved in its place) is an error that names it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "the file is damaged or not safetensors: copy or download the checkpoint again, or rerun the "
+                         "stage that wrote it") from e
+
+
+def _read_json(file):
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the file is damaged: copy or download the checkpoint again, "
+                         "or rerun the stage that wrote it") from e
+
+
+def read_weights(path, keep=None):
+    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists; with
+    `keep` (name -> bool), only the tensors it accepts are read."""
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return load_file(os.path.join(path, WEIGHTS_NAME))
+        return _read_safetensors(os.path.join(path, WEIGHTS_NAME), keep)
     index = os.path.join(path, WEIGHTS_INDEX_NAME)
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file); the file is damaged: copy or "
+                         "download the checkpoint again")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         if not os.path.isfile(os.path.join(path, shard)):
             raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {path}: copy or download "
                                     "every shard of the checkpoint")
-        tensors.update(load_file(os.path.join(path, shard)))
+        if keep is None or any(keep(k) for k, v in weight_map.items() if v == shard):
+            tensors.update(_read_safetensors(os.path.join(path, shard), keep))
+    if keep is not None:
+        weight_map = {k: v for k, v in weight_map.items() if keep(k)}
     if tensors.keys() != weight_map.keys():
         raise ValueError(f"{index} and its shards disagree on the tensor names (in the index only: "
                          f"{sorted(weight_map.keys() - tensors.keys())[:5]}, in the shards only: "
@@ -877,7 +961,8 @@ def llava_to_ours(tensors, model, source):
 
 def llava_config(path):
     """Our VLMConfig for a LLaVA directory: its vision and text configs, the projector as mlp2x_gelu, its image token,
-    vision_feature_layer and vision_feature_select_strategy."""
+    vision_feature_layer and vision_feature_select_strategy (and, for a student exported by export_hf.py, the layer
+    pairs it was distilled on)."""
     c = AutoConfig.from_pretrained(path)
     problems = []
     if c.projector_hidden_act != "gelu":
@@ -893,10 +978,13 @@ def llava_config(path):
     text = c.text_config.to_dict()
     # LLaVA ties the LM head to the embedding when its own config says so (it inherits the text config's flag)
     text["tie_word_embeddings"] = bool(c.tie_word_embeddings or text.get("tie_word_embeddings"))
+    extra = {"imported_from": "llava", "source": os.path.abspath(path)}
+    ours = getattr(c, "compodistill", None) or {}  # what export_hf.py keeps of a distilled student
+    if ours.get("distill"):
+        extra["distill"] = ours["distill"]
     return VLMConfig(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu",
                      image_token_id=c.image_token_index, vision_feature_layer=c.vision_feature_layer,
-                     vision_feature_select_strategy=c.vision_feature_select_strategy,
-                     extra={"imported_from": "llava", "source": os.path.abspath(path)})
+                     vision_feature_select_strategy=c.vision_feature_select_strategy, extra=extra)
 
 
 def check_llava_tokenizer(model, path):

@@ -5,14 +5,15 @@ One image and a prompt in, the model's answer out (this project's nanoGPT sample
 
 --model: any checkpoint directory (a stage's out_dir) or a Hugging Face LLaVA directory. The prompt is written as in
 training (data.tokenize_conversation: the image, then the prompt, then " ASSISTANT:"). Greedy decoding by default,
-as evaluate.py does; --temperature > 0 samples instead (--seed). On a GPU when there is one, in bfloat16; else on the
-CPU in float32. Prints the answer only.
+as evaluate.py does; --temperature > 0 samples instead (--seed). On a GPU when there is one. The model computes in the
+dtype its weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on the CPU), without autocast, as in
+evaluate.py. Prints the answer only.
 """
 import sys
 
 import torch
 
-from data import decode_answer, tokenize_conversation
+from data import decode_answer, load_image, tokenize_conversation
 from model import VLM, resolve_dtype
 
 DEFAULTS = dict(
@@ -23,13 +24,14 @@ DEFAULTS = dict(
     temperature=0.0,          # 0: greedy; > 0: sample from softmax(logits / temperature)
     seed=0,                   # for temperature > 0
     device="auto",            # auto: cuda when available, else cpu
-    dtype="auto",             # auto: bfloat16 on cuda, float32 on cpu; or float32 / bfloat16
+    dtype="auto",             # the model loads and computes in it (no autocast): auto = bfloat16 on cuda, float32
+                              # on cpu; or float32 / bfloat16
 )
 
 
 @torch.no_grad()
 def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
-    """The model's answer (text, up to its eos) to `prompt` about PIL `image`."""
+    """The model's answer (text, up to its eos) to `prompt` about PIL `image` (RGB; data.load_image reads files so)."""
     tok = model.tokenizer
     ids, _ = tokenize_conversation([{"from": "human", "value": prompt}], tok, model.num_image_tokens, True)
     device = next(model.parameters()).device
@@ -39,17 +41,17 @@ def answer(model, image, prompt, max_new_tokens=64, temperature=0.0):
 
 
 def main(argv=None):
-    from PIL import Image
     from configurator import configure
     cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
     if not cfg["image"]:
         raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
+    if cfg["max_new_tokens"] < 1:
+        raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: the answer needs at least 1 token; give 1 or more")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     try:
-        image = Image.open(cfg["image"])
-        image.load()
+        image = load_image(cfg["image"])
     except OSError as e:
         raise FileNotFoundError(f"--image={cfg['image']}: cannot read it as an image ({e})") from e
     model = VLM.from_pretrained(cfg["model"], dtype=dtype).to(device).eval()

@@ -19,7 +19,6 @@ import json
 import os
 from collections import Counter
 
-from PIL import Image
 from tqdm import tqdm
 
 from shapes import CLUTTER_ID, COLORS, RELATIONS, SHAPES, SIZES, SUB, _write, label_map, relation
@@ -87,6 +86,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     import torch
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoModel
+    from data import load_image
     from model import VLMConfig, _hf_config
     meta = json.load(open(os.path.join(world, "meta.json")))
     scenes = json.load(open(os.path.join(world, "scenes.json")))
@@ -123,7 +123,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
 
     def load(split):
         paths = sorted(p for p, s in scenes.items() if s["split"] == split)
-        px = proc([Image.open(os.path.join(world, p)).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+        px = proc([load_image(os.path.join(world, p)) for p in paths], return_tensors="pt")["pixel_values"]
         y = torch.tensor([labels(p) for p in paths])
         return px, y
 

@@ -7,10 +7,12 @@ is here, top to bottom: set-up (plain python or torchrun DDP), models, data, opt
 checkpoints (a directory per stage, written atomically, resumable bit for bit).
 """
 
+import bisect
 import datetime
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -38,7 +40,8 @@ DEFAULTS = dict(
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
     init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
                                   # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
-    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP)
+    vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP),
+                                  # or a LLaVA / checkpoint directory, whose tower it takes
     llm_model="",                 # backbones: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
     llm={},                       # scratch: HF causal-LM config dict of a new LM (see config/shapes_*.py)
     vision={},                    # scratch without vision_model or a teacher: HF vision config dict of a new tower
@@ -165,6 +168,19 @@ def save_checkpoint(out_dir, student, train_state, log, weights=None):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_train_state(resume_dir, out_dir):
+    """train_state.pt of a checkpoint, to the CPU (under torchrun every rank would otherwise load the whole optimizer
+    state onto cuda:0). A missing or damaged file is an error that names it and says what to do."""
+    path = os.path.join(resume_dir, "train_state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        why = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise ValueError(f"{path}: cannot read the training state ({why}); it is missing or damaged, so the run in "
+                         f"{out_dir} cannot resume. Put back a good copy to resume; to start this stage over instead, "
+                         f"move {out_dir} away") from e
 
 
 def rng_state():
@@ -333,6 +349,36 @@ def compile_models(ts, **kwargs):
             m.llm.base_model.compile(**kwargs)
 
 
+def validation_note(cfg, dataset, val_set):
+    """The start-up line that says where the validation loss comes from: a held-out slice costs training samples."""
+    if cfg["eval_interval"] <= 0:
+        return "validation: none (eval_interval=0); every sample trains"
+    if cfg["val_data"]:
+        return f"validation: the {len(val_set)} samples of val_data={cfg['val_data']}"
+    per_file = Counter(bisect.bisect_right(dataset.cumulative_sizes, i) for i in val_set.indices)
+    files = [p.path for p in dataset.datasets]
+    return (f"validation: {len(val_set)} samples held out of the training data (val_frac={cfg['val_frac']}): " +
+            ", ".join(f"{per_file[k]} of {f}" for k, f in enumerate(files)) + "; they do not train")
+
+
+def check_out_dir(out_dir):
+    """Refuse an out_dir no checkpoint could be written to: the first save comes only after save_interval steps."""
+    path = os.path.abspath(out_dir)
+    for p in (path, path + ".tmp", path + ".old"):  # the checkpoint swap writes all three (save_checkpoint)
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"out_dir={out_dir}: {p} is a file, not a directory; choose another out_dir, or move "
+                             "the file away")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_dir={out_dir}: {parent} is a file, not a directory, so no directory can be made "
+                         "under it; choose another out_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
+                         "you can write")
+
+
 def check_resume(saved, cfg, out_dir):
     """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
     diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
@@ -422,14 +468,15 @@ def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
     if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
         raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
+    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
+        check_out_dir(cfg["out_dir"])
     ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
     master = rank == 0
     out_dir = cfg["out_dir"]
     resume_dir = find_checkpoint(out_dir)
     state = None
     if resume_dir:
-        # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        state = load_train_state(resume_dir, out_dir)
         check_resume(state["config"], cfg, out_dir)
         if state["step"] >= cfg["max_steps"]:
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
@@ -500,6 +547,7 @@ def train(cfg):
     if not train_idx:
         raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
                          "a separate val_data file, or eval_interval=0")
+    print0(validation_note(cfg, dataset, val_set))
     train_set = torch.utils.data.Subset(dataset, train_idx)
     step = state["step"] if state else 0
     sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])

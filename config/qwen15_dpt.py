@@ -12,8 +12,10 @@ max_length = 2048
 batch_size = 8
 grad_accum = 4             # x 8 GPUs = 256 (reference)
 max_steps = 2180
-lr = 2e-4
+lr = 2e-4                  # the reference's rate; DPT trains the post_connector only
 warmup_frac = 0.03
+val_frac = 0.001           # 0.1 % held out for the validation loss (the start-up log counts them); the rest trains
+num_workers = 4            # DataLoader processes per GPU: image decoding and resizing stay out of the training process
 grad_ckpt = True
 eval_interval = 500
 save_interval = 500

@@ -12,8 +12,10 @@ max_length = 2048
 batch_size = 8
 grad_accum = 4             # x 8 GPUs = 256
 max_steps = 2180           # one epoch of 558K
-lr = 1e-3
+lr = 1e-3                  # connector pre-training: LLaVA-1.5's rate
 warmup_frac = 0.03
+val_frac = 0.001           # 0.1 % held out for the validation loss (the start-up log counts them); the rest trains
+num_workers = 4            # DataLoader processes per GPU: image decoding and resizing stay out of the training process
 grad_ckpt = True
 eval_interval = 500
 save_interval = 500

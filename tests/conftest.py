@@ -13,6 +13,11 @@ from model import VLM, VLMConfig  # noqa: E402
 # spinning threads made tests 15-40x slower (measured by the evaluate tests: 3.7 s vs 57-155 s).
 torch.set_num_threads(1)
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs scripts as subprocesses or several processes (deselect with "
+                            "-m 'not slow' for a quick loop)")
+
+
 IMAGE_TOKEN_ID = 3
 VOCAB = 40
 

@@ -65,3 +65,17 @@ def test_config_file_then_override(tmp_path):
         configure(defaults(), [str(bad)])
     with pytest.raises(ValueError, match="cannot read config file .*nope.py"):
         configure(defaults(), [str(tmp_path / "nope.py")])
+
+
+def test_help_after_a_config_file_shows_its_values_and_comments(tmp_path, capsys):
+    src = tmp_path / "script.py"
+    src.write_text("lr = 2e-4        # peak learning rate\nbatch_size = 8  # samples per batch\n")
+    preset = tmp_path / "preset.py"
+    preset.write_text("lr = 2e-5  # full fine-tuning's rate\nbatch_size = 4\n")
+    with pytest.raises(SystemExit) as e:
+        configure(dict(lr=2e-4, batch_size=8), [str(preset), "--batch_size=2", "--help"], "", [str(src)])
+    assert e.value.code == 0
+    rows = [l.split(None, 1) for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    # the preset's value and comment; a setting it leaves uncommented keeps the script's comment; --key=value is not
+    # applied to what --help shows
+    assert rows == [["lr=2e-05", "full fine-tuning's rate"], ["batch_size=4", "samples per batch"]]

@@ -256,3 +256,42 @@ def test_sequences_start_with_bos_exactly_once_when_the_tokenizer_adds_it(bos):
     # the prompt evaluate.py generates from goes through the same function: the same start
     prompt, _ = tokenize_conversation(TWO_TURNS[:1], tok, N_V, has_image=True)
     assert prompt == ids[:len(prompt)]
+
+
+def test_16_bit_images_are_scaled_to_8_bits_everywhere_images_are_read(tmp_path, monkeypatch):
+    """One image reader (data.load_image) for training, evaluate.py and sample.py: a 16-bit PNG ("I;16") is scaled to
+    8 bits (its high byte), where convert("RGB") clips mid-grey to white; 8-bit images come out as convert("RGB")
+    gives them."""
+    import numpy as np
+    import evaluate
+    import sample
+    from data import load_image
+    Image.fromarray(np.array([[0, 256, 32768, 65535]] * 4, dtype=np.uint16)).save(tmp_path / "ramp16.png")
+    Image.fromarray(np.full((12, 20), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.new("L", (20, 12), 128).save(tmp_path / "grey8.png")
+    assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
+    ramp = load_image(tmp_path / "ramp16.png")
+    assert ramp.mode == "RGB" and np.asarray(ramp)[0].tolist() == [[v] * 3 for v in (0, 1, 128, 255)]
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (12, 20, 4), dtype=np.uint8))
+    rgb = rgba.convert("RGB")
+    for name, im in [("rgb", rgb), ("rgba", rgba), ("l", rgb.convert("L")), ("p", rgb.convert("P"))]:
+        im.save(tmp_path / f"{name}.png")
+        assert np.array_equal(np.asarray(load_image(tmp_path / f"{name}.png")),
+                              np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))), name
+
+    # training: the 16-bit grey sample gives the 8-bit grey one's pixels
+    recs = [{"id": f, "image": f"{f}.png", "conversations": TEXT_ONLY} for f in ("grey16", "grey8")]
+    ds = make_dataset(tmp_path, recs)
+    assert torch.equal(ds[0]["pixel_values"], ds[1]["pixel_values"])
+    # evaluate.py
+    model = torch.nn.Linear(1, 1)  # the Runner reads images with the model's image processor alone
+    model.tokenizer, model.image_processor = word_tokenizer(WORDS), image_processor(S)
+    r = evaluate.Runner(model, str(tmp_path), progress=False)
+    assert torch.equal(r.pixels("grey16.png"), ds[1]["pixel_values"])
+    # sample.py
+    seen = []
+    monkeypatch.setattr(sample, "answer", lambda model, image, *a: seen.append(np.asarray(image)) or "")
+    monkeypatch.setattr(sample.VLM, "from_pretrained", lambda *a, **k: torch.nn.Linear(1, 1))
+    sample.main(["--model=any", f"--image={tmp_path / 'grey16.png'}"])
+    assert seen[0].shape == (12, 20, 3) and (seen[0] == 128).all()

@@ -331,3 +331,85 @@ def test_reefknot_reads_the_official_layout_and_scores_it(tmp_path):
     assert rep["mean"]["hallucination_rate"] == pytest.approx(1 - (0.5 + 1.0 + 0.5) / 3)
     with pytest.raises(FileNotFoundError, match="YESNO.jsonl"):
         ev.load_reefknot(str(tmp_path), images)
+
+
+def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
+    """A benchmark image that is not an image is skipped and counted like a missing one, and named in a warning; a
+    test set with no readable image stops with one line; an image that only fails when decoded is one line too."""
+    import shutil
+    for i in range(3):
+        shutil.copy(os.path.join(world, "images", f"test_0000{i}.png"), tmp_path / f"{i}.png")
+    (tmp_path / "page.png").write_text("<html>404 not found</html>")
+    rows = [dict(question="what shape is red ?", answer="star", image=f) for f in
+            ("0.png", "page.png", "1.png", "gone.png", "2.png", "page.png")]
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    with pytest.warns(UserWarning) as w:
+        rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
+    assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 3}
+    said = " ".join(str(x.message) for x in w)
+    assert "skipping 2 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
+    assert "skipping 1 items whose images are missing" in said
+
+    with open(tmp_path / "vqa.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["image"] in ("page.png", "gone.png"))
+    with pytest.raises(ValueError) as e:
+        ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
+    assert str(e.value).startswith(f"vqa ({tmp_path / 'vqa.jsonl'}): none of the 3 items' images can be read (") \
+        and "\n" not in str(e.value)
+
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(tmp_path / "cut.jpg")
+    data = open(tmp_path / "cut.jpg", "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    assert ev._image_problem(str(tmp_path / "cut.jpg"), {}) is None  # the check before the run does not decode
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'cut.jpg'}: cannot be read as an image \(.*[Tt]runcated"):
+        ev.Runner(m, str(tmp_path), progress=False).pixels("cut.jpg")
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluate_computes_in_the_dtype_the_model_was_loaded_in(world, tmp_path, dtype, device):
+    """One rule for evaluate.py and sample.py: the model computes in the dtype of its loaded weights (--dtype), no
+    autocast. What the LM's layers see, and the scores against a plain forward of the same model."""
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "m"))
+    m = VLM.from_pretrained(str(tmp_path / "m"), dtype=dtype).to(device).eval()
+    seen = []
+    m.llm.model.layers[0].register_forward_pre_hook(
+        lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"]).dtype), with_kwargs=True)
+    r = ev.Runner(m, world, batch_size=4, progress=False)
+    specs = [(ev.CAPTION_PROMPT, "images/test_00000.png", "a red star"), (ev.CAPTION_PROMPT, "images/test_00001.png",
+                                                                        "a blue circle above a green square")]
+    lp = r.loglik(specs, "test")
+    r.generate([(s[0], s[1], None) for s in specs], 3, "test")
+    assert seen and set(seen) == {dtype}
+    for spec, score in zip(specs, lp):  # the batch's scores are the plain forward's, in the same dtype
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([r.sample(*spec)], r.pad_id).items()}
+        with torch.no_grad():
+            loss = m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])["loss"]
+        assert score == pytest.approx(-float(loss), abs=1e-4 if dtype == torch.float32 else 0.1)
+
+
+def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
+    """On CUDA evaluate.py used to run float32 weights under bf16 autocast, so --dtype=float32 computed in bf16 (and
+    sample.py did not): evaluating on a device that reports cuda must enter no autocast."""
+    from contextlib import nullcontext
+
+    class ReportsCuda(str):  # moves tensors to the CPU, tells whoever asks its type that it is a GPU
+        type = "cuda"
+    entered = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append((a, k)) or nullcontext()
+                        if k.get("enabled", True) else real(*a, **k))
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    r = ev.Runner(m, world, batch_size=4, progress=False)
+    r.device = ReportsCuda("cpu")
+    specs = [(ev.CAPTION_PROMPT, "images/test_00000.png", "a red star")]
+    r.loglik(specs, "test")
+    r.generate([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], 2, "test")
+    r.first_token_logprobs([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], ["a"], "test")
+    assert entered == []

@@ -88,6 +88,24 @@ def test_rerun_resumes_without_training(first, monkeypatch):
     assert [r["per_seed"][0]["cr"] for r in again] == [r["per_seed"][0]["cr"] for r in results]
 
 
+def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monkeypatch):
+    """The test size (the docstring's own command) must not overwrite the committed results/ tables: without
+    --results it writes under <out>/<size>/results; the published sizes keep results/."""
+    root, argv, results = first
+    monkeypatch.chdir(tmp_path)  # where a relative results/ would land
+    def refuse(*a, **k):
+        raise AssertionError("a finished stage ran again")
+    monkeypatch.setattr(trainer, "main", refuse)
+    monkeypatch.setattr(evaluate, "main", refuse)
+    experiments.main([a for a in argv if not a.startswith("--results=")])  # every stage done: only the tables
+    assert not (tmp_path / "results").exists()
+    table = root / "out" / "test" / "results" / "shapes_table.md"
+    assert table_rows(table)[2] == table_rows(root / "results" / "shapes_table.md")[2]
+    assert {s: experiments.results_dir(dict(experiments.DEFAULTS, size=s, out="o")) for s in experiments.SIZES} == \
+        {"test": "o/test/results", "quick": "results", "full": "o/full/results", "hard": "results",
+         "hard_test": "o/hard_test/results"}
+
+
 def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
     """--jobs=2 runs the stages as subprocesses; same seed and settings -> the same numbers as in-process."""
     root, _, results = first

@@ -182,6 +182,62 @@ def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
     assert p == llava["siglip"] and m.config.extra["imported_from"] == "llava"
 
 
+def test_a_scratch_student_reads_the_llava_teachers_feature_layer(tmp_path):
+    """A SigLIP LLaVA on vision_feature_layer -1 (not LLaVA's usual -2): init_from=scratch builds the student on the
+    teacher's layer and selection, so TAF is accepted and, without TAF, both models read the same features."""
+    teacher_dir = save_llava(tmp_path / "layer-1", feature_layer=-1, strategy="default")
+    data = write_llava(tmp_path / "data.json", ["image"] * 4)
+    llm = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    base = dict(batch_size=2, max_steps=1, log_interval=1, eval_interval=0, save_interval=100, max_length=96,
+                init_from="scratch", teacher=teacher_dir, data=data, llm=llm, student_layers=[0, 1],
+                teacher_layers=[0, 1])
+    args = lambda d: [f"--{k}={v}" for k, v in d.items()]
+    teacher = VLM.from_pretrained(teacher_dir)
+    pv = pixels(teacher, picture())
+    for taf in (True, False):
+        out = str(tmp_path / f"taf{taf}")
+        trainer.main(dict(stage="dpt", kd_weight=1.0, taf=taf), args({**base, "out_dir": out}))
+        s = VLM.from_pretrained(out)
+        assert (s.config.vision_feature_layer, s.config.vision_feature_select_strategy) == (-1, "default")
+        assert torch.equal(s.vision_features(pv), teacher.vision_features(pv))
+
+
+def test_a_llava_directory_as_vision_model_gives_its_own_tower(tmp_path):
+    """vision_model=<LLaVA dir> (what the TAF refusal suggests for a LLaVA teacher): its vision_tower weights, image
+    processor, feature layer and selection; never a randomly initialised tower."""
+    from transformers import AutoImageProcessor
+    path = save_llava(tmp_path / "llava", feature_layer=-1, strategy="default")
+    saved = {k.removeprefix("vision_tower."): t for k, t in read_weights(path).items() if k.startswith("vision_tower.")}
+    tower = VLM.load_vision_tower(path)
+    got = tower.state_dict()
+    assert saved and saved.keys() <= got.keys()
+    assert all(torch.equal(got[k], t.float()) for k, t in saved.items())
+    lm = save_lm(tmp_path / "lm", bpe_tokenizer(), hidden=32, layers=2, seed=1)
+    m = VLM.from_backbones(path, lm)
+    assert (m.config.vision_feature_layer, m.config.vision_feature_select_strategy) == (-1, "default")
+    assert m.image_processor.to_dict() == AutoImageProcessor.from_pretrained(path).to_dict()
+    # and so a backbones student may take TAF from that LLaVA teacher
+    data = write_llava(tmp_path / "data.json", ["image"] * 4)
+    out = str(tmp_path / "dpt")
+    trainer.main(dict(stage="dpt", kd_weight=1.0, taf=True), [
+        "--init_from=backbones", f"--vision_model={path}", f"--llm_model={lm}", f"--teacher={path}", f"--data={data}",
+        f"--out_dir={out}", "--batch_size=2", "--max_steps=1", "--eval_interval=0", "--max_length=96",
+        "--student_layers=[0, 1]", "--teacher_layers=[0, 1]"])
+    s = VLM.from_pretrained(out)
+    assert s.config.taf and all(torch.equal(s.vision_tower.state_dict()[k], t.float()) for k, t in saved.items())
+
+
+def test_taf_refusal_says_what_differs_and_what_to_do():
+    from conftest import tiny_vlm
+    t = tiny_vlm(seed=0)
+    s = tiny_vlm(seed=1, vision_tower=t.vision_tower, hidden=48)
+    s.config.vision_feature_layer = -1
+    with pytest.raises(ValueError, match=r"TAF needs the teacher's vision tower: the student reads feature layer -1, "
+                                         r"the teacher -2; .*init_from=scratch with the teacher"):
+        TeacherStudent(t, s, [0], [0]).apply_taf()
+
+
 def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
     torch.manual_seed(0)
     m = VLM(VLMConfig(vision=vision_cfg(), llm=dict(llm_cfg(), tie_word_embeddings=True), image_token_id=3)).eval()
@@ -201,6 +257,74 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
         m2 = VLM.from_pretrained(str(tmp_path / d)).eval()
         assert m2.llm.lm_head.weight is m2.llm.model.embed_tokens.weight  # one parameter, still tied
         assert torch.equal(m2(ids, torch.ones_like(ids), pv)["logits"], want)
+
+
+# -- damaged files: one line that names the file ---------------------------------------------------------------------
+
+def damage(path, how):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncated": data[:len(data) // 2], "garbage": b"<html>not found</html>" * 8, "empty": b""}[how])
+
+
+def tiny_checkpoint(path, shard_bytes=None):
+    from conftest import tiny_vlm
+    tiny_vlm().save_pretrained(str(path), max_shard_bytes=shard_bytes)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_damaged_weights_name_the_file(how, tmp_path):
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    damage(os.path.join(d, "model.safetensors"), how)
+    with pytest.raises(ValueError) as e:
+        VLM.from_pretrained(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{d}/model.safetensors: cannot read the weights (") and "\n" not in msg
+    assert msg.endswith("copy or download the checkpoint again, or rerun the stage that wrote it")
+    # a LLaVA directory's shard and its index, through evaluate.py's loader
+    d = tiny_checkpoint(tmp_path / "sharded", shard_bytes=40_000)
+    shard = sorted(f for f in os.listdir(d) if f.startswith("model-"))[1]
+    damage(os.path.join(d, shard), how)
+    with pytest.raises(ValueError, match=rf"^{d}/{shard}: cannot read the weights \("):
+        ev._load(d)
+    damage(os.path.join(d, "model.safetensors.index.json"), how)
+    with pytest.raises(ValueError, match=rf"^{d}/model.safetensors.index.json: not valid JSON \("):
+        ev._load(d)
+    damage(os.path.join(d, "config.json"), how)
+    with pytest.raises(ValueError, match=rf"^{d}/config.json: not valid JSON \("):
+        ev._load(d)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_a_damaged_train_state_names_the_file(how, tmp_path):
+    out = tiny_checkpoint(tmp_path / "run")
+    torch.save({"step": 1, "optimizer": {"state": {i: torch.zeros(64) for i in range(8)}}}, f"{out}/train_state.pt")
+    damage(f"{out}/train_state.pt", how)
+    with pytest.raises(ValueError) as e:
+        trainer.main(dict(stage="sft"), [f"--out_dir={out}", f"--init_from={out}", "--data=unused.json"])
+    msg = str(e.value)
+    assert msg.startswith(f"{out}/train_state.pt: cannot read the training state (") and "\n" not in msg
+    assert msg.endswith(f"to start this stage over instead, move {out} away")
+
+
+@pytest.mark.slow
+def test_damaged_files_through_the_command_line(tmp_path):
+    """The real scripts: exit 2 and one line on stderr, no traceback."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    damage(os.path.join(d, "model.safetensors"), "truncated")
+    out = tiny_checkpoint(tmp_path / "run")
+    damage(os.path.join(out, "model.safetensors"), "empty")
+    open(os.path.join(out, "train_state.pt"), "wb").close()
+    for script, argv, first in [("evaluate.py", [f"--model={d}", f"--data={tmp_path}"], f"{d}/model.safetensors"),
+                                ("train_sft.py", [f"--out_dir={out}"], f"{out}/train_state.pt")]:
+        r = subprocess.run([sys.executable, script, *argv], cwd=root, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.startswith(f"{script}: {first}: cannot read") and len(r.stderr.strip().splitlines()) == 1
 
 
 # -- export ----------------------------------------------------------------------------------------------------------
@@ -291,6 +415,23 @@ def test_export_loads_in_transformers_with_our_logits_prompt_and_generation(case
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for f in ("config.json", "generation_config.json", "chat_template.jinja", "processor_config.json"):
         assert open(os.path.join(out, f)).read() == open(os.path.join(out2, f)).read(), f
+
+
+def test_export_keeps_the_distilled_layer_pairs(tmp_path):
+    """evaluate.py --tasks=align on an export measures the pairs the student was distilled on, not the presets."""
+    import alignment
+    ours, _ = student(tmp_path, teacher_hidden=24)
+    distill = {"student_layers": [1], "teacher_layers": [0, 1], "matching": "simple"}
+    ours.config.extra = {"stage": "sft", "distill": distill}
+    out = export(ours, str(tmp_path / "hf"))
+    hf_llava(out)  # transformers still loads it as it is
+    back = VLM.from_pretrained(out)
+    assert back.config.extra["distill"] == distill
+    teacher = VLM(VLMConfig(vision=vision_cfg(), llm=llm_cfg(hidden=24, layers=2, heads=2, kv_heads=1),
+                            image_token_id=back.image_token_id), vision_tower=back.vision_tower)
+    assert alignment.matched_layers(back, teacher) == ([1], [[0]])  # simple matching: 1 <- the last teacher layer
+    export(back, str(tmp_path / "hf2"))  # and the next export keeps them
+    assert open(os.path.join(out, "config.json")).read() == open(tmp_path / "hf2" / "config.json").read()
 
 
 def test_export_refuses_a_taf_student_of_a_wider_teacher(tmp_path):

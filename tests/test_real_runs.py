@@ -306,3 +306,26 @@ def test_teacher_cast_to_bf16_keeps_rotary_frequencies_float32(hf):
     cast_weights(t, torch.bfloat16)
     assert next(t.llm.parameters()).dtype == torch.bfloat16
     assert t.llm.model.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(t.llm.model.rotary_emb.inv_freq, inv)
+
+
+# -- out_dir that checkpoints could never be written to: refused before any model is built ----------------------------
+
+@pytest.mark.parametrize("case", ["file", "parent_file", "read_only"])
+def test_an_out_dir_that_cannot_be_written_is_refused_at_start_up(case, tmp_path, monkeypatch):
+    if case == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only directory anyway")
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    out = {"file": blocker, "parent_file": blocker / "run", "read_only": tmp_path / "ro" / "run"}[case]
+    if case == "read_only":
+        (tmp_path / "ro").mkdir(mode=0o555)
+
+    def built(*a, **k):
+        raise AssertionError("a model was built before out_dir was checked")
+    monkeypatch.setattr(trainer, "build_model", built)
+    why = {"file": f"{blocker} is a file, not a directory", "parent_file": f"{blocker} is a file, not a directory",
+           "read_only": f"cannot write in {tmp_path / 'ro'}"}[case]
+    with pytest.raises(ValueError) as e:
+        run("sft", init_from="nowhere", data=str(tmp_path / "d.json"), out_dir=str(out))
+    assert str(e.value).startswith(f"out_dir={out}: {why}") and "\n" not in str(e.value)
+    assert blocker.read_text() == "not a directory" and not os.path.exists(str(out) + ".tmp")

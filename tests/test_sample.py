@@ -73,3 +73,5 @@ def test_sample_errors_name_the_setting(shapes_ckpt, tmp_path):
         sample.main([f"--model={shapes_ckpt['ckpt']}"])
     with pytest.raises(FileNotFoundError, match=r"--image=.*nope\.png: cannot read it"):
         sample.main([f"--model={shapes_ckpt['ckpt']}", f"--image={tmp_path / 'nope.png'}"])
+    with pytest.raises(ValueError, match=r"^--max_new_tokens=0: the answer needs at least 1 token"):
+        sample.main([f"--model={shapes_ckpt['ckpt']}", f"--image={shapes_ckpt['image']}", "--max_new_tokens=0"])

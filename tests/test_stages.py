@@ -192,3 +192,45 @@ def test_the_presets_chain_stage_to_stage():
         for key in ("init_from", "teacher"):
             if c[key] and c[key] not in ("scratch", "backbones"):
                 assert c[key] in outs, (f, key, c[key])
+
+
+def test_the_paper_presets_state_their_rate_hold_out_and_workers(tmp_path):
+    """config/qwen15_*.py: full fine-tuning in DFT / SFT at LLaVA-1.5's full fine-tuning rate (2e-5), the LoRA lines
+    with their own rate (the reference's 2e-4); a small stated hold-out and image decoding in worker processes; each
+    of these choices commented on its line (what --help and a reader see)."""
+    import configurator
+    for f in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        if not f.startswith("qwen15_"):
+            continue
+        path = os.path.join(ROOT, "config", f)
+        c = trainer.configure(dict(trainer.DEFAULTS), [path])
+        said = configurator.comments([path], ["lr", "val_frac", "num_workers"])
+        assert set(said) == {"lr", "val_frac", "num_workers"} and all(said.values()), (f, said)
+        assert c["num_workers"] >= 2 and 0 < c["val_frac"] <= 0.002, f
+        if f in ("qwen15_dft.py", "qwen15_sft.py"):
+            assert c["lr"] == 2e-5 and c["lora_rank"] == 0, f
+            # the commented LoRA block, switched on, brings the LoRA rate with it
+            lines = open(path).read().splitlines()
+            start = next(i for i, l in enumerate(lines) if l.startswith("# LoRA"))
+            block = [l[2:] if l.startswith("# ") and "=" in l.split("#")[1] else l for l in lines[start:]]
+            lora = tmp_path / f"lora_{f}"
+            lora.write_text("\n".join(lines[:start] + block))
+            c = trainer.configure(dict(trainer.DEFAULTS), [str(lora)])
+            assert (c["lora_rank"], c["lr"]) == (128, 2e-4), f
+
+
+def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
+    """How many samples are held out for validation, and from which file."""
+    root = world["root"]
+    files = [world["pretrain"], world["instruct"]]
+    sizes = [len(json.load(open(p))) for p in files]
+    run_stage(SFT, init_from=world["dpt"], data=",".join(files), out_dir=str(root / "val_log"), eval_interval=2,
+              val_frac=0.25, max_steps=1)
+    n_val = int(0.25 * sum(sizes))
+    held = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(1234))[:n_val]
+    first = int((held < sizes[0]).sum())
+    assert (f"validation: {n_val} samples held out of the training data (val_frac=0.25): {first} of {files[0]}, "
+            f"{n_val - first} of {files[1]}") in capsys.readouterr().out
+    run_stage(SFT, init_from=world["dpt"], data=world["pretrain"], val_data=world["instruct"],
+              out_dir=str(root / "val_log2"), eval_interval=2, max_steps=1)
+    assert f"validation: the {sizes[1]} samples of val_data={world['instruct']}" in capsys.readouterr().out

@@ -111,17 +111,24 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+_OWN_GROUP = False  # whether compute_init created the process group (and compute_cleanup may destroy it)
+
+
 def compute_init(single_group=False):
     """Plain python: one process (with single_group, in a process group of its own, which FSDP needs).
-    torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    ddp = "RANK" in os.environ or single_group
-    if ddp:
+    torchrun: a process group (nccl on GPU, gloo on CPU). A program that already initialised one (a test running
+    several trainings in one launch) keeps it: train() then neither creates nor destroys it."""
+    global _OWN_GROUP
+    ddp = "RANK" in os.environ or single_group or dist.is_initialized()
+    if ddp and not dist.is_initialized():
+        _OWN_GROUP = True
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
             # a long timeout: the other ranks wait in a barrier while rank 0 writes a multi-GB checkpoint
             dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if ddp:
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -142,9 +149,12 @@ def _free_port():
 def compute_cleanup():
     """After a successful run only (a rank that died leaves the others in a collective; torchrun ends them). The
     barrier first: a rank that tears down its process group while another is still in the last collective can hang."""
+    global _OWN_GROUP
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if _OWN_GROUP:
+            dist.destroy_process_group()
+            _OWN_GROUP = False
 
 
 # -----------------------------------------------------------------------------
@@ -265,10 +275,6 @@ def build_model(cfg, resume_dir):
             raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
                              "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
         add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-        # The embedding is frozen now: on a text-only batch nothing before layer 0 would need a gradient, and FSDP
-        # would then reduce layer 0's adapters at the end of the backward on that rank only, out of step with the
-        # others (a collective mismatch). A gradient on the embedding output keeps every rank's order the same.
-        student.llm.enable_input_require_grads()
     params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
 
@@ -464,6 +470,12 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     if ts.teacher is not None and amp is not None:
         cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
+    if lora or cfg["fsdp"]:
+        # With a frozen embedding (LoRA, or a frozen LM under FSDP) a text-only micro-batch gives nothing before
+        # layer 0 a gradient: that rank's backward would skip the decoder layers' re-gathers (a frozen LM) or reduce
+        # layer 0's adapters out of order (LoRA), out of step with a rank that has an image. A gradient on the
+        # embedding output takes every rank's backward through every layer in the same order.
+        student.llm.enable_input_require_grads()
     if cfg["grad_ckpt"]:
         enable_checkpointing(student.llm)
     if cfg["compile"]:

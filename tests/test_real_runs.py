@@ -14,18 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer
-from conftest import CORPUS, LAYERS, args, bpe_tokenizer, run, save_lm, save_tower, torchrun, weights, write_llava
+from conftest import (CORPUS, LAYERS, args, bpe_tokenizer, data_order, run, save_lm, save_tower, torchrun, weights,
+                      write_llava)
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def data_order(n, seed, steps, world):
-    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
-    which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
-    split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
-    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
-    return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
 
 
 # -- 1-3: DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
@@ -49,6 +42,7 @@ def ddp_runs(hf):
     return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
 
 
+@pytest.mark.slow
 def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
     r = ddp_runs["result"]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -58,6 +52,7 @@ def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
     assert not torch.equal(a["post_connector.weight"], b["post_connector.weight"] * 0)
 
 
+@pytest.mark.slow
 def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
     r = ddp_runs["result"]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -66,6 +61,7 @@ def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
     assert "dropped samples {'missing_image': 1}" in r.stdout
 
 
+@pytest.mark.slow
 def test_logged_losses_are_the_mean_over_all_ranks(ddp_runs):
     def log(path):
         return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["log"]

@@ -374,11 +374,12 @@ def _quiet_worker(_):
 
 
 class DataMonitor:
-    """Counts, for this process, what the data loader fetched, dropped (once per sample, by reason) and cut at
-    max_length; prints the first drops of each reason."""
+    """Counts, for this process, what the data loader fetched, dropped (each fetch, and by reason; and once per
+    sample, by reason) and cut at max_length; prints the first drops of each reason."""
 
     def __init__(self, show=True, max_shown=5):
         self.fetched = self.dropped_fetches = 0
+        self.reasons = Counter()  # dropped fetches by reason: they add up to dropped_fetches
         self.dropped, self.truncated = {}, set()
         self.show, self.max_shown, self.shown = show, max_shown, Counter()
         self.first = []
@@ -387,6 +388,7 @@ class DataMonitor:
         n_kept = len(batch["input_ids"]) if "input_ids" in batch else 0
         self.fetched += n_kept + len(batch["dropped"])
         self.dropped_fetches += len(batch["dropped"])
+        self.reasons.update(d.reason for d in batch["dropped"])
         self.truncated.update(batch["truncated"])
         for d in batch["dropped"]:
             if d.key in self.dropped:
@@ -530,7 +532,7 @@ def train(cfg):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   fused=device.type == "cuda")
-    log = []
+    log, skipped = [], 0  # skipped: steps in which no rank had a sample (no update; the LR schedule waits)
     if state:
         if cfg["fsdp"]:  # the saved state is whole: each rank keeps its shard of it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -541,6 +543,7 @@ def train(cfg):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log = state["log"]
+        skipped = state.get("skipped", 0)
     n_params = sum(p.numel() for p in params)
     print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
            f"world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} taf={student.config.taf}")
@@ -560,7 +563,7 @@ def train(cfg):
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
             # in train_state.pt for resume
             trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs,
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "skipped": skipped,
                                                "scaler": scaler.state_dict() if scaler else None,
                                                "trainable": trainable,
                                                "config": cfg, "log": log}, log,
@@ -581,13 +584,15 @@ def train(cfg):
     sums, n_micro = torch.zeros(len(LOSSES), device=device), 0
     with stop_signals() as signals:
         while step < cfg["max_steps"]:
-            lr = lr_at(step, cfg)
+            lr = lr_at(step - skipped, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            real_here = 0
             for micro in range(cfg["grad_accum"]):
                 batch = next(loader)
                 monitor.add(batch)
                 real = "input_ids" in batch
+                real_here += real
                 if real:
                     tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
                     n_micro += 1
@@ -601,16 +606,23 @@ def train(cfg):
                 (scaler.scale(loss) if scaler else loss).backward()
                 if real:  # summed on the device; read (one sync) only at log time
                     sums += torch.stack([out[k].detach().float() for k in LOSSES])
-            if scaler:
-                scaler.unscale_(optimizer)  # clip the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if scaler:
-                scaler.step(optimizer)  # skipped when the gradients overflowed
-                scaler.update()
-            else:
-                optimizer.step()
+            # One tiny collective per step: whether any rank had a sample, and the signals received (a signal may
+            # reach the ranks at different steps: they agree, so that all of them stop after the same step).
+            flags = [real_here, max(signals, default=0)]
+            any_real, got = (int(v) for v in all_ranks(flags, op=dist.ReduceOp.MAX)) if ddp else flags
+            if any_real:
+                if scaler:
+                    scaler.unscale_(optimizer)  # clip the true gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                if scaler:
+                    scaler.step(optimizer)  # skipped when the gradients overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
+            else:  # every sample of this step was dropped, on every rank: AdamW would still move the weights
+                skipped, grad_norm = skipped + 1, None
             optimizer.zero_grad(set_to_none=True)
             step += 1
             done_here += 1
@@ -626,14 +638,20 @@ def train(cfg):
                        "tok_per_s": ntok / dt, "mem_gb": _memory_gb(device)}
                 if n_drop:
                     rec["dropped_frac"] = n_drop / fetched
+                if skipped:
+                    rec["skipped_steps"] = skipped
                 log.append(rec)
                 bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
                 if master:
                     bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                           if k != "step" and v is not None))
-                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:
-                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched),
-                                                      [d for d in monitor.first]) +
+                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:  # every rank sees the sums
+                    reasons, first = monitor.reasons, monitor.first
+                    if ddp:  # the breakdown and the examples of every rank, as the counts are
+                        every = [None] * world
+                        dist.all_gather_object(every, (reasons, first))
+                        reasons, first = sum((r for r, _ in every), Counter()), [d for _, f in every for d in f]
+                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched), first, reasons) +
                                      "\n(counted since this run started, over all ranks; no checkpoint written)")
                 t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
             if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
@@ -644,9 +662,6 @@ def train(cfg):
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 if ddp:
                     dist.barrier()
-            # A signal may reach the ranks at different steps: they agree (one tiny collective per step) so that
-            # all of them stop after the same step.
-            got = int(all_ranks([max(signals, default=0)], op=dist.ReduceOp.MAX)[0]) if ddp else max(signals, default=0)
             stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
             if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop or got:
                 checkpoint()
@@ -668,7 +683,7 @@ def train(cfg):
     truncated = set().union(*(t for _, t in seen))
     if dropped or truncated:
         print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
-               f"max_length={cfg['max_length']}")
+               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without any sample skipped" if skipped else ""))
     model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}

@@ -139,3 +139,21 @@ def test_every_rank_joins_every_collective_whatever_its_micro_batch_holds(launch
     for name in launch["matrix"]:
         for res in result(launch, name):
             assert res.get("last", {}).get("step") == 4, (name, res)
+
+
+@pytest.mark.slow
+def test_a_step_without_a_sample_on_any_rank_is_skipped_on_every_rank(launch):
+    """Step 3 reads a missing image on both ranks: both skip the update (and agree to), FSDP and DDP alike."""
+    for name in ("fsdp_dropped_step", "ddp_dropped_step"):
+        for res in result(launch, name):
+            assert res["last"]["step"] == 4 and res["last"]["skipped_steps"] == 1, (name, res)
+
+
+@pytest.mark.slow
+def test_the_drop_breakdown_counts_every_rank(launch):
+    """Rank 0 dropped 1 sample in the first two steps, rank 1 two: both stop with the same message, whose breakdown
+    adds up to the 3 drops counted over the ranks."""
+    data = launch["runs"]["mostly_dropped"]["data"]
+    for res in result(launch, "mostly_dropped"):
+        assert res["error"].startswith(f"{data}: 3 of 4 samples read cannot be used ({{'missing_image': 3}})"), res
+

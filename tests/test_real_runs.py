@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import trainer
 from conftest import (CORPUS, LAYERS, args, bpe_tokenizer, data_order, run, save_lm, save_tower, torchrun, weights,
-                      write_llava)
+                      write_layout, write_llava)
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,6 +268,39 @@ def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
         max_length=70)
     out = capsys.readouterr().out
     assert "data: dropped samples {'missing_image': 1}; 2 cut at max_length=70" in out
+
+
+def test_the_drop_breakdown_adds_up_to_the_drops_counted(hf):
+    """The in-training stop names as many drops by reason as it counts: 4 micro-batches of one sample in the first
+    step, all with a missing image (the breakdown once came from the first 3 drops only)."""
+    data = write_layout(hf["root"] / "breakdown" / "data.json",
+                        [["missing"]] * 4 + [["image"], ["text"], ["image"], ["text"]])
+    with pytest.raises(ValueError) as e:
+        run("sft", init_from=hf["dpt"], data=data, out_dir=str(hf["root"] / "breakdown" / "run"), batch_size=1,
+            grad_accum=4, max_steps=2)
+    assert str(e.value).startswith(f"{data}: 4 of 4 samples read cannot be used ({{'missing_image': 4}})")
+
+
+# -- a step in which no sample could be used ------------------------------------------------------------------------
+
+def test_a_step_without_any_sample_does_not_update_and_the_schedule_waits(hf):
+    """Step 2 reads only a missing image: AdamW must not move the weights (its momentum would) nor count a step, and
+    the LR schedule resumes where it stopped. Stopped after 2 steps, the run holds the weights of the one stopped
+    after step 1; run to the end, its updates use the schedule's first three learning rates."""
+    root = hf["root"] / "skip"
+    data = write_layout(root / "data.json", [["image"], ["missing"], ["image"], ["text"]])
+    common = dict(init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, warmup_frac=0.5)
+    run("sft", out_dir=str(root / "one"), stop_after=1, **common)
+    run("sft", out_dir=str(root / "two"), stop_after=2, **common)
+    a, b = weights(root / "one"), weights(root / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(root / k / "train_state.pt", weights_only=False) for k in ("one", "two"))
+    assert [v["step"] for v in sb["optimizer"]["state"].values()] == [v["step"] for v in sa["optimizer"]["state"].values()]
+    last = run("sft", out_dir=str(root / "two"), **common)  # resumed
+    log = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
+    cfg = dict(trainer.DEFAULTS, lr=1e-3, **common)
+    assert [r["lr"] for r in log if r["step"] != 2] == [trainer.lr_at(i, cfg) for i in range(3)]
+    assert last["step"] == 4 and last["skipped_steps"] == 1 and log[1]["skipped_steps"] == 1
 
 
 # -- 18: SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------

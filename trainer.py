@@ -346,6 +346,17 @@ def check_resume(saved, cfg, out_dir):
                          "): rerun with its settings to resume or finish it, or choose another out_dir")
 
 
+def check_world(state, world, out_dir):
+    """Resume only on the number of processes that saved the run: the data position, the batch of a step and each
+    rank's RNG stream depend on it. (Checkpoints that do not record it hold one RNG state per rank, or one dict.)"""
+    rng = state["rng"]
+    saved = state.get("world", len(rng) if isinstance(rng, list) else 1)
+    if saved != world:
+        how = "plain python, or torchrun --nproc_per_node=1" if saved == 1 else f"torchrun --nproc_per_node={saved}"
+        raise ValueError(f"{out_dir} was saved by a run on {saved} process{'es' * (saved > 1)} and this one has "
+                         f"{world}: resume it on {saved} ({how}), or choose another out_dir")
+
+
 @contextmanager
 def stop_signals():
     """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
@@ -441,6 +452,7 @@ def train(cfg):
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
             compute_cleanup()
             return state["log"][-1] if state["log"] else {}
+        check_world(state, world, out_dir)
         print0(f"resuming {out_dir} from step {state['step']}")
     amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
     # One seed for building, so that every rank starts from the same new weights (a TAF post_connector, LoRA's A):
@@ -563,7 +575,7 @@ def train(cfg):
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
             # in train_state.pt for resume
             trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "skipped": skipped,
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "world": world, "skipped": skipped,
                                                "scaler": scaler.state_dict() if scaler else None,
                                                "trainable": trainable,
                                                "config": cfg, "log": log}, log,

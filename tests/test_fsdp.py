@@ -157,3 +157,18 @@ def test_the_drop_breakdown_counts_every_rank(launch):
     for res in result(launch, "mostly_dropped"):
         assert res["error"].startswith(f"{data}: 3 of 4 samples read cannot be used ({{'missing_image': 3}})"), res
 
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_is_refused(launch):
+    """Saved by one process, resumed by two: both ranks refuse at start-up (rank 1 once died on the RNG state of a
+    rank that did not exist). Saved by two after 2 of 4 steps, resumed by one: refused (it once re-read the samples
+    rank 1 had used, with half the batch)."""
+    one = launch["runs"]["cut_by_one"]["out_dir"]
+    for res in result(launch, "cut_by_one"):
+        assert res["error"] == (f"{one} was saved by a run on 1 process and this one has 2: resume it on 1 (plain "
+                                "python, or torchrun --nproc_per_node=1), or choose another out_dir"), res
+    two = launch["runs"]["cut_by_two"]
+    assert [res["last"]["step"] for res in result(launch, "cut_by_two")] == [2, 2]
+    with pytest.raises(ValueError, match=rf"^{two['out_dir']} was saved by a run on 2 processes and this one has 1: "
+                                         r"resume it on 2 \(torchrun --nproc_per_node=2\)"):
+        trainer.train(dict(trainer.DEFAULTS, **dict(two, stop_after=0)))

@@ -259,6 +259,26 @@ def test_resume_loads_train_state_to_cpu(hf, monkeypatch):
     assert seen == ["cpu"]
 
 
+def test_resume_on_another_number_of_processes_is_refused(hf):
+    """The number of processes is part of a run: each rank's data position and RNG stream are saved. A checkpoint
+    that does not say it (written before the field) counts its RNG states; on the same number it still resumes.
+    (tests/test_fsdp.py resumes real two-process checkpoints.)"""
+    out = str(hf["root"] / "worlds")
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3)
+    run("sft", stop_after=1, **common)
+    path = os.path.join(out, "train_state.pt")
+    state = torch.load(path, weights_only=False)
+    assert state["world"] == 1 and len(state["rng"]) == 1
+    for world, rng in ((2, [state["rng"][0]] * 2), (None, state["rng"] * 2)):  # new, then old format
+        torch.save({**{k: v for k, v in state.items() if k != "world"}, "rng": rng,
+                    **({"world": world} if world else {})}, path)
+        with pytest.raises(ValueError, match=rf"^{out} was saved by a run on 2 processes and this one has 1: resume "
+                                             r"it on 2 \(torchrun --nproc_per_node=2\), or choose another out_dir$"):
+            run("sft", **common)
+    torch.save({k: v for k, v in state.items() if k != "world"}, path)  # old format, one process
+    assert run("sft", **common)["step"] == 3
+
+
 # -- 17: what the data loader dropped and cut, counted once per sample ---------------------------------------------
 
 def test_drops_and_truncations_are_counted_per_sample(hf, capsys):

@@ -279,6 +279,92 @@ def build_model(cfg, resume_dir):
     return ts, params
 
 
+def build(cfg, resume_dir, state, amp):
+    """The models as training starts them, on the CPU: built (build_model), LoRA's adapters restored at resume, the
+    frozen teacher in the compute dtype."""
+    lora = cfg["lora_rank"] > 0
+    ts, _ = build_model(cfg, None if lora else resume_dir)
+    if lora and amp is not None and not cfg["fsdp"]:
+        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
+        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
+        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
+        for n, p in ts.student.llm.named_parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    if lora and state:
+        restore_lora(ts.student, state, resume_dir)
+    if ts.teacher is not None and amp is not None:
+        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
+    return ts
+
+
+def build_on_rank0(cfg, resume_dir, state, amp, master):
+    """FSDP start-up: rank 0 builds the models on its CPU as one process would (every way a model starts, every
+    check) and keeps their weights; every rank gets the modules with their parameters on the meta device (buffers,
+    tokenizer and image processor included: a few MB), to shard them before any weight takes memory (load_shards).
+    Returns (the models, on rank 0 the state dicts of the student wrapper and of the teacher, else None). An error on
+    rank 0 is raised on every rank."""
+    built = whole = None
+    if master:
+        try:
+            built = build(cfg, resume_dir, state, amp)
+            whole = (built.state_dict(), built.teacher.state_dict() if built.teacher is not None else None)
+            for m in (built, built.teacher):
+                if m is not None:
+                    params_to_meta(m)
+        except Exception as e:
+            built = e
+    box = [built]
+    dist.broadcast_object_list(box)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    if not master:
+        register_unpickled(box[0])
+        if box[0].teacher is not None:
+            register_unpickled(box[0].teacher)
+    return box[0], whole
+
+
+def register_unpickled(module):
+    """transformers keeps, per model class, which outputs a forward can record (a vision tower's hidden states), and
+    fills that table in the model's constructor, which an unpickled model never ran in this process: without it the
+    tower would return no hidden states."""
+    from transformers import PreTrainedModel
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[m] = m._can_record_outputs
+
+
+def params_to_meta(module):
+    """Replace every parameter of `module` by one on the meta device (no memory), keeping ties and requires_grad;
+    buffers stay as they are (some are computed at construction and never saved)."""
+    meta = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                m._parameters[name] = meta[id(p)]
+
+
+def load_shards(ts, whole, device):
+    """Give the sharded meta parameters of the student, and the teacher's, their values: every rank allocates its
+    shards on `device` (whole tensors where a module is not sharded) and receives rank 0's values tensor by tensor, so
+    that no rank holds more than its shards plus the tensor in flight."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    for module, weights in zip((ts, ts.teacher), whole or (None, None)):
+        if module is None:
+            continue
+        buffers = {n: b.to(device) for n, b in module.named_buffers()}
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n])
+        set_model_state_dict(module, weights or {}, options=StateDictOptions(full_state_dict=True,
+                                                                              broadcast_from_rank0=True))
+
+
 def decoder_layers(llm):
     return llm.base_model.layers
 
@@ -445,8 +531,11 @@ def train(cfg):
     resume_dir = find_checkpoint(out_dir)
     state = None
     if resume_dir:
-        # to the CPU: under torchrun every rank would otherwise load the whole optimizer state onto cuda:0
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        # To the CPU (under torchrun every rank would otherwise load the whole optimizer state onto cuda:0), memory-
+        # mapped: a rank reads only the tensors it uses (under FSDP rank 0 sends each its shard of the optimizer
+        # state), and the ranks of a node share the file's pages.
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=False,
+                           mmap=True)
         check_resume(state["config"], cfg, out_dir)
         if state["step"] >= cfg["max_steps"]:
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
@@ -455,21 +544,15 @@ def train(cfg):
         check_world(state, world, out_dir)
         print0(f"resuming {out_dir} from step {state['step']}")
     amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
-    # One seed for building, so that every rank starts from the same new weights (a TAF post_connector, LoRA's A):
-    # FSDP, unlike DDP, does not broadcast rank 0's. Then one seed per rank (dropout).
+    # One seed for building, so that new weights (a TAF post_connector, LoRA's A) are the same whichever rank builds
+    # them. Then one seed per rank (dropout).
     torch.manual_seed(cfg["seed"])
     lora = cfg["lora_rank"] > 0
-    ts, params = build_model(cfg, None if lora else resume_dir)
+    if cfg["fsdp"]:  # built whole on rank 0's CPU only; every rank gets the modules on the meta device
+        ts, whole = build_on_rank0(cfg, resume_dir, state, amp, master)
+    else:
+        ts = build(cfg, resume_dir, state, amp).to(device)
     student = ts.student
-    if lora and amp is not None and not cfg["fsdp"]:
-        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
-        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
-        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
-        for n, p in student.llm.named_parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(amp)
-    if lora and state:
-        restore_lora(student, state, resume_dir)
     torch.manual_seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
@@ -477,13 +560,10 @@ def train(cfg):
     # teacher), so evaluate.py measures alignment where training aligned it.
     distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
                if ts.teacher is not None else (student.config.extra or {}).get("distill"))
-    ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    if ts.teacher is not None and amp is not None:
-        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
     if lora or cfg["fsdp"]:
         # With a frozen embedding (LoRA, or a frozen LM under FSDP) a text-only micro-batch gives nothing before
         # layer 0 a gradient: that rank's backward would skip the decoder layers' re-gathers (a frozen LM) or reduce
@@ -496,10 +576,12 @@ def train(cfg):
         compile_models(ts)
     if cfg["fsdp"]:
         shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
-        params, model = [p for p in student.parameters() if p.requires_grad], ts
+        load_shards(ts, whole, device)
+        whole, model = None, ts
     else:  # a trained tower's layers above vision_feature_layer get no gradient: let DDP expect that
         model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg["train_vision"]) if ddp else ts
+    params = [p for p in student.parameters() if p.requires_grad]
 
     # data: every file is read a little before training, so a wrong path or image folder stops here, not
     # after hours of training on nothing
@@ -546,9 +628,10 @@ def train(cfg):
                                   fused=device.type == "cuda")
     log, skipped = [], 0  # skipped: steps in which no rank had a sample (no update; the LR schedule waits)
     if state:
-        if cfg["fsdp"]:  # the saved state is whole: each rank keeps its shard of it
+        if cfg["fsdp"]:  # the saved state is whole: rank 0 reads it and sends each rank its shard, tensor by tensor
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(ts, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(ts, optimizer, state["optimizer"] if master else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):

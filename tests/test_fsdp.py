@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import trainer
-from conftest import LAYERS, args, run, torchrun, weights, write_layout
+from conftest import LAYERS, args, bpe_tokenizer, run, save_lm, torchrun, weights, write_layout
 
 STEPS = dict(batch_size=2, max_steps=3, log_interval=1, eval_interval=0, save_interval=100, max_length=96, lr=1e-3,
              warmup_frac=0.0, **LAYERS)
@@ -172,3 +172,51 @@ def test_resume_on_another_number_of_processes_is_refused(launch):
     with pytest.raises(ValueError, match=rf"^{two['out_dir']} was saved by a run on 2 processes and this one has 1: "
                                          r"resume it on 2 \(torchrun --nproc_per_node=2\)"):
         trainer.train(dict(trainer.DEFAULTS, **dict(two, stop_after=0)))
+
+
+# -- FSDP's start-up and resume memory -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def memory(hf):
+    """Per-rank peak resident memory (kB) before the first step of an FSDP DFT run, at start-up and at resume, on
+    models whose weights dominate it: a teacher of 8 layers of width 384 (43 MB in float32), a student of 6 of width
+    256 (15 MB; AdamW's states twice that). malloc returns freed tensors to the system at once, so that the peak counts
+    what was alive."""
+    root = hf["root"] / "memory"
+    tok = bpe_tokenizer()
+    teacher, student = str(root / "teacher"), save_lm(root / "student_lm", tok, hidden=256, layers=6, seed=1)
+    run("sft", init_from="backbones", vision_model=hf["siglip"], llm_model=save_lm(root / "teacher_lm", tok, hidden=384,
+        layers=8), data=hf["data"], out_dir=teacher, max_steps=1)
+    cfg = dict(stage="dft", init_from="backbones", vision_model=hf["siglip"], llm_model=student, teacher=teacher,
+               data=hf["data"], kd_weight=1.0, vat_weight=1.0, batch_size=1, max_steps=2, log_interval=1,
+               eval_interval=0, max_length=96, fsdp=True, **LAYERS)
+    runs = [dict(name="warm_up", cfg=dict(cfg, out_dir=str(root / "warm_up"), max_steps=1)),  # imports, first calls
+            dict(name="start", cfg=dict(cfg, out_dir=str(root / "run"), stop_after=1)),
+            dict(name="resume", cfg=dict(cfg, out_dir=str(root / "run")))]
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    r = torchrun("tests/torchrun_worker.py", [str(spec)], timeout=600,
+                 env=dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    peaks = [json.loads((root / f"spec.json.rank{i}.json").read_text()) for i in range(2)]
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    state = torch.load(root / "run" / "train_state.pt", weights_only=False)
+    sizes = dict(teacher=nbytes(weights(teacher).values()), student=nbytes(weights(root / "run").values()),
+                 optimizer=nbytes(v for s in state["optimizer"]["state"].values() for k, v in s.items() if k != "step"))
+    return sizes, [{k: p[k]["startup_kb"] * 1024 for k in ("start", "resume")} for p in peaks]
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_hold_their_shard_at_start_up_and_resume(memory):
+    """Only rank 0 reads the checkpoints (on the CPU); every rank builds the models on the meta device, shards them
+    and receives its shards tensor by tensor. Rank 1's peak before the first step is its half of the models, plus at
+    resume its half of AdamW's states and of the gradients (torch initialises the optimizer state with a step on zero
+    gradients before loading it), within 10 % of the models: not the whole models, nor the whole optimizer state,
+    which every rank once held. Rank 0 holds at most one whole copy besides its shards."""
+    sizes, peaks = memory
+    models, student, optimizer = sizes["teacher"] + sizes["student"], sizes["student"], sizes["optimizer"]
+    slack = 0.1 * models
+    assert peaks[1]["start"] < models / 2 + slack, (sizes, peaks)
+    assert peaks[1]["resume"] < (models + optimizer + student) / 2 + slack, (sizes, peaks)
+    assert peaks[0]["start"] < models * 1.5 + slack, (sizes, peaks)
+    assert peaks[0]["resume"] < (models + optimizer) * 1.5 + student / 2 + slack, (sizes, peaks)

@@ -658,8 +658,8 @@ def train(cfg):
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
             # in train_state.pt for resume
             trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "world": world, "skipped": skipped,
-                                               "scaler": scaler.state_dict() if scaler else None,
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "world": world,
+                                               "skipped": skipped, "scaler": scaler.state_dict() if scaler else None,
                                                "trainable": trainable,
                                                "config": cfg, "log": log}, log,
                             weights=weights)
@@ -778,7 +778,7 @@ def train(cfg):
     truncated = set().union(*(t for _, t in seen))
     if dropped or truncated:
         print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
-               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without any sample skipped" if skipped else ""))
+               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without a sample skipped" if skipped else ""))
     model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}

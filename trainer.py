@@ -119,7 +119,7 @@ def compute_init(single_group=False):
     torchrun: a process group (nccl on GPU, gloo on CPU). A program that already initialised one (a test running
     several trainings in one launch) keeps it: train() then neither creates nor destroys it."""
     global _OWN_GROUP
-    ddp = "RANK" in os.environ or single_group or dist.is_initialized()
+    ddp = "RANK" in os.environ or single_group or (dist.is_initialized() and not _OWN_GROUP)
     if ddp and not dist.is_initialized():
         _OWN_GROUP = True
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -624,9 +624,10 @@ class TeacherStudent(nn.Module):
         s, t = self.student, self.teacher
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         pixel_values = batch.get("pixel_values")
+        # The teacher runs on every micro-batch when a configured loss needs it, images or not: under FSDP its
+        # sharded layers gather from every rank at once. On a text-only micro-batch VAT masks every sample (a zero).
         kd, vat = kd and t is not None, vat and t is not None
         is_img, has_img = s.image_positions(ids)
-        vat = vat and bool(has_img.any())
 
         # 1. visual tokens: the frozen tower (and teacher connector under TAF) run once for both
         img_s = img_t = None

@@ -260,7 +260,8 @@ def build_student(cfg, teacher, resume_dir):
     keys = ("vision_model", "llm_model", "llm", "vision", "tokenizer", "image_processor", "connector",
             "vision_feature_select_strategy")
     return load_vlm(cfg["init_from"], teacher=teacher or cfg["teacher"] or None,
-                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), **{k: cfg[k] for k in keys})
+                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), seed=cfg["seed"],
+                    **{k: cfg[k] for k in keys})
 
 
 def build_model(cfg, resume_dir):

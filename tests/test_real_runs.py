@@ -379,3 +379,23 @@ def test_an_out_dir_that_cannot_be_written_is_refused_at_start_up(case, tmp_path
         run("sft", init_from="nowhere", data=str(tmp_path / "d.json"), out_dir=str(out))
     assert str(e.value).startswith(f"out_dir={out}: {why}") and "\n" not in str(e.value)
     assert blocker.read_text() == "not a directory" and not os.path.exists(str(out) + ".tmp")
+
+
+def test_a_new_students_start_depends_on_its_seed_alone(hf):
+    """Reading a checkpoint moves torch's random stream; a new student's weights (scratch LM, or a backbones
+    connector) must not depend on what was read before it, e.g. whether the teacher was loaded first."""
+    import trainer
+    base = dict(trainer.DEFAULTS, data=hf["data"], teacher=hf["teacher"], seed=5)
+    cases = [dict(init_from="scratch", llm=dict(model_type="qwen2", hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+             dict(init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"])]
+    for case in cases:
+        cfg = dict(base, **case)
+        starts = []
+        for history in (0, 1):
+            torch.manual_seed(0)
+            if history:
+                VLM.from_pretrained(hf["teacher"])  # what a distilling stage reads before its student
+            starts.append(trainer.build_student(cfg, None, None).state_dict())
+        assert starts[0].keys() == starts[1].keys()
+        assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), case["init_from"]

@@ -342,19 +342,45 @@ def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=1
     return out
 
 
+def startup_estimate(p, setup, world=8, rank=128):
+    """Per-GPU GiB at start-up or resume, before the first step (the larger: a resume also holds AdamW's states), as
+    trainer.py loads: ddp: the student (float32; LoRA's base LM in bf16) and the teacher (cast to bf16 on the CPU before
+    it moves), AdamW's states loaded. fsdp: every rank builds the models on the meta device and receives its shards
+    from rank 0 tensor by tensor, so its shards (student, teacher's decoder layers, AdamW's states and the zero
+    gradients torch's optimizer loading initialises them with), the teacher's unsharded rest, and the largest tensor in
+    flight (the student's float32 embedding or LM head). Rank 0 also holds the whole float32 student and bf16 teacher
+    in host memory while it sends them; train_state.pt is memory-mapped."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup '{setup}': use one of {SETUPS}")
+    c = param_counts(p, rank)
+    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
+    lora = setup.endswith("_lora")
+    train = c["lora"] + c["post_connector"] if lora else c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
+    t_all = c["t_layers"] + c["t_lm_rest"] + c["t_tower"] + c["t_connectors"]
+    if setup.startswith("fsdp"):
+        largest = 4 * c["s_cfg"].vocab_size * c["s_cfg"].hidden_size
+        held = (4 * (s_all + (c["lora"] if lora else 0)) + 12 * train + 2 * c["t_layers"]) / world
+        return (held + 2 * (t_all - c["t_layers"]) + largest) / GIB
+    frozen_lm = c["s_layers"] + c["s_lm_rest"] if lora else 0
+    weights = 4 * (s_all + (c["lora"] if lora else 0) - frozen_lm) + 2 * frozen_lm
+    return (weights + 2 * t_all + 8 * train) / GIB
+
+
 def memory_markdown(p, world=8, batch=4, seq=2048, sup=0.25, rank=128, cards=(24, 48, 80)):
-    rows = ["| setup | grad ckpt | student weights | gradients | optimizer | teacher | activations | total | "
+    rows = ["| setup | grad ckpt | student weights | gradients | optimizer | teacher | activations | total | start-up | "
             + " | ".join(f"fits {g} GB" for g in cards) + " |",
-            "|---" * (8 + len(cards)) + "|"]
+            "|---" * (9 + len(cards)) + "|"]
     for setup in SETUPS:
         for ckpt in (False, True):
             e = memory_estimate(p, setup, ckpt, world, batch, seq, sup, rank)
+            start = startup_estimate(p, setup, world, rank)
             name = {"ddp": "DDP, full fine-tuning", "ddp_lora": f"DDP + LoRA r{rank}", "fsdp": f"FSDP, {world} GPUs",
                     "fsdp_lora": f"FSDP + LoRA r{rank}, {world} GPUs"}[setup]
-            fits = ["yes" if e["total"] * GIB * 1.1 < g * 1e9 else "no" for g in cards]  # 10 % for what is not counted
+            peak = max(e["total"], start)
+            fits = ["yes" if peak * GIB * 1.1 < g * 1e9 else "no" for g in cards]  # 10 % for what is not counted
             rows.append(f"| {name} | {'yes' if ckpt else 'no'} | " +
                         " | ".join(f"{e[k]:.1f}" for k in ("weights", "grads", "optimizer", "teacher", "activations", "total"))
-                        + " | " + " | ".join(fits) + " |")
+                        + f" | {start:.1f} | " + " | ".join(fits) + " |")
     return "\n".join(rows)
 
 

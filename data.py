@@ -312,8 +312,10 @@ def check_dataset(dataset, n=64):
     return good, drops
 
 
-def too_many_dropped(where, n_dropped, n_read, drops):
-    reasons = Counter(d.reason for d in drops)
+def too_many_dropped(where, n_dropped, n_read, drops, reasons=None):
+    """The message of a stop for too many unusable samples: `drops` are the first ones (Dropped records); `reasons`
+    the count of every drop by reason (default: counted from `drops`)."""
+    reasons = reasons if reasons is not None else Counter(d.reason for d in drops)
     first = "\n  ".join(d.message for d in drops[:3])
     return (f"{where}: {n_dropped} of {n_read} samples read cannot be used ({dict(reasons)}); training on what is "
             f"left would be training on (almost) nothing. First ones:\n  {first}")

@@ -372,13 +372,15 @@ class VLM(nn.Module):
         return load_weights(tower, tensors, f"{path} (its vision tower)", dtype or torch.float32).eval()
 
     @classmethod
-    def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, **kw):
+    def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, seed=None, **kw):
         """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer. A whole VLM's
         directory as `vision` (LLaVA or ours) gives its tower with the feature layer and selection it was used with
-        (a selection in `kw` wins)."""
+        (a selection in `kw` wins). `seed`: torch's seed for the new weights, set right after the reads."""
         kw = {**tower_settings(vision), **{k: v for k, v in kw.items() if v != ""}}
         tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
+        if seed is not None:  # after the reads: the image token's embedding row and the connector are new
+            torch.manual_seed(seed)
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(llm))
         if image_token not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": [image_token]})
@@ -393,7 +395,7 @@ class VLM(nn.Module):
 
 
 def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, vision=None, tokenizer="",
-             image_processor="", data_dir=".", connector="mlp2x_gelu", vision_feature_select_strategy=""):
+             image_processor="", data_dir=".", connector="mlp2x_gelu", vision_feature_select_strategy="", seed=None):
     """
     The one way a model starts, from whatever `init_from` points at:
       a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
@@ -405,11 +407,13 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
                     and TAF need; else it sits on
                     vision_model's pretrained tower or a new one from the `vision` dict, with the tokenizer and
                     image processor given (default: data_dir's tokenizer/ and image_processor/, as shapes.py writes)
+    `seed`: torch's seed for the new weights, set right before they are drawn, so that a new model's start depends on
+    its seed alone, not on what was read before it (reading a checkpoint moves the random stream).
     """
     if init_from == "backbones":
         if not (vision_model and llm_model):
             raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
-        return VLM.from_backbones(vision_model, llm_model, connector=connector,
+        return VLM.from_backbones(vision_model, llm_model, connector=connector, seed=seed,
                                   vision_feature_select_strategy=vision_feature_select_strategy)
     if init_from != "scratch":
         if not init_from or find_checkpoint(init_from) is None:
@@ -442,6 +446,8 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
     llm = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config = VLMConfig(vision=vision, llm=llm, connector=connector, vision_feature_select_strategy=select,
                        vision_feature_layer=layer, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    if seed is not None:
+        torch.manual_seed(seed)
     model = VLM(config, vision_tower=tower)
     model.tokenizer, model.image_processor = tok, proc
     return model
@@ -624,9 +630,10 @@ class TeacherStudent(nn.Module):
         s, t = self.student, self.teacher
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         pixel_values = batch.get("pixel_values")
+        # The teacher runs on every micro-batch when a configured loss needs it, images or not: under FSDP its
+        # sharded layers gather from every rank at once. On a text-only micro-batch VAT masks every sample (a zero).
         kd, vat = kd and t is not None, vat and t is not None
         is_img, has_img = s.image_positions(ids)
-        vat = vat and bool(has_img.any())
 
         # 1. visual tokens: the frozen tower (and teacher connector under TAF) run once for both
         img_s = img_t = None

@@ -116,17 +116,24 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+_OWN_GROUP = False  # whether compute_init created the process group (and compute_cleanup may destroy it)
+
+
 def compute_init(single_group=False):
     """Plain python: one process (with single_group, in a process group of its own, which FSDP needs).
-    torchrun: a process group (nccl on GPU, gloo on CPU)."""
-    ddp = "RANK" in os.environ or single_group
-    if ddp:
+    torchrun: a process group (nccl on GPU, gloo on CPU). A program that already initialised one (a test running
+    several trainings in one launch) keeps it: train() then neither creates nor destroys it."""
+    global _OWN_GROUP
+    ddp = "RANK" in os.environ or single_group or (dist.is_initialized() and not _OWN_GROUP)
+    if ddp and not dist.is_initialized():
+        _OWN_GROUP = True
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
             # a long timeout: the other ranks wait in a barrier while rank 0 writes a multi-GB checkpoint
             dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if ddp:
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -147,9 +154,12 @@ def _free_port():
 def compute_cleanup():
     """After a successful run only (a rank that died leaves the others in a collective; torchrun ends them). The
     barrier first: a rank that tears down its process group while another is still in the last collective can hang."""
+    global _OWN_GROUP
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if _OWN_GROUP:
+            dist.destroy_process_group()
+            _OWN_GROUP = False
 
 
 # -----------------------------------------------------------------------------
@@ -172,10 +182,12 @@ def save_checkpoint(out_dir, student, train_state, log, weights=None):
 
 def load_train_state(resume_dir, out_dir):
     """train_state.pt of a checkpoint, to the CPU (under torchrun every rank would otherwise load the whole optimizer
-    state onto cuda:0). A missing or damaged file is an error that names it and says what to do."""
+    state onto cuda:0), memory-mapped: a rank reads only the tensors it uses (under FSDP rank 0 sends each its shard of
+    the optimizer state), and the ranks of a node share the file's pages. A missing or damaged file is an error that
+    names it and says what to do."""
     path = os.path.join(resume_dir, "train_state.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
         why = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise ValueError(f"{path}: cannot read the training state ({why}); it is missing or damaged, so the run in "
@@ -250,7 +262,8 @@ def build_student(cfg, teacher, resume_dir):
     keys = ("vision_model", "llm_model", "llm", "vision", "tokenizer", "image_processor", "connector",
             "vision_feature_select_strategy")
     return load_vlm(cfg["init_from"], teacher=teacher or cfg["teacher"] or None,
-                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), **{k: cfg[k] for k in keys})
+                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), seed=cfg["seed"],
+                    **{k: cfg[k] for k in keys})
 
 
 def build_model(cfg, resume_dir):
@@ -283,12 +296,94 @@ def build_model(cfg, resume_dir):
             raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
                              "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
         add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-        # The embedding is frozen now: on a text-only batch nothing before layer 0 would need a gradient, and FSDP
-        # would then reduce layer 0's adapters at the end of the backward on that rank only, out of step with the
-        # others (a collective mismatch). A gradient on the embedding output keeps every rank's order the same.
-        student.llm.enable_input_require_grads()
     params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
     return ts, params
+
+
+def build(cfg, resume_dir, state, amp):
+    """The models as training starts them, on the CPU: built (build_model), LoRA's adapters restored at resume, the
+    frozen teacher in the compute dtype."""
+    lora = cfg["lora_rank"] > 0
+    ts, _ = build_model(cfg, None if lora else resume_dir)
+    if lora and amp is not None and not cfg["fsdp"]:
+        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
+        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
+        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
+        for n, p in ts.student.llm.named_parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    if lora and state:
+        restore_lora(ts.student, state, resume_dir)
+    if ts.teacher is not None and amp is not None:
+        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
+    return ts
+
+
+def build_on_rank0(cfg, resume_dir, state, amp, master):
+    """FSDP start-up: rank 0 builds the models on its CPU as one process would (every way a model starts, every
+    check) and keeps their weights; every rank gets the modules with their parameters on the meta device (buffers,
+    tokenizer and image processor included: a few MB), to shard them before any weight takes memory (load_shards).
+    Returns (the models, on rank 0 the state dicts of the student wrapper and of the teacher, else None). An error on
+    rank 0 is raised on every rank."""
+    built = whole = None
+    if master:
+        try:
+            built = build(cfg, resume_dir, state, amp)
+            whole = (built.state_dict(), built.teacher.state_dict() if built.teacher is not None else None)
+            for m in (built, built.teacher):
+                if m is not None:
+                    params_to_meta(m)
+        except Exception as e:
+            built = e
+    box = [built]
+    dist.broadcast_object_list(box)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    if not master:
+        register_unpickled(box[0])
+        if box[0].teacher is not None:
+            register_unpickled(box[0].teacher)
+    return box[0], whole
+
+
+def register_unpickled(module):
+    """transformers keeps, per model class, which outputs a forward can record (a vision tower's hidden states), and
+    fills that table in the model's constructor, which an unpickled model never ran in this process: without it the
+    tower would return no hidden states."""
+    from transformers import PreTrainedModel
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[m] = m._can_record_outputs
+
+
+def params_to_meta(module):
+    """Replace every parameter of `module` by one on the meta device (no memory), keeping ties and requires_grad;
+    buffers stay as they are (some are computed at construction and never saved)."""
+    meta = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                m._parameters[name] = meta[id(p)]
+
+
+def load_shards(ts, whole, device):
+    """Give the sharded meta parameters of the student, and the teacher's, their values: every rank allocates its
+    shards on `device` (whole tensors where a module is not sharded) and receives rank 0's values tensor by tensor, so
+    that no rank holds more than its shards plus the tensor in flight."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    for module, weights in zip((ts, ts.teacher), whole or (None, None)):
+        if module is None:
+            continue
+        buffers = {n: b.to(device) for n, b in module.named_buffers()}
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n])
+        set_model_state_dict(module, weights or {}, options=StateDictOptions(full_state_dict=True,
+                                                                              broadcast_from_rank0=True))
 
 
 def decoder_layers(llm):
@@ -388,6 +483,17 @@ def check_resume(saved, cfg, out_dir):
                          "): rerun with its settings to resume or finish it, or choose another out_dir")
 
 
+def check_world(state, world, out_dir):
+    """Resume only on the number of processes that saved the run: the data position, the batch of a step and each
+    rank's RNG stream depend on it. (Checkpoints that do not record it hold one RNG state per rank, or one dict.)"""
+    rng = state["rng"]
+    saved = state.get("world", len(rng) if isinstance(rng, list) else 1)
+    if saved != world:
+        how = "plain python, or torchrun --nproc_per_node=1" if saved == 1 else f"torchrun --nproc_per_node={saved}"
+        raise ValueError(f"{out_dir} was saved by a run on {saved} process{'es' * (saved > 1)} and this one has "
+                         f"{world}: resume it on {saved} ({how}), or choose another out_dir")
+
+
 @contextmanager
 def stop_signals():
     """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
@@ -416,11 +522,12 @@ def _quiet_worker(_):
 
 
 class DataMonitor:
-    """Counts, for this process, what the data loader fetched, dropped (once per sample, by reason) and cut at
-    max_length; prints the first drops of each reason."""
+    """Counts, for this process, what the data loader fetched, dropped (each fetch, and by reason; and once per
+    sample, by reason) and cut at max_length; prints the first drops of each reason."""
 
     def __init__(self, show=True, max_shown=5):
         self.fetched = self.dropped_fetches = 0
+        self.reasons = Counter()  # dropped fetches by reason: they add up to dropped_fetches
         self.dropped, self.truncated = {}, set()
         self.show, self.max_shown, self.shown = show, max_shown, Counter()
         self.first = []
@@ -429,6 +536,7 @@ class DataMonitor:
         n_kept = len(batch["input_ids"]) if "input_ids" in batch else 0
         self.fetched += n_kept + len(batch["dropped"])
         self.dropped_fetches += len(batch["dropped"])
+        self.reasons.update(d.reason for d in batch["dropped"])
         self.truncated.update(batch["truncated"])
         for d in batch["dropped"]:
             if d.key in self.dropped:
@@ -482,23 +590,18 @@ def train(cfg):
             print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
             compute_cleanup()
             return state["log"][-1] if state["log"] else {}
+        check_world(state, world, out_dir)
         print0(f"resuming {out_dir} from step {state['step']}")
     amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
-    # One seed for building, so that every rank starts from the same new weights (a TAF post_connector, LoRA's A):
-    # FSDP, unlike DDP, does not broadcast rank 0's. Then one seed per rank (dropout).
+    # One seed for building, so that new weights (a TAF post_connector, LoRA's A) are the same whichever rank builds
+    # them. Then one seed per rank (dropout).
     torch.manual_seed(cfg["seed"])
     lora = cfg["lora_rank"] > 0
-    ts, params = build_model(cfg, None if lora else resume_dir)
+    if cfg["fsdp"]:  # built whole on rank 0's CPU only; every rank gets the modules on the meta device
+        ts, whole = build_on_rank0(cfg, resume_dir, state, amp, master)
+    else:
+        ts = build(cfg, resume_dir, state, amp).to(device)
     student = ts.student
-    if lora and amp is not None and not cfg["fsdp"]:
-        # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
-        # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
-        # towers across stages for TAF. FSDP's mixed precision casts for compute itself.)
-        for n, p in student.llm.named_parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(amp)
-    if lora and state:
-        restore_lora(student, state, resume_dir)
     torch.manual_seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
@@ -506,23 +609,28 @@ def train(cfg):
     # teacher), so evaluate.py measures alignment where training aligned it.
     distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
                if ts.teacher is not None else (student.config.extra or {}).get("distill"))
-    ts.to(device)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    if ts.teacher is not None and amp is not None:
-        cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
+    if lora or cfg["fsdp"]:
+        # With a frozen embedding (LoRA, or a frozen LM under FSDP) a text-only micro-batch gives nothing before
+        # layer 0 a gradient: that rank's backward would skip the decoder layers' re-gathers (a frozen LM) or reduce
+        # layer 0's adapters out of order (LoRA), out of step with a rank that has an image. A gradient on the
+        # embedding output takes every rank's backward through every layer in the same order.
+        student.llm.enable_input_require_grads()
     if cfg["grad_ckpt"]:
         enable_checkpointing(student.llm)
     if cfg["compile"]:
         compile_models(ts)
     if cfg["fsdp"]:
         shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
-        params, model = [p for p in student.parameters() if p.requires_grad], ts
+        load_shards(ts, whole, device)
+        whole, model = None, ts
     else:  # a trained tower's layers above vision_feature_layer get no gradient: let DDP expect that
         model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg["train_vision"]) if ddp else ts
+    params = [p for p in student.parameters() if p.requires_grad]
 
     # data: every file is read a little before training, so a wrong path or image folder stops here, not
     # after hours of training on nothing
@@ -568,17 +676,19 @@ def train(cfg):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   fused=device.type == "cuda")
-    log = []
+    log, skipped = [], 0  # skipped: steps in which no rank had a sample (no update; the LR schedule waits)
     if state:
-        if cfg["fsdp"]:  # the saved state is whole: each rank keeps its shard of it
+        if cfg["fsdp"]:  # the saved state is whole: rank 0 reads it and sends each rank its shard, tensor by tensor
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(ts, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(ts, optimizer, state["optimizer"] if master else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log = state["log"]
+        skipped = state.get("skipped", 0)
     n_params = sum(p.numel() for p in params)
     print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
            f"world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} taf={student.config.taf}")
@@ -598,8 +708,8 @@ def train(cfg):
             # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
             # in train_state.pt for resume
             trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs,
-                                               "scaler": scaler.state_dict() if scaler else None,
+            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "world": world,
+                                               "skipped": skipped, "scaler": scaler.state_dict() if scaler else None,
                                                "trainable": trainable,
                                                "config": cfg, "log": log}, log,
                             weights=weights)
@@ -619,13 +729,15 @@ def train(cfg):
     sums, n_micro = torch.zeros(len(LOSSES), device=device), 0
     with stop_signals() as signals:
         while step < cfg["max_steps"]:
-            lr = lr_at(step, cfg)
+            lr = lr_at(step - skipped, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            real_here = 0
             for micro in range(cfg["grad_accum"]):
                 batch = next(loader)
                 monitor.add(batch)
                 real = "input_ids" in batch
+                real_here += real
                 if real:
                     tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
                     n_micro += 1
@@ -639,16 +751,23 @@ def train(cfg):
                 (scaler.scale(loss) if scaler else loss).backward()
                 if real:  # summed on the device; read (one sync) only at log time
                     sums += torch.stack([out[k].detach().float() for k in LOSSES])
-            if scaler:
-                scaler.unscale_(optimizer)  # clip the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if scaler:
-                scaler.step(optimizer)  # skipped when the gradients overflowed
-                scaler.update()
-            else:
-                optimizer.step()
+            # One tiny collective per step: whether any rank had a sample, and the signals received (a signal may
+            # reach the ranks at different steps: they agree, so that all of them stop after the same step).
+            flags = [real_here, max(signals, default=0)]
+            any_real, got = (int(v) for v in all_ranks(flags, op=dist.ReduceOp.MAX)) if ddp else flags
+            if any_real:
+                if scaler:
+                    scaler.unscale_(optimizer)  # clip the true gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                if scaler:
+                    scaler.step(optimizer)  # skipped when the gradients overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
+            else:  # every sample of this step was dropped, on every rank: AdamW would still move the weights
+                skipped, grad_norm = skipped + 1, None
             optimizer.zero_grad(set_to_none=True)
             step += 1
             done_here += 1
@@ -664,14 +783,20 @@ def train(cfg):
                        "tok_per_s": ntok / dt, "mem_gb": _memory_gb(device)}
                 if n_drop:
                     rec["dropped_frac"] = n_drop / fetched
+                if skipped:
+                    rec["skipped_steps"] = skipped
                 log.append(rec)
                 bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
                 if master:
                     bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                           if k != "step" and v is not None))
-                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:
-                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched),
-                                                      [d for d in monitor.first]) +
+                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:  # every rank sees the sums
+                    reasons, first = monitor.reasons, monitor.first
+                    if ddp:  # the breakdown and the examples of every rank, as the counts are
+                        every = [None] * world
+                        dist.all_gather_object(every, (reasons, first))
+                        reasons, first = sum((r for r, _ in every), Counter()), [d for _, f in every for d in f]
+                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched), first, reasons) +
                                      "\n(counted since this run started, over all ranks; no checkpoint written)")
                 t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
             if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
@@ -682,9 +807,6 @@ def train(cfg):
                     bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 if ddp:
                     dist.barrier()
-            # A signal may reach the ranks at different steps: they agree (one tiny collective per step) so that
-            # all of them stop after the same step.
-            got = int(all_ranks([max(signals, default=0)], op=dist.ReduceOp.MAX)[0]) if ddp else max(signals, default=0)
             stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
             if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop or got:
                 checkpoint()
@@ -706,7 +828,7 @@ def train(cfg):
     truncated = set().union(*(t for _, t in seen))
     if dropped or truncated:
         print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
-               f"max_length={cfg['max_length']}")
+               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without a sample skipped" if skipped else ""))
     model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
     compute_cleanup()
     return log[-1] if log else {}

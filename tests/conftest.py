@@ -202,15 +202,37 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(script, argv, nproc=2, timeout=240):
+def torchrun(script, argv, nproc=2, timeout=240, env=None):
     """`script` under torchrun with `nproc` CPU processes (gloo); a hang fails at `timeout` instead of blocking."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            os.path.join(root, script), *argv]
-    return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def data_order(n, seed, steps, world):
+    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
+    which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
+    import trainer
+    split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
+    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
+    return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
+
+
+def write_layout(path, kinds_by_step, seed=0):
+    """A LLaVA file (see write_llava) laid out so that, with batch size 1 and data seed `seed`, the micro-batch of
+    step s on rank r reads a sample of kind kinds_by_step[s][r]; one epoch covers the file. Its images go to a folder
+    of its own (a "missing" one must not exist)."""
+    world = len(kinds_by_step[0])
+    n = len(kinds_by_step) * world
+    kinds = [None] * n
+    for step, row in zip(data_order(n, seed, len(kinds_by_step), world), kinds_by_step):
+        for i, kind in zip(step, row):
+            kinds[i] = kind
+    return write_llava(path, kinds, image_dir=os.path.basename(str(path)) + "_images", seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,20 @@ def test_memory_estimate_counts_the_models_parameters_and_shards_them():
     assert lora["grads"] == pytest.approx(4 * (c["lora"] + c["post_connector"]) / 2**30)
     full = bench.memory_estimate(p, "ddp", ckpt=False)
     assert full["activations"] > ddp["activations"]  # checkpointing keeps one layer input, not every activation
+
+
+def test_startup_estimate_counts_what_each_rank_loads_before_the_first_step():
+    """DDP: the step's weights less autocast's bf16 copy, the teacher and AdamW's states (a resume loads them). FSDP:
+    the shards (student, AdamW's states and the zero gradients of their initialisation, the teacher's layers), the
+    teacher's unsharded rest and one float32 embedding in flight; below the step's total."""
+    import bench
+    p = bench.PRESETS["tiny"]
+    c = bench.param_counts(p)
+    train = c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
+    ddp = bench.memory_estimate(p, "ddp", ckpt=True)
+    assert bench.startup_estimate(p, "ddp") == pytest.approx(
+        ddp["weights"] - 2 * train / 2**30 + ddp["teacher"] + ddp["optimizer"])
+    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
+    two, four = (bench.startup_estimate(p, "fsdp", world=w) for w in (2, 4))
+    assert two - four == pytest.approx((4 * s_all + 12 * train + 2 * c["t_layers"]) / 4 / 2**30)
+    assert four < bench.memory_estimate(p, "fsdp", ckpt=True, world=4)["total"]

@@ -226,3 +226,28 @@ def test_train_vision_gives_the_tower_gradients_only_when_asked():
         # features come from layer -2: the patch embedding and the first layer learn, the last layer is unused
         used = [n for n in grads if ".embeddings." in n or ".layers.0." in n]
         assert used and all(grads[n] for n in used) if train_vision else not any(grads.values())
+
+
+@pytest.mark.parametrize("kd", [False, True])
+def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
+    """Under FSDP the teacher's decoder layers gather their shards from every rank: a rank whose micro-batch has no
+    image must run them too. VAT then counts for nothing there (it is a zero with a graph) and the gradients are
+    what the LM and KD losses give."""
+    ts = _pair(taf=True)
+    set_trainable(ts.student, "dft")
+    b = _batch()
+    text = {k: v[2:] for k, v in b.items() if k != "pixel_values"}  # the text-only sample alone
+    calls = []
+    for layer in ts.teacher.llm.model.layers:
+        layer.register_forward_hook(lambda *a: calls.append(1))
+    out = ts(text, kd=kd, vat=True)
+    assert len(calls) == len(ts.teacher.llm.model.layers)
+    assert float(out["vat"]) == 0.0 and out["vat"].requires_grad
+    out["total"].backward()
+    grads = {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    ts.student.zero_grad(set_to_none=True)
+    ts(text, kd=kd, vat=False)["total"].backward()  # the same gradients as without VAT
+    for n, p in ts.student.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n]), n

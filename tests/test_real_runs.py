@@ -14,18 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer
-from conftest import CORPUS, LAYERS, args, bpe_tokenizer, run, save_lm, save_tower, torchrun, weights, write_llava
+from conftest import (CORPUS, LAYERS, args, bpe_tokenizer, data_order, run, save_lm, save_tower, torchrun, weights,
+                      write_layout, write_llava)
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def data_order(n, seed, steps, world):
-    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
-    which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
-    split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
-    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
-    return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
 
 
 # -- 1-3: DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
@@ -49,6 +42,7 @@ def ddp_runs(hf):
     return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
 
 
+@pytest.mark.slow
 def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
     r = ddp_runs["result"]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -58,6 +52,7 @@ def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
     assert not torch.equal(a["post_connector.weight"], b["post_connector.weight"] * 0)
 
 
+@pytest.mark.slow
 def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
     r = ddp_runs["result"]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -66,6 +61,7 @@ def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
     assert "dropped samples {'missing_image': 1}" in r.stdout
 
 
+@pytest.mark.slow
 def test_logged_losses_are_the_mean_over_all_ranks(ddp_runs):
     def log(path):
         return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["log"]
@@ -263,6 +259,26 @@ def test_resume_loads_train_state_to_cpu(hf, monkeypatch):
     assert seen == ["cpu"]
 
 
+def test_resume_on_another_number_of_processes_is_refused(hf):
+    """The number of processes is part of a run: each rank's data position and RNG stream are saved. A checkpoint
+    that does not say it (written before the field) counts its RNG states; on the same number it still resumes.
+    (tests/test_fsdp.py resumes real two-process checkpoints.)"""
+    out = str(hf["root"] / "worlds")
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3)
+    run("sft", stop_after=1, **common)
+    path = os.path.join(out, "train_state.pt")
+    state = torch.load(path, weights_only=False)
+    assert state["world"] == 1 and len(state["rng"]) == 1
+    for world, rng in ((2, [state["rng"][0]] * 2), (None, state["rng"] * 2)):  # new, then old format
+        torch.save({**{k: v for k, v in state.items() if k != "world"}, "rng": rng,
+                    **({"world": world} if world else {})}, path)
+        with pytest.raises(ValueError, match=rf"^{out} was saved by a run on 2 processes and this one has 1: resume "
+                                             r"it on 2 \(torchrun --nproc_per_node=2\), or choose another out_dir$"):
+            run("sft", **common)
+    torch.save({k: v for k, v in state.items() if k != "world"}, path)  # old format, one process
+    assert run("sft", **common)["step"] == 3
+
+
 # -- 17: what the data loader dropped and cut, counted once per sample ---------------------------------------------
 
 def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
@@ -272,6 +288,40 @@ def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
         max_length=70)
     out = capsys.readouterr().out
     assert "data: dropped samples {'missing_image': 1}; 2 cut at max_length=70" in out
+
+
+def test_the_drop_breakdown_adds_up_to_the_drops_counted(hf):
+    """The in-training stop names as many drops by reason as it counts: 4 micro-batches of one sample in the first
+    step, all with a missing image (the breakdown once came from the first 3 drops only)."""
+    data = write_layout(hf["root"] / "breakdown" / "data.json",
+                        [["missing"]] * 4 + [["image"], ["text"], ["image"], ["text"]])
+    with pytest.raises(ValueError) as e:
+        run("sft", init_from=hf["dpt"], data=data, out_dir=str(hf["root"] / "breakdown" / "run"), batch_size=1,
+            grad_accum=4, max_steps=2)
+    assert str(e.value).startswith(f"{data}: 4 of 4 samples read cannot be used ({{'missing_image': 4}})")
+
+
+# -- a step in which no sample could be used ------------------------------------------------------------------------
+
+def test_a_step_without_any_sample_does_not_update_and_the_schedule_waits(hf):
+    """Step 2 reads only a missing image: AdamW must not move the weights (its momentum would) nor count a step, and
+    the LR schedule resumes where it stopped. Stopped after 2 steps, the run holds the weights of the one stopped
+    after step 1; run to the end, its updates use the schedule's first three learning rates."""
+    root = hf["root"] / "skip"
+    data = write_layout(root / "data.json", [["image"], ["missing"], ["image"], ["text"]])
+    common = dict(init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, warmup_frac=0.5)
+    run("sft", out_dir=str(root / "one"), stop_after=1, **common)
+    run("sft", out_dir=str(root / "two"), stop_after=2, **common)
+    a, b = weights(root / "one"), weights(root / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(root / k / "train_state.pt", weights_only=False) for k in ("one", "two"))
+    adam_steps = [[v["step"] for v in s["optimizer"]["state"].values()] for s in (sa, sb)]
+    assert adam_steps[0] == adam_steps[1]
+    last = run("sft", out_dir=str(root / "two"), **common)  # resumed
+    log = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
+    cfg = dict(trainer.DEFAULTS, lr=1e-3, **common)
+    assert [r["lr"] for r in log if r["step"] != 2] == [trainer.lr_at(i, cfg) for i in range(3)]
+    assert last["step"] == 4 and last["skipped_steps"] == 1 and log[1]["skipped_steps"] == 1
 
 
 # -- 18: SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------
@@ -329,3 +379,23 @@ def test_an_out_dir_that_cannot_be_written_is_refused_at_start_up(case, tmp_path
         run("sft", init_from="nowhere", data=str(tmp_path / "d.json"), out_dir=str(out))
     assert str(e.value).startswith(f"out_dir={out}: {why}") and "\n" not in str(e.value)
     assert blocker.read_text() == "not a directory" and not os.path.exists(str(out) + ".tmp")
+
+
+def test_a_new_students_start_depends_on_its_seed_alone(hf):
+    """Reading a checkpoint moves torch's random stream; a new student's weights (scratch LM, or a backbones
+    connector) must not depend on what was read before it, e.g. whether the teacher was loaded first."""
+    import trainer
+    base = dict(trainer.DEFAULTS, data=hf["data"], teacher=hf["teacher"], seed=5)
+    cases = [dict(init_from="scratch", llm=dict(model_type="qwen2", hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+             dict(init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"])]
+    for case in cases:
+        cfg = dict(base, **case)
+        starts = []
+        for history in (0, 1):
+            torch.manual_seed(0)
+            if history:
+                VLM.from_pretrained(hf["teacher"])  # what a distilling stage reads before its student
+            starts.append(trainer.build_student(cfg, None, None).state_dict())
+        assert starts[0].keys() == starts[1].keys()
+        assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), case["init_from"]

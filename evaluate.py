@@ -30,7 +30,8 @@ training.
          averaged, per subset and the unweighted mean. likelihood: length-normalised log P(caption + <eos> |
          image, caption_prompt) of the positive vs the negative caption.
   wino   text / image / group scores from the 2x2 likelihood table.
-  pope   generate: the first word must be yes/no (anything else is invalid and counted wrong); forced: "yes" vs
+  pope   generate: read as POPE's own evaluation does (parse_yes_no: "no"/"not" in the first sentence, else "yes";
+         an answer with neither is invalid and counted wrong); forced: "yes" vs
          "no" log-probability at the first answer position. Accuracy, precision, recall, F1 (positive class
          "yes"), yes-ratio and invalid rate per split.
   reefknot  relation hallucination, Reefknot's scoring: greedy answers to each query_prompt; YESNO: "yes" when the
@@ -134,9 +135,13 @@ def mcq_accuracy(choices_pos_first, choices_pos_second):
 
 
 def parse_yes_no(answer):
-    """'yes' / 'no' from the first word of an answer, else None (invalid)."""
-    first = re.findall(r"[a-z]+", answer.lower())[:1]
-    return first[0] if first and first[0] in ("yes", "no") else None
+    """'yes' / 'no' from an answer as POPE's own evaluation reads it: its first sentence says no when it holds the
+    word "no" or "not", else yes when it holds "yes"; an answer with neither is None (invalid, counted wrong). So "No,
+    there is none", "Yes." and "the red one is a square , so no" all count."""
+    words = re.findall(r"[a-z]+", re.split(r"(?<!\d)\.(?!\d)", answer.lower(), maxsplit=1)[0])
+    if "no" in words or "not" in words:
+        return "no"
+    return "yes" if "yes" in words else None
 
 
 def pope_metrics(predictions, labels):

@@ -129,8 +129,8 @@ DEFAULTS = dict(
     eval_limit=-1,             # items per eval file / subset / split; -1: the size's default, 0: all
     cr_protocol="likelihood",  # how CR is scored: likelihood (the captions' loss) | mcq (the letter answered)
 )
-SCORES = ["vqa", "cr", "pope_f1", "align", "align_image", "align_text"]  # fractions in [0, 1]
-RELATION_SCORES = ["pope_f1", "pope_acc", "reefknot", "relation_questions"]  # per-split / per-task dicts
+SCORES = ["vqa", "cr", "pope_f1", "pope_acc", "align", "align_image", "align_text"]  # fractions in [0, 1]
+NESTED = ["cr_subsets", "pope_splits", "reefknot", "vqa_types"]  # {name: fraction} per seed
 
 
 def args(d):
@@ -214,15 +214,14 @@ def parallel(fns, jobs):
 def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
     """The table's numbers from an evaluate.py report (and the DFT log's last training VAT loss)."""
     cr = report["cr"]["likelihood" if "likelihood" in cr_protocol else "mcq"]
-    pope = report["pope"]["forced"]
-    per_type = report["vqa"].get("per_type", {})
-    m = dict(vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"],
+    pope = report["pope"]["generate"]  # POPE read as its own evaluation reads answers (evaluate.parse_yes_no)
+    m = dict(vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"], pope_acc=pope["avg"]["accuracy"],
              cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()},
-             pope_splits={s: dict(f1=v["f1"], accuracy=v["accuracy"], yes_ratio=v["yes_ratio"])
-                          for s, v in pope["per_split"].items()},
-             vqa_types=dict(per_type))
-    if "reefknot" in report:  # hallucination rates: per task and their mean
-        m["reefknot"] = {t: v["hallucination_rate"] for t, v in report["reefknot"].items() if "hallucination_rate" in v}
+             pope_splits={s: v["f1"] for s, v in pope["per_split"].items()},
+             vqa_types=dict(report["vqa"].get("per_type", {})))
+    if "reefknot" in report:  # hallucination rates per task, and their mean
+        m["reefknot"] = {t: v["hallucination_rate"] for t, v in report["reefknot"].items()
+                         if isinstance(v, dict) and "hallucination_rate" in v}
     if "align" in report:
         m["align"] = report["align"]["cr"]["all_queries"]["vat_cos"]
         m["align_image"] = report["align"]["cr"]["image_queries"]["vat_cos"]
@@ -234,7 +233,7 @@ def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
 
 
 def summary(per_seed, key, sub=None):
-    xs = [p[key][sub] if sub else p[key] for p in per_seed if p.get(key) is not None]
+    xs = [p[key][sub] if sub else p[key] for p in per_seed if p.get(key) is not None and (sub is None or sub in p[key])]
     if xs:
         return dict(mean=statistics.mean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.0, n=len(xs))
 
@@ -297,7 +296,7 @@ def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
         walls["teacher"] = run("train_sft.py", stage_args(o["size"], "teacher", out_dir=teacher, seed=0,
                                                           data=f"{pretrain},{instruct}", vision_model=tower),
                                teacher, os.path.join(teacher, "model.safetensors"), jobs)
-    ev = dict(tasks="vqa,cr,pope,align", cr_protocol=o["cr_protocol"], limit=limit, data=data)
+    ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=o["cr_protocol"], limit=limit, data=data)
     t_eval = os.path.join(base, "teacher_eval")
     dpt_dir = lambda variant, s: os.path.join(base, f"seed{s}", f"dpt_{variant}")
 
@@ -319,7 +318,7 @@ def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
                                               teacher_layers=c["teacher_layers"])),
                      f"{d}/eval", f"{d}/eval/report.json", jobs))
 
-    teacher_eval = lambda: run("evaluate.py", args(dict(ev, tasks="vqa,cr,pope", model=teacher, out=t_eval)),
+    teacher_eval = lambda: run("evaluate.py", args(dict(ev, tasks="vqa,cr,pope,reefknot", model=teacher, out=t_eval)),
                                t_eval, os.path.join(t_eval, "report.json"), jobs)
     w = parallel([teacher_eval] + [lambda v=v, s=s: dpt_job(v, s) for v, s in dpts], jobs)
     walls["teacher_eval"] = w[0]
@@ -365,7 +364,9 @@ def main(argv=None):
     subsets = list(results[0]["per_seed"][0]["cr_subsets"])
     for r in results:
         r["mean"] = {k: summary(r["per_seed"], k) for k in SCORES + ["vat_final", "wall_s"]}
-        r["mean"]["cr_subsets"] = {s: summary(r["per_seed"], "cr_subsets", s) for s in subsets}
+        for key in NESTED:
+            names = list(dict.fromkeys(n for p in r["per_seed"] for n in p.get(key, {})))
+            r["mean"][key] = {n: summary(r["per_seed"], key, n) for n in names}
     compute = sum(v if isinstance(v, float) else sum(v.values()) for v in walls.values())
     wall = time.time() - t_start
     header = (f"{n_pipe} student pipelines (DFT -> SFT -> eval) on {n_dpt} DPT runs, jobs={jobs}, device "
@@ -380,29 +381,50 @@ def main(argv=None):
 def write_results(o, results, subsets, header, info):
     proto = "likelihood" if "likelihood" in o["cr_protocol"] else "mcq"
     cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
-            ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "align CR (text q, flat cos)", "final VAT loss (DFT)",
-             "wall (s)"])
+            ["POPE F1", "Reefknot halluc. (mean)", "align CR (paper VAT)", "align CR (img q)", "align CR (text q)",
+             "final VAT loss (DFT)", "wall (s)"])
     prefix = SIZES[o["size"]].get("presets", "shapes")
     world = "hard shapes world" if prefix == "shapes_hard" else "shapes world"
+    seeds_of = lambda r: str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
     lines = [f"# CompoDistill on the {world}, size `{o['size']}`", "", header, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
-        m, seeds = r["mean"], str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
-        cells = ([r["name"], r["setting"], seeds, cell(m["vqa"]), cell(m["cr"])] +
-                 [cell(m["cr_subsets"][s]) for s in subsets] +
-                 [cell(m["pope_f1"]), cell(m["align"], digits=2), cell(m["align_text"], digits=2),
+        m = r["mean"]
+        cells = ([r["name"], r["setting"], seeds_of(r), cell(m["vqa"]), cell(m["cr"])] +
+                 [cell(m["cr_subsets"].get(s)) for s in subsets] +
+                 [cell(m["pope_f1"]), cell(m["reefknot"].get("mean")), cell(m["align"], digits=2),
+                  cell(m["align_image"], digits=2), cell(m["align_text"], digits=2),
                   cell(m["vat_final"], False, 2, sci=True), cell(m["wall_s"], False, 0)])
         lines.append("| " + " | ".join(cells) + " |")
+    # relations and hallucination: the main rows, each number on its own item set
+    rel_types = [t for t in ("rel_yn", "rel_query", "rel_what", "rel_choice") if t in results[0]["mean"]["vqa_types"]]
+    splits = list(results[0]["mean"]["pope_splits"])
+    tasks = [t for t in ("yesno", "multichoice", "vqa", "mean") if t in results[0]["mean"]["reefknot"]]
+    rcols = (["row", "seeds", "replace_rel"] + [f"VQA {t}" for t in rel_types] + [f"POPE F1 {s}" for s in splits] +
+             ["POPE acc"] + [f"Reefknot halluc. {t}" for t in tasks])
+    lines += ["", "## Relations and hallucination (main rows)", "", "| " + " | ".join(rcols) + " |",
+              "|" + "---|" * len(rcols)]
+    for r in results:
+        if r["kind"] not in ("teacher", "main"):
+            continue
+        m = r["mean"]
+        lines.append("| " + " | ".join([r["name"], seeds_of(r), cell(m["cr_subsets"].get("replace_rel"))] +
+                                        [cell(m["vqa_types"].get(t)) for t in rel_types] +
+                                        [cell(m["pope_splits"].get(s)) for s in splits] + [cell(m["pope_acc"])] +
+                                        [cell(m["reefknot"].get(t)) for t in tasks]) + " |")
     first = o["seed_offset"]
-    lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. align: 1 - the image-query VAT "
-              "distance on the CR captions, on each row's own DFT layer sets and matching; text q: cosine similarity "
-              "of the caption tokens' attention over the image, flattened (evaluate.py's text_queries.flat_cos). "
-              "Final VAT loss: the DFT run's last logged "
-              "training value (scales differ across vat_loss and VAT forms; '-' when vat_weight=0). wall: DPT + DFT "
-              "+ SFT + eval of one seed (a shared DPT run counted in full); teacher: training + eval. Rows whose "
-              "settings resolve to the same config reuse those runs (seeds column).", "",
-              f"DPT variants (overrides on config/{prefix}_dpt.py, which is "
-              "KD + TAF): " +
+    lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. CR: the "
+              f"SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluation reads them, F1 "
+              "(mean over the splits) and accuracy. Reefknot: hallucination rate (1 - accuracy) per task and their "
+              "mean (lower is better). VQA rel_*: accuracy on the test questions of that kind (yes/no ones on the "
+              "verdict). align: on the CR captions, on each row's own DFT layer sets and matching; paper VAT: 1 - the "
+              "paper-form VAT distance (all queries, flattened; the training default); img q: 1 - the reference "
+              "code's form (image queries, column-pooled); text q: cosine of the caption tokens' attention over the "
+              "image. Final VAT loss: the DFT run's last logged training value (scales differ across vat_loss and VAT "
+              "forms; '-' when vat_weight=0). wall: DPT + DFT + SFT + eval of one seed (a shared DPT run counted in "
+              "full); teacher: training + eval. Rows whose settings resolve to the same config reuse those runs "
+              "(seeds column).", "",
+              f"DPT variants (overrides on config/{prefix}_dpt.py, which is KD + TAF): " +
               "; ".join(f"{k}: {v or 'no overrides'}" for k, v in DPT.items()), ""]
     os.makedirs(o["results"], exist_ok=True)
     with open(os.path.join(o["results"], f"{prefix}_table.md"), "w") as f:

@@ -99,6 +99,8 @@ MIXES = {
                  turns=[5, 3, 2]),
     "relations": dict(weights=dict(color=10, binding=6, size=4, exist=16, count=4, rel_yn=16, rel_query=10,
                                    rel_what=10, rel_choice=8, position=16), turns=[1, 3, 3, 3]),
+    "evidence": dict(weights=dict(color=10, binding=6, size=4, exist=16, count=4, rel_yn=16, rel_query=10,
+                                  rel_what=10, rel_choice=8, position=16), turns=[1, 3, 3, 3], evidence=True),
 }
 
 
@@ -126,7 +128,7 @@ def vocabulary(grid=3):
         words |= set(sum(position_words(grid), []))
     # evaluate.py's multiple-choice prompt; never in training text, but better distinct words than <unk>
     words |= set("which caption describes answer with or b ( )".split())
-    words |= set("relation between c d".split())
+    words |= set("relation between c d so".split())
     return sorted(words)
 
 
@@ -327,8 +329,25 @@ def pretrain_caption(rng, objects):
     return list_caption([make_np(rng, o) for o in rng.sample(objects, len(objects))])
 
 
-def question(rng, objects, grid, kind=None, weights=None):
-    """One (question, answer, kind) about the scene. Yes/no kinds are balanced by a coin flip."""
+def exist_answer(thing, objects):
+    """The evidence, then the verdict, for "is there a THING in the image ?" (THING: "C S", "S" or "C object"): what the
+    object of that colour (or shape) is, or that there is none."""
+    words = thing.replace(" object", "").split()
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    o = next((p for p in objects if (color or p["color"]) == p["color"] and (shape is None or color or
+                                                                            p["shape"] == shape)), None)
+    if o is None:
+        return f"nothing is {color or 'a ' + shape} , so no"
+    yes = shape is None or o["shape"] == shape
+    if color:
+        return f"the {color} one is a {o['shape']} , so {'yes' if yes else 'no'}"
+    return f"the {shape} is {o['color']} , so yes"
+
+
+def question(rng, objects, grid, kind=None, weights=None, evidence=False):
+    """One (question, answer, kind) about the scene. Yes/no kinds are balanced by a coin flip. `evidence`: yes/no
+    answers say what the image shows first and end with the verdict ("the red one is a square , so no")."""
     weights = dict(weights or MIXES["base"]["weights"])
     if not position_words(grid):
         weights.pop("position", None)
@@ -345,7 +364,7 @@ def question(rng, objects, grid, kind=None, weights=None):
         form = rng.choice(["combo", "combo", "shape", "color"])
         if rng.random() < 0.5:  # yes
             q = {"combo": name(o), "shape": o["shape"], "color": o["color"] + " object"}[form]
-            return f"is there a {q} in the image ?", "yes", kind
+            return f"is there a {q} in the image ?", exist_answer(q, objects) if evidence else "yes", kind
         if form == "shape":
             q = rng.choice([s for s in SHAPES if s not in {p["shape"] for p in objects}])
         elif form == "color":
@@ -354,7 +373,7 @@ def question(rng, objects, grid, kind=None, weights=None):
             foils = [(p["color"], s["shape"]) for p in objects for s in objects if p is not s]
             pool = foils if rng.random() < 0.5 else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
             q = " ".join(rng.choice(pool))
-        return f"is there a {q} in the image ?", "no", kind
+        return f"is there a {q} in the image ?", exist_answer(q, objects) if evidence else "no", kind
     if kind == "count":
         if rng.random() < 0.5:
             return "how many objects are there ?", NUMBERS[len(objects)], kind
@@ -365,12 +384,14 @@ def question(rng, objects, grid, kind=None, weights=None):
         rel = rng.choice(relation(a, b))
         yes = rng.random() < 0.5
         a_np, b_np = (make_np(rng, x, size=False, color=rng.random() < 0.7) for x in (a, b))
-        return f"is the {np_text(a_np)} {rel_text(rel if yes else RELATIONS[rel])} the {np_text(b_np)} ?", \
-            "yes" if yes else "no", kind
+        q = f"is the {np_text(a_np)} {rel_text(rel if yes else RELATIONS[rel])} the {np_text(b_np)} ?"
+        if evidence:  # the true relation on the asked axis, then the verdict
+            return q, f"the {np_text(a_np)} is {rel_text(rel)} the {np_text(b_np)} , so {'yes' if yes else 'no'}", kind
+        return q, "yes" if yes else "no", kind
     if kind in ("rel_what", "rel_choice"):  # pairs with exactly one relation: in one row or one column
         pairs = [(a, b) for a in objects for b in objects if a is not b and len(relation(a, b)) == 1]
         if not pairs:
-            return question(rng, objects, grid, "rel_yn")
+            return question(rng, objects, grid, "rel_yn", evidence=evidence)
         a, b = rng.choice(pairs)
         rel = relation(a, b)[0]
         q = f"what is the relation between the {name(a)} and the {name(b)} ?"
@@ -384,7 +405,7 @@ def question(rng, objects, grid, kind=None, weights=None):
         options = [(b, rel, [a for a in objects if rel in relation(a, b)]) for b in objects for rel in RELATIONS]
         options = [t for t in options if len(t[2]) == 1]
         if not options:  # e.g. four objects in a 2x2 block: every side holds two or none
-            return question(rng, objects, grid, "rel_yn", weights)
+            return question(rng, objects, grid, "rel_yn", weights, evidence)
         b, rel, ans = rng.choice(options)
         return f"what is {rel_text(rel)} the {np_text(make_np(rng, b, size=False))} ?", name(ans[0]), kind
     rows, cols = position_words(grid)
@@ -421,7 +442,7 @@ def conversation(rng, objects, grid, mix=None):
     turns, seen = [], set()
     n = mix["turns"]
     for t in range(rng.choices(list(range(1, len(n) + 1)), n)[0]):
-        q, a, _ = question(rng, objects, grid, weights=mix["weights"])
+        q, a, _ = question(rng, objects, grid, weights=mix["weights"], evidence=mix.get("evidence", False))
         if q in seen:
             continue
         seen.add(q)

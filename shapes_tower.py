@@ -106,7 +106,8 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     else:
         names = ["color", "shape", "size", "row", "col"]
         n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
-        if with_rel:
+        if with_rel:  # a place only where there is an object (0: empty cell), so an empty cell's token says nothing
+            n_out[3:5] = [1 + meta["grid"], 1 + meta["grid"]]
             names += [f"{rel}:{col}" for rel in RELATIONS for col in COLORS]
             n_out += [2] * (len(RELATIONS) * len(COLORS))
     heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
@@ -118,7 +119,8 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
                                 shape=with_shape)
         cells = cell_labels(sc["objects"], patches, meta["grid"])
         if with_rel:
-            cells = [a + b for a, b in zip(cells, relation_labels(sc["objects"], patches, meta["grid"]))]
+            cells = [a[:3] + ((1 + a[3], 1 + a[4]) if a[0] else (0, 0)) + b
+                     for a, b in zip(cells, relation_labels(sc["objects"], patches, meta["grid"]))]
         return cells
 
     def load(split):

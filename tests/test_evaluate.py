@@ -35,8 +35,11 @@ def test_pope_metrics_by_hand():
     assert m["yes_ratio"] == pytest.approx(3 / 8) and m["invalid"] == pytest.approx(2 / 8) and m["n"] == 8
     none = ev.pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
     assert none["precision"] == 0 and none["recall"] == 0 and none["f1"] == 0 and none["accuracy"] == 0.5
-    assert [ev.parse_yes_no(a) for a in ["Yes, there is.", "no", " NO.", "there is", "", "yesterday"]] == \
-        ["yes", "no", "no", None, None, None]
+    answers = ["Yes, there is.", "no", " NO.", "there is", "", "yesterday", "No, there is not a cat.",
+               "There is not.", "the red one is a square , so no", "the red one is a circle , so yes",
+               "Yes. No cat is there.", "nothing is red , so no"]
+    assert [ev.parse_yes_no(a) for a in answers] == \
+        ["yes", "no", "no", None, None, None, "no", "no", "no", "yes", "yes", "no"]
 
 
 def test_mcq_parsing():

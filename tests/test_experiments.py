@@ -13,9 +13,9 @@ import trainer
 
 SUBSETS = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 COLUMNS = (["row", "setting", "seeds", "VQA", "CR avg (likelihood)"] + SUBSETS +
-           ["POPE F1 (forced)", "align CR (img q, 1 - VAT)", "align CR (text q, flat cos)", "final VAT loss (DFT)",
-            "wall (s)"])
-SHARED = {"match_group", "layers_intermediate", "vat_cosine", "vat_reference_form"}  # = compodistill's runs
+           ["POPE F1", "Reefknot halluc. (mean)", "align CR (paper VAT)", "align CR (img q)", "align CR (text q)",
+            "final VAT loss (DFT)", "wall (s)"])
+SHARED = {"match_group", "layers_intermediate", "vat_cosine", "vat_paper_form"}  # = compodistill's runs
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,16 @@ def first(tmp_path_factory):
     return root, argv, experiments.main(argv)
 
 
-def table_rows(path):
-    lines = [l for l in open(path).read().splitlines() if l.startswith("|")]
+def table_rows(path, table=0):
+    """(header, rule, rows) of the table-th markdown table in the file."""
+    tables, cur = [], []
+    for line in open(path).read().splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    lines = tables[table]
     split = lambda l: [c.strip() for c in l.strip("|").split("|")]
     return split(lines[0]), lines[1], [split(l) for l in lines[2:]]
 
@@ -39,9 +47,13 @@ def test_every_row_in_table_json_and_chart(first):
     assert [r[0] for r in rows] == names and all(len(r) == len(COLUMNS) for r in rows)
     for r in rows:
         assert r[2].startswith("1") and ("runs of compodistill" in r[2]) == (r[0] in SHARED)
-        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + [r[-5]])  # VQA, CR, subsets, POPE everywhere
+        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + r[-7:-5])  # VQA, CR, subsets, POPE, Reefknot everywhere
         assert (r[-2] == "-") == (r[0] in ("teacher", "sft_only", "kd", "kd_taf"))  # VAT loss iff vat_weight > 0
-        assert (r[-3] == "-") == (r[-4] == "-") == (r[0] == "teacher")  # alignment (both kinds) needs a teacher
+        assert (r[-3] == "-") == (r[-4] == "-") == (r[-5] == "-") == (r[0] == "teacher")  # alignment needs a teacher
+    head, _, rel = table_rows(root / "results" / "shapes_table.md", 1)
+    assert [r[0] for r in rel] == ["teacher"] + [r[0] for r in experiments.ROWS if r[1] == "main"]
+    assert head[:3] == ["row", "seeds", "replace_rel"] and head[-1] == "Reefknot halluc. mean"
+    assert all(c != "-" for r in rel for c in r[2:3] + r[-4:])  # replace_rel and every Reefknot task, every row
 
     saved = json.load(open(root / "results" / "shapes_results.json"))
     assert [r["name"] for r in saved["rows"]] == names
@@ -49,7 +61,11 @@ def test_every_row_in_table_json_and_chart(first):
         assert r["kind"] in ("teacher", "main", "matching", "layers", "vat_loss", "vat_form", "vat_weight", "vat_stage")
         assert [p["seed"] for p in r["per_seed"]] == [0]
         for p in r["per_seed"]:
-            scores = [p[k] for k in ("vqa", "cr", "pope_f1")] + list(p["cr_subsets"].values())
+            scores = [p[k] for k in ("vqa", "cr", "pope_f1", "pope_acc")] + list(p["cr_subsets"].values())
+            scores += list(p["pope_splits"].values()) + list(p["reefknot"].values()) + list(p["vqa_types"].values())
+            assert list(p["reefknot"]) == ["yesno", "multichoice", "vqa", "mean"]
+            assert list(p["pope_splits"]) == ["random", "popular", "adversarial"] or \
+                sorted(p["pope_splits"]) == ["adversarial", "popular", "random"]
             scores += [p["align"], p["align_text"]] if r["name"] != "teacher" else []
             assert list(p["cr_subsets"]) == SUBSETS
             assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in scores), (r["name"], scores)

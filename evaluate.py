@@ -12,7 +12,8 @@ settings of DEFAULTS below as keywords.
 
 Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in the same formats work with
 --image_folder pointing at their images):
-  vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}
+  vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}; with
+                     "answer_type": "yes/no" (as VQAv2 marks them) the answer's verdict is scored (parse_yes_no)
   cr/{subset}.json   SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
   pope_*.json[l]     {"question" | "text", "answer" | "label" ("yes"/"no"), "image", "category"}
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
@@ -295,7 +296,8 @@ def load_vqa(path, folder, limit=None):
         if isinstance(answers, list):
             answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
         items.append(dict(question=r.get("question", r.get("text")), answers=answers, image=r["image"],
-                          type=r.get("type", r.get("question_type", r.get("category")))))
+                          type=r.get("type", r.get("question_type", r.get("category"))),
+                          yes_no=r.get("answer_type") == "yes/no"))
     return _keep_with_images(items, ["image"], folder, f"vqa ({path})")
 
 
@@ -509,7 +511,9 @@ def unknown_words(tok, text):
 
 def run_vqa(r, items, answer_suffix="", max_new_tokens=MAX_NEW_TOKENS["vqa"]):
     preds = r.generate([(it["question"] + answer_suffix, it["image"], None) for it in items], max_new_tokens, "vqa")
-    scores = [vqa_score(p, it["answers"]) for p, it in zip(preds, items)]
+    # a yes/no question (VQAv2's answer_type "yes/no") is scored on the verdict, read as POPE reads it
+    scores = [float(parse_yes_no(p) == it["answers"]) if it.get("yes_no") else vqa_score(p, it["answers"])
+              for p, it in zip(preds, items)]
     per_type = defaultdict(list)
     for s, it in zip(scores, items):
         if it.get("type"):

@@ -83,6 +83,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PROMPT = "describe the image ."
 CR_SUBSETS = ["swap_att", "replace_att", "replace_obj", "replace_rel", "swap_obj", "add_obj", "add_att"]
 POPE_SPLITS = ["random", "popular", "adversarial"]
+YES_NO_KINDS = ("exist", "rel_yn")
 REEFKNOT_FILES = ["YESNO", "Multichoice", "VQA"]  # test/reefknot/<name>.jsonl, Reefknot's own file names
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, still deterministic
 CLUTTER_COLOR, CLUTTER_RADIUS = (120, 120, 120), (1.0, 1.8)  # grey specks (hard world): no word names them
@@ -581,6 +582,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
             {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
     freq = Counter((o["color"], o["shape"]) for s in scenes.values() for o in s["objects"])
 
+    evidence = MIXES[mix].get("evidence", False)
+    vqa_kinds = [k for k in MIXES[mix]["weights"] if k != "position" or position_words(grid)]
     vqa, cr, pope = [], {s: {} for s in CR_SUBSETS}, {s: [] for s in POPE_SPLITS}
     reefknot = {k: [] for k in REEFKNOT_FILES}
     for i in bar(range(n_test), "test images"):
@@ -590,8 +593,12 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         specks = sample_clutter(R("clutter", "test", i), objects, grid, image_size, clutter) if clutter[1] else []
         scenes[path] = dict(split="test", objects=objects, **({"clutter": specks} if clutter[1] else {}))
         render(objects, image_size, specks).save(os.path.join(out, path), format="PNG", compress_level=1)
-        q, a, kind = question(R("vqa", i), objects, grid)
-        vqa.append({"id": f"test_{i:05d}", "question": q, "answer": a, "image": path, "type": kind})
+        for kind in vqa_kinds:  # one question of every kind the mix asks, so each kind has n_test items
+            q, a, _ = question(R("vqa", i, kind), objects, grid, kind, evidence=evidence)
+            row = {"id": f"test_{i:05d}_{kind}", "question": q, "answer": a, "image": path, "type": kind}
+            if kind in YES_NO_KINDS:  # scored on the verdict (VQAv2's answer_type), whatever the evidence
+                row.update(answer=a.split()[-1], answer_type="yes/no", **({"explanation": a} if evidence else {}))
+            vqa.append(row)
         for subset in CR_SUBSETS:
             pos, neg = cr_item(R("cr", subset, i), subset, objects)
             cr[subset][str(i)] = {"filename": path, "caption": pos, "negative_caption": neg}

@@ -157,15 +157,19 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     assert s_layers == [1, 2] and windows == [[2, 3], [3, 4]]
     got = alignment.run_align(r, teacher, s_layers, windows, specs, "test")
     (batch, _), = list(r.batches(specs, "test"))
-    ts = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")
+    reference = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_queries="image", vat_pool="column",
+                               vat_layer_reduce="mean")
+    paper = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")  # the default form
     with torch.no_grad():
-        vat = ts(batch, kd=False)["vat"]
+        vat_reference, vat_paper = (ts(batch, kd=False)["vat"] for ts in (reference, paper))
     assert got["n"] == 7
-    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat), abs=1e-5)
+    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat_reference), abs=1e-5)
+    assert got["all_queries"]["vat_cos"] == pytest.approx(1 - float(vat_paper), abs=1e-5)
+    assert float(vat_paper) != pytest.approx(float(vat_reference), rel=0.5)  # two different measures
     assert 0 < got["image_queries"]["flat_cos"] < 1 and 0 < got["text_queries"]["flat_cos"] < 1
     # a student that is its own teacher is perfectly aligned in every form
     same = alignment.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
-    for form in (same["image_queries"], same["text_queries"]):
+    for form in (same["image_queries"], same["text_queries"], same["all_queries"]):
         for k, v in form.items():
             if k != "per_pair":
                 assert v == pytest.approx(1.0, abs=1e-5), k
@@ -186,7 +190,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     saved = json.load(open(os.path.join(out, "report.json")))
     assert saved["tasks"] == tasks and all(t in saved for t in tasks)
     assert saved["matched_layers"] == {"student": [1, 2], "teacher_windows": [[2, 3], [3, 4]]}
-    assert saved["vqa"]["n"] == 10 and saved["wino"]["n"] == 3
+    assert saved["vqa"]["n"] == 10 * len(saved["vqa"]["per_type"]) and saved["wino"]["n"] == 3
     assert saved["cr"]["subsets"] == ev.CR_ORDER
     assert all(saved["cr"][p]["per_subset"][s]["n"] == 10 for p in ("mcq", "likelihood") for s in ev.CR_ORDER)
     assert {s: v["n"] for s, v in saved["pope"]["forced"]["per_split"].items()} == \

@@ -71,7 +71,11 @@ def test_files_and_counts(world):
         turns = s["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 6
         assert turns[0]["value"].startswith("<image>\n") == ("image" in s)
-    assert len(_jsonl(os.path.join(out, "test", "vqa.jsonl"))) == 20
+    vqa = _jsonl(os.path.join(out, "test", "vqa.jsonl"))
+    kinds = [k for k in shapes.MIXES[meta.get("world", {}).get("mix", "base")]["weights"]
+             if k != "position" or shapes.position_words(meta["grid"])]
+    assert [r["type"] for r in vqa] == kinds * 20  # every kind the mix asks, once per test image
+    assert all((r.get("answer_type") == "yes/no") == (r["type"] in shapes.YES_NO_KINDS) for r in vqa)
     assert all(len(_cr(out, s)) == 20 for s in shapes.CR_SUBSETS)
 
 

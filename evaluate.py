@@ -69,7 +69,7 @@ REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "v
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
 MCQ_PROMPT = "Which caption describes the image?\n(A) {a}\n(B) {b}\nAnswer with A or B."
-MAX_NEW_TOKENS = dict(vqa=16, pope=6, mcq=40, reefknot=16)  # mcq: long enough for a model that repeats a caption
+MAX_NEW_TOKENS = dict(vqa=20, pope=20, mcq=40, reefknot=20)  # room for an answer that explains itself; mcq: for one that repeats a caption
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}

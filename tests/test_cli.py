@@ -21,7 +21,8 @@ def run_main(script, argv):
                                                                                         mod.__doc__, [mod.__file__]))
 
 
-@pytest.mark.parametrize("script", ["train_dpt", "train_dft", "train_sft", "evaluate", "bench", "sample", "export_hf", "experiments"])
+@pytest.mark.parametrize("script", ["train_dpt", "train_dft", "train_sft", "evaluate", "bench", "memory", "sample", "export_hf",
+                                    "experiments", "shapes"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_setting_and_exits_0(script, flag, capsys):
     with pytest.raises(SystemExit) as e:

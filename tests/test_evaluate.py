@@ -14,6 +14,7 @@ import evaluate as ev
 import shapes
 from conftest import llm_cfg, vision_cfg
 from data import collate
+from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
 
 IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
@@ -150,18 +151,23 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     r = ev.Runner(student, world, batch_size=8, progress=False)
     items, _ = ev.load_cr(os.path.join(world, "test", "cr"), world, limit=1)
     specs = [(ev.CAPTION_PROMPT, it["image"], it["pos"]) for it in items]  # 7 items: one batch
-    s_layers, windows = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
-    assert s_layers == [1, 2] and windows == [[2, 3], [3, 4]]
-    got = alignment.run_align(r, teacher, s_layers, windows, specs, "test")
+    pairs = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
+    assert pairs.student == [1, 2] and pairs.windows == [[2, 3], [3, 4]]
+    got = alignment.run_align(r, teacher, pairs, specs, "test")
     (batch, _), = list(r.batches(specs, "test"))
-    ts = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")
-    with torch.no_grad():
-        vat = ts(batch, kd=False)["vat"]
+
+    def training_vat(**form):
+        ts = TeacherStudent(teacher, student, VATSettings([1, 2], [2, 3, 4], vat_layer_reduce="mean", **form))
+        with torch.no_grad():
+            return float(ts(batch, kd=False)["vat"])
     assert got["n"] == 7
-    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat), abs=1e-5)
+    # image queries: the reference code's form; all queries: the paper's (the training default)
+    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - training_vat(vat_queries="image", vat_pool="column"),
+                                                            abs=1e-5)
+    assert got["all_queries"]["vat_cos"] == pytest.approx(1 - training_vat(), abs=1e-5)
     assert 0 < got["image_queries"]["flat_cos"] < 1 and 0 < got["text_queries"]["flat_cos"] < 1
     # a student that is its own teacher is perfectly aligned in every form
-    same = alignment.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
+    same = alignment.run_align(r, copy.deepcopy(student), LayerPairs([1, 2], [1, 2], [[1], [2]]), specs, "test")
     for form in (same["image_queries"], same["text_queries"]):
         for k, v in form.items():
             if k != "per_pair":

@@ -350,7 +350,7 @@ def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
 
 def test_teacher_cast_to_bf16_keeps_rotary_frequencies_float32(hf):
     """model.to(bf16) would cast the rotary inv_freq buffer too: at position 1000 the angle would be off by radians."""
-    from model import cast_weights
+    from common import cast_weights
     t = VLM.from_pretrained(hf["teacher"])
     inv = t.llm.model.rotary_emb.inv_freq.clone()
     cast_weights(t, torch.bfloat16)

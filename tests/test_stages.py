@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import shapes
 import shapes_tower
 import trainer
-from model import VLM, find_checkpoint
+from checkpoint import find_checkpoint
+from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

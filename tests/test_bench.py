@@ -1,5 +1,5 @@
-"""bench.py end to end on the tiny preset (the JSON's structure, the ratios, the ours = reference check) and
-memory.py's estimate."""
+"""bench.py end to end on the tiny preset (the JSON's structure, the ratios, the ours = reference check; subprocesses,
+marked slow) and memory.py's estimate."""
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: the step count is small and a busy 2-core machine makes OpenMP barriers slow
@@ -48,6 +49,7 @@ def test_bench_tiny_json(tmp_path):
     assert "ours/reference" in proc.stdout and "check ours = reference in float32 (rtol 1e-05) passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_rejects_unknown_mode():
     cmd = [sys.executable, "bench.py", "--modes=ours,fast"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -61,6 +61,7 @@ def test_real_crashes_keep_their_traceback():
         configurator.cli(lambda: int("x"))
 
 
+@pytest.mark.slow
 def test_a_stage_script_with_a_bad_setting_exits_2_without_a_traceback():
     r = subprocess.run([sys.executable, "train_dft.py", "--init_from=nowhere", "--teacher=", "--kd_weight=0",
                         "--vat_weight=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,5 @@
 """experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
-the --jobs subprocess path; the layer sets and presets of every size."""
+the --jobs subprocess path (these run the whole pipeline: marked slow); the layer sets and presets of every size."""
 import json
 import os
 
@@ -31,6 +31,7 @@ def table_rows(path):
     return split(lines[0]), lines[1], [split(l) for l in lines[2:]]
 
 
+@pytest.mark.slow
 def test_every_row_in_table_json_and_chart(first):
     root, _, results = first
     head, rule, rows = table_rows(root / "results" / "shapes_table.md")
@@ -77,6 +78,7 @@ def test_every_row_in_table_json_and_chart(first):
     assert not (seed0 / "match_group").exists() and (seed0 / "dpt_kd_taf").is_dir()
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training(first, monkeypatch):
     root, argv, results = first
 
@@ -88,6 +90,7 @@ def test_rerun_resumes_without_training(first, monkeypatch):
     assert [r["per_seed"][0]["cr"] for r in again] == [r["per_seed"][0]["cr"] for r in results]
 
 
+@pytest.mark.slow
 def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monkeypatch):
     """The test size (the docstring's own command) must not overwrite the committed results/ tables: without
     --results it writes under <out>/<size>/results; the published sizes keep results/."""
@@ -106,6 +109,7 @@ def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monke
          "hard_test": "o/hard_test/results"}
 
 
+@pytest.mark.slow
 def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
     """--jobs=2 runs the stages as subprocesses; same seed and settings -> the same numbers as in-process."""
     root, _, results = first
@@ -154,6 +158,7 @@ def test_hard_rows_and_vat_forms():
     assert c["kd"]["vat_weight"] == c["kd_taf"]["vat_weight"] == 0
 
 
+@pytest.mark.slow
 def test_hard_size_end_to_end(tmp_path):
     """One hard-world row at the tiny size: its world (patch-evidence tower, 4x4 grid), its presets, its seed, its
     results files."""

@@ -88,10 +88,11 @@ def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
     assert norm.dtype == torch.float32 and 0 < float((norm - 1).abs().max()) < 0.0078
     m = VLM.from_pretrained(out)
     assert m.config.llm["dtype"] == "float32" and next(m.llm.parameters()).dtype == torch.float32
-    # the frozen teacher may stay in bf16, and does under autocast
-    ts, _ = trainer.build_model(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"],
-                                     kd_weight=1.0), None)
-    assert next(ts.student.parameters()).dtype == torch.float32
+    # as a bf16 run starts: the frozen teacher is cast to bf16, every weight of the student stays a float32 master
+    ts = trainer.build(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0),
+                       None, None, torch.bfloat16)
+    assert {p.dtype for p in ts.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ts.student.parameters()} == {torch.float32}
 
 
 def test_bf16_teacher_and_student_keep_equal_towers_for_taf(hf):
@@ -242,10 +243,20 @@ def test_compile_compiles_the_decoders_training_calls(hf):
 # -- 12: the TAF shortcut survives the teacher's bf16 cast ------------------------------------------------------------
 
 def test_taf_connector_shortcut_survives_the_bf16_cast(hf):
+    """Under TAF the student's frozen connector is the teacher's: a step runs it once, for both models, also after
+    the teacher was cast to bf16 as a bf16 run starts."""
+    from data import LLaVADataset, collate
     cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0, **LAYERS)
-    ts, _ = trainer.build_model(cfg, None)
-    ts.teacher.to(torch.bfloat16)
-    assert ts.shared_vision and ts._reuses_teacher_connector()
+    ts = trainer.build(cfg, None, None, torch.bfloat16)
+    assert next(ts.teacher.connector.parameters()).dtype == torch.bfloat16
+    ds = LLaVADataset(hf["data"], None, ts.student.tokenizer, ts.student.image_processor, 4, 96)
+    batch = collate([ds[i] for i in range(4)], ts.student.tokenizer.pad_token_id)
+    calls = []
+    for who, m in (("student", ts.student.connector), ("teacher", ts.teacher.connector)):
+        m.register_forward_hook(lambda *a, who=who: calls.append(who))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ts(batch)
+    assert calls == ["teacher"] and torch.isfinite(out["total"])
 
 
 # -- 14: resume loads the optimizer state to the CPU ---------------------------------------------------------------
@@ -326,6 +337,7 @@ def test_a_step_without_any_sample_does_not_update_and_the_schedule_waits(hf):
 
 # -- 18: SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
     root = hf["root"] / f"sig{int(sig)}"

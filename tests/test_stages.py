@@ -173,9 +173,13 @@ def test_each_stage_script_takes_its_row_of_the_recipe():
 
 
 def test_the_presets_chain_stage_to_stage():
-    """Every preset passes the config checks; each writes its own out_dir; each init_from / teacher that is a
-    directory is another preset's out_dir (the hand-off a reader follows: teacher -> DPT -> DFT -> SFT)."""
-    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), [os.path.join(ROOT, "config", f)])
+    """Every preset passes the config checks (the hard world's layered over the default world's); each writes its own
+    out_dir; each init_from / teacher that is a directory is another preset's out_dir (the hand-off a reader follows:
+    teacher -> DPT -> DFT -> SFT)."""
+    def files(f):
+        base = f.replace("shapes_hard_", "shapes_")
+        return [os.path.join(ROOT, "config", g) for g in ([base, f] if base != f else [f])]
+    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), files(f))
             for f in sorted(os.listdir(os.path.join(ROOT, "config"))) if f.endswith(".py")}
     outs = [c["out_dir"] for c in cfgs.values()]
     assert len(set(outs)) == len(outs)

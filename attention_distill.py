@@ -63,7 +63,8 @@ class _ImageAttention(torch.autograd.Function):
     """
     Head-averaged attention probabilities at the key columns `cols`, normalised over all keys. Saves only
     q, k and the mask, and recomputes the probabilities in backward (as flash attention does): autograd keeps
-    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd kept two: softmax out, gather input).
+    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd would keep two: the softmax output and the
+    gather's input).
     """
 
     @staticmethod

@@ -51,7 +51,7 @@ DEFAULTS = dict(
     tokenizer="",                 # scratch without a teacher: tokenizer directory (default: <data folder>/tokenizer)
     image_processor="",           # scratch without a teacher: image-processor directory (default: <data folder>/...)
     teacher="",                   # the teacher's checkpoint directory (needed for kd_weight, vat_weight or taf)
-    connector="mlp2x_gelu",       # image adapter of a new model: mlp{depth}x_gelu, as LLaVA's
+    connector="mlp2x_gelu",       # the connector of a new model: mlp{depth}x_gelu, as LLaVA's
     vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", CLS dropped; SigLIP: "full");
                                   # "default" on SigLIP drops the first patch, as the reference code does
     # -- data ---------------------------------------------------------------------------------------------------

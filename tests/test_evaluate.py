@@ -401,8 +401,9 @@ def test_evaluate_computes_in_the_dtype_the_model_was_loaded_in(world, tmp_path,
 
 
 def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
-    """On CUDA evaluate.py used to run float32 weights under bf16 autocast, so --dtype=float32 computed in bf16 (and
-    sample.py did not): evaluating on a device that reports cuda must enter no autocast."""
+    """The dtype the weights are loaded in is the dtype evaluate.py computes in, on a GPU too, as in sample.py: a bf16
+    autocast around float32 weights would make --dtype=float32 compute in bf16. Evaluating on a device that reports
+    cuda must enter no autocast."""
     from contextlib import nullcontext
 
     class ReportsCuda(str):  # moves tensors to the CPU, tells whoever asks its type that it is a GPU

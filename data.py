@@ -6,8 +6,8 @@ A sample is {"id", "image" (optional, relative to image_folder), "conversations"
 
     [<bos>]{system} USER: <image>\n{question} ASSISTANT: {answer}<eos> USER: {question} ASSISTANT: {answer}<eos> ...
 
-with "<image>" expanded to num_image_tokens image-token ids, and labels = -100 everywhere except on the
-assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
+with "<image>" expanded to num_image_tokens image-token ids, and labels = IGNORE_INDEX (-100) everywhere except on
+the assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
 image_mask, dropped, truncated}; model.py reads the first four and finds each sample's image positions from the
 image-token ids itself.
 """

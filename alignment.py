@@ -15,7 +15,7 @@ three ways, and drawn as heat maps over the patch grid.
                  alone; text-query numbers are the ones that differ between tasks.
 
 evaluate.py calls run_align (the "align" task) and write_heatmaps (--heatmaps=N) with its Runner, which batches
-(prompt, image, answer) specs through the same chat template as training.
+(prompt, image, answer) specs through the same chat template as training, and the layer pairs of matched_layers.
 """
 import math
 import os
@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import attention_distill as ad
 from data import load_image
-from model import TeacherStudent
 
 # -----------------------------------------------------------------------------
 # attention of every query position on the image keys, in the matched layers
@@ -36,20 +35,20 @@ from model import TeacherStudent
 
 def matched_layers(student, teacher, student_layers=None, teacher_layers=None, matching=None):
     """
-    (student layers, teacher windows) as in training: explicit arguments, else the layers the student was
-    distilled on (config.extra["distill"], carried by trainer.py through later stages), else its training
-    config, else the presets. Without a teacher the windows are None. Adaptive matching is reported on its
-    group windows (it picks per step in training).
+    The layer pairs (attention_distill.LayerPairs) as in training: explicit arguments, else the layers the student
+    was distilled on (config.extra["distill"], carried by trainer.py through later stages), else its training
+    config, else the presets. Without a teacher, the student layers alone (teacher and windows None). Adaptive
+    matching is reported on its group windows (it picks per step in training).
     """
     extra = student.config.extra or {}
     tc = extra.get("distill") or extra.get("train_config", {})
     student_layers = student_layers if student_layers is not None else tc.get("student_layers")
     teacher_layers = teacher_layers if teacher_layers is not None else tc.get("teacher_layers")
     matching = matching or tc.get("matching") or "group"
+    n_student = student.llm.config.num_hidden_layers
     if teacher is None:
-        return ad.resolve_layers(student_layers, student.llm.config.num_hidden_layers), None
-    ts = TeacherStudent(teacher, student, student_layers, teacher_layers, matching=matching)
-    return ts.student_layers, ts.windows
+        return ad.LayerPairs(student=ad.resolve_layers(student_layers, n_student), teacher=None, windows=None)
+    return ad.match_layers(n_student, teacher.llm.config.num_hidden_layers, student_layers, teacher_layers, matching)
 
 
 @torch.no_grad()
@@ -60,21 +59,21 @@ def attention_maps(model, b, layers):
     if not bool(has_img.all()):
         raise ValueError("attention maps need an image in every sample")
     B, T = ids.shape
-    cols = model.image_columns(is_img)
+    cols = ad.image_columns(is_img, model.num_image_tokens)
     rows = torch.arange(T, device=ids.device).expand(B, T)
     with ad.capture_attention(model.llm, layers, rows, cols) as maps:
         model.hidden_states(ids, mask, model.image_embeds(b["pixel_values"]))
     return dict(maps), cols
 
 
-def matched_stack(r, b, student, teacher, s_layers, windows):
+def matched_stack(b, student, teacher, pairs):
     """A_s, A_t: (L, B, T, N_v) (A_t None without a teacher; teacher windows averaged), cols, text rows."""
-    maps_s, cols = attention_maps(student, b, s_layers)
-    A_s = torch.stack([maps_s[l] for l in s_layers])
+    maps_s, cols = attention_maps(student, b, pairs.student)
+    A_s = torch.stack([maps_s[l] for l in pairs.student])
     A_t = None
     if teacher is not None:
-        maps_t, _ = attention_maps(teacher, b, sorted({l for w in windows for l in w}))
-        A_t = ad.window_average(maps_t, windows)
+        maps_t, _ = attention_maps(teacher, b, pairs.captured)
+        A_t = ad.window_average(maps_t, pairs.windows)
     T = b["input_ids"].shape[1]
     text_rows = b["attention_mask"].bool() & (torch.arange(T, device=cols.device)[None] > cols[:, -1:])
     return A_s.float(), None if A_t is None else A_t.float(), cols, text_rows
@@ -86,14 +85,15 @@ def image_rows(A, cols):
     return A.gather(2, cols[None, :, :, None].expand(L, B, Nv, Nv))
 
 
-def run_align(r, teacher, s_layers, windows, specs, desc):
-    """Mean student-teacher attention similarity over `specs` (prompt, image, answer or None)."""
-    L = len(s_layers)
+def run_align(r, teacher, pairs, specs, desc):
+    """Mean student-teacher attention similarity over `specs` (prompt, image, answer or None), in the layer pairs
+    `pairs`."""
+    L = len(pairs.student)
     sums = defaultdict(float)
     pair = defaultdict(lambda: [0.0] * L)
     n = 0
     for b, chunk in r.batches(specs, desc):
-        A_s, A_t, cols, text_rows = matched_stack(r, b, r.model, teacher, s_layers, windows)
+        A_s, A_t, cols, text_rows = matched_stack(b, r.model, teacher, pairs)
         B = A_s.shape[1]
         I_s, I_t = image_rows(A_s, cols), image_rows(A_t, cols)
         flat = F.cosine_similarity(I_s.flatten(2), I_t.flatten(2), dim=-1, eps=1e-8)  # (L, B)
@@ -111,7 +111,7 @@ def run_align(r, teacher, s_layers, windows, specs, desc):
         sums["text_flat_cos"] += float(F.cosine_similarity(T_s.flatten(2), T_t.flatten(2), dim=-1, eps=1e-8).mean(0).sum())
         sums["text_column_cos"] += float(F.cosine_similarity(T_s.sum(2), T_t.sum(2), dim=-1, eps=1e-8).mean(0).sum())
         n += B
-    names = [ad.pair_label(s, w) for s, w in zip(s_layers, windows)]
+    names = [ad.pair_label(s, w) for s, w in zip(pairs.student, pairs.windows)]
     per_pair = {nm: dict(vat_cos=pair["vat_cos"][l] / n, flat_cos=pair["flat_cos"][l] / n) for l, nm in enumerate(names)}
     mean = lambda key: sum(v[key] for v in per_pair.values()) / len(per_pair)  # noqa: E731
     return dict(n=n, image_queries=dict(vat_cos=mean("vat_cos"), flat_cos=mean("flat_cos"), per_pair=per_pair),
@@ -240,18 +240,18 @@ def profiles(A, cols, text_rows, b):
     return img, txt
 
 
-def write_heatmaps(r, teacher, s_layers, windows, specs, titles, out_dir):
+def write_heatmaps(r, teacher, pairs, specs, titles, out_dir):
     """One heat-map PNG per spec in out_dir (heatmap_000.png, ...); returns their paths."""
     paths = []
     vc = r.model.vision_tower.config
     patches = (vc.image_size // vc.patch_size) ** 2
-    if windows is not None:
-        col_titles = [ad.pair_label(s, w) for s, w in zip(s_layers, windows)]
+    if pairs.windows is not None:
+        col_titles = [ad.pair_label(s, w) for s, w in zip(pairs.student, pairs.windows)]
     else:
-        col_titles = [f"layer {s}" for s in s_layers]
+        col_titles = [f"layer {s}" for s in pairs.student]
     k = 0
     for b, chunk in r.batches(specs, "heatmaps"):
-        A_s, A_t, cols, text_rows = matched_stack(r, b, r.model, teacher, s_layers, windows)
+        A_s, A_t, cols, text_rows = matched_stack(b, r.model, teacher, pairs)
         for i, spec in enumerate(chunk):
             img_s, txt_s = profiles(A_s, cols, text_rows, i)
             rows = []

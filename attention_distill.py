@@ -1,5 +1,6 @@
 """
-The method's core: visual-attention capture, layer matching, the VAT loss and the logit-KD loss.
+The method's core: visual-attention capture, which rows and columns VAT reads, layer matching, the VAT loss and the
+logit-KD loss. model.TeacherStudent calls these in its forward; alignment.py measures with the same functions.
 
 Attention capture. Every LLM layer keeps running PyTorch SDPA (flash / memory-efficient kernels on
 GPU), exactly as transformers' default "sdpa" does. We register one extra attention function under
@@ -8,12 +9,15 @@ the name ATTN_IMPLEMENTATION; it calls SDPA and, only for the attention modules 
 query rows and image-key columns that the VAT loss needs, averaged over heads, in float32. No
 `output_attentions=True`, no eager attention, no (B, H, T, T) tensor is ever kept.
 
-Everything else here is small pure functions on tensors: layer sets, group / simple / adaptive
-matching, `vat_loss` (reference-code and paper forms, cosine / MSE / KL), and `kd_loss`.
+Everything else here is small pure functions on tensors: the rows and columns VAT reads (vat_positions), the
+seven VAT settings in one place (VATSettings), layer sets and group / simple / adaptive matching (match_layers: the
+one function training and alignment.py both call), `vat_loss` (reference-code and paper forms, cosine / MSE / KL),
+its assembly from the captured maps (vat_term), and `kd_loss`.
 """
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +63,8 @@ class _ImageAttention(torch.autograd.Function):
     """
     Head-averaged attention probabilities at the key columns `cols`, normalised over all keys. Saves only
     q, k and the mask, and recomputes the probabilities in backward (as flash attention does): autograd keeps
-    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd kept two: softmax out, gather input).
+    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd would keep two: the softmax output and the
+    gather's input).
     """
 
     @staticmethod
@@ -161,7 +166,64 @@ def capture_attention(llm, layers, rows, cols):
 
 
 # -----------------------------------------------------------------------------
-# layer sets and matching
+# which attention VAT reads: rows (queries) and columns (image keys)
+
+
+def image_columns(is_img, num_image_tokens):
+    """(B, N_v) sorted positions of each sample's image tokens, from is_img (B, T) bool (any N_v positions for a
+    text-only sample, which callers mask out): the key columns VAT reads."""
+    return is_img.int().argsort(dim=1, descending=True, stable=True)[:, :num_image_tokens].sort(1).values
+
+
+def vat_positions(is_img, attention_mask, queries, num_image_tokens):
+    """
+    (rows (B, Nq), cols (B, N_v), row_mask (B, Nq) bool or None): the query rows and image-key columns whose
+    attention VAT compares. queries="image": the image tokens' rows (the reference code's form); "all": every
+    position (the paper's Eq. 2), "text": every position but the image tokens; for those two, row_mask marks the rows
+    that count (not padding; not image tokens under "text"). Each sample's own image positions, never a fixed span.
+    """
+    B, T = is_img.shape
+    cols = image_columns(is_img, num_image_tokens)
+    rows, row_mask = cols, None
+    if queries != "image":
+        rows = torch.arange(T, device=is_img.device).expand(B, T)
+        row_mask = attention_mask.bool() & (~is_img if queries == "text" else True)
+    return rows, cols, row_mask
+
+
+# -----------------------------------------------------------------------------
+# the VAT settings, layer sets and matching
+
+
+@dataclass
+class VATSettings:
+    """What VAT aligns and how; the fields carry the training settings' names (trainer.DEFAULTS explains each)."""
+    student_layers: object = None   # the student layers (resolve_layers' forms: None, a name, a depth range, a list)
+    teacher_layers: object = None   # the teacher layers they are matched to (the same forms)
+    matching: str = "group"         # group | simple | adaptive
+    vat_queries: str = "all"        # all | text | image: whose attention rows are compared
+    vat_pool: str = "flat"          # flat (the paper's Eq. 2) | column (the reference code's per-column profile)
+    vat_loss: str = "cosine"        # cosine | mse | kl
+    vat_layer_reduce: str = "sum"   # sum | mean over the layer pairs
+
+    def __post_init__(self):
+        for name, allowed in (("matching", ("group", "simple", "adaptive")), ("vat_queries", ("image", "all", "text")),
+                              ("vat_pool", ("column", "flat")), ("vat_loss", ("cosine", "mse", "kl")),
+                              ("vat_layer_reduce", ("sum", "mean"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: use {', '.join(allowed)}")
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The settings of a training config dict (any other keys are ignored)."""
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
+
+    def loss_kwargs(self):
+        """vat_loss's keywords. The outlier filter belongs to the reference (column) form; the paper's flat form has
+        none."""
+        return dict(pool=self.vat_pool, loss=self.vat_loss, filter_outliers=self.vat_pool == "column",
+                    layer_reduce=self.vat_layer_reduce)
+
 
 # The reference code's "visual understanding" layers for its two model sizes.
 LAYER_PRESETS = {24: list(range(8, 15)), 40: list(range(13, 24))}
@@ -206,6 +268,35 @@ def simple_matching(student_layers, teacher_layers):
     """One-to-one with a uniform stride: student j <-> T[floor(j * m / k)]."""
     k, m = len(student_layers), len(teacher_layers)
     return [teacher_layers[j * m // k] for j in range(k)]
+
+
+@dataclass
+class LayerPairs:
+    """The matched layers: student[j] is aligned with the teacher layers windows[j] (their maps averaged; one layer
+    under simple matching; adaptive matching picks one per step inside the window). teacher: the resolved teacher
+    layer set the windows are cut from."""
+    student: list
+    teacher: list
+    windows: list
+
+    @property
+    def captured(self):
+        """The teacher layers whose maps a step needs, in order."""
+        return sorted({l for w in self.windows for l in w})
+
+    def note(self, matching):
+        """What a checkpoint records of them (config extra "distill"), so later stages and evaluate.py find them."""
+        return dict(student_layers=self.student, teacher_layers=self.teacher, matching=matching)
+
+
+def match_layers(n_student, n_teacher, student_layers=None, teacher_layers=None, matching="group"):
+    """The layer pairs VAT aligns between a student LM of n_student layers and a teacher of n_teacher: the two layer
+    sets (resolve_layers), then the teacher windows of `matching` (adaptive matching is reported on its group
+    windows, inside which it chooses per step)."""
+    s = resolve_layers(student_layers, n_student)
+    t = resolve_layers(teacher_layers, n_teacher)
+    windows = [[l] for l in simple_matching(s, t)] if matching == "simple" else group_matching(s, t)
+    return LayerPairs(student=s, teacher=t, windows=windows)
 
 
 def window_average(maps_by_layer, windows):
@@ -297,13 +388,30 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
+def vat_term(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
+    """
+    L_VAT of one step from the captured maps ({layer: (B, Nq, Nk)} of student and teacher): the student's maps in
+    the matched layers against the teacher's targets (the window means, or adaptive matching's choice), rows outside
+    `row_mask` zeroed, samples without an image (`has_img` False) left out.
+    """
+    A_s = torch.stack([maps_s[l] for l in pairs.student])
+    if settings.matching == "adaptive":
+        chosen = adaptive_matching(A_s, maps_t, pairs.windows, sample_mask=has_img)
+        A_t = torch.stack([maps_t[l] for l in chosen])
+    else:
+        A_t = window_average(maps_t, pairs.windows)
+    if row_mask is not None:  # rows that are padding (or not text) count for nothing
+        A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
+    return vat_loss(A_s, A_t, sample_mask=has_img, **settings.loss_kwargs())
+
+
 def kd_loss(student_logits, teacher_logits, temperature=1.0, vocab_size=None):
     """
     L_KD: forward KL(p_t || p_s) per row of (N, V) logits, averaged over rows, tau^2-scaled (Hinton). The rows
-    are the positions that *predict* a supervised token (position t where labels[t + 1] != -100: shifted like the
-    LM loss; the reference code masks the unshifted labels, an off-by-one), and only there are logits computed
-    (TeacherStudent.forward). Both sides are read over the first `vocab_size` ids (the tokenizer's real
-    vocabulary; default: the smaller of the two): embedding matrices are often padded past it, by different
+    are the positions that *predict* a supervised token (position t where labels[t + 1] is not data.IGNORE_INDEX:
+    shifted like the LM loss; the reference code masks the unshifted labels, an off-by-one), and only there are
+    logits computed (TeacherStudent.forward). Both sides are read over the first `vocab_size` ids (the tokenizer's
+    real vocabulary; default: the smaller of the two): embedding matrices are often padded past it, by different
     amounts in teacher and student.
     """
     V = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])

@@ -6,7 +6,8 @@ on random weights built from configs (no downloads), three ways:
              positions, heads averaged, teacher windows averaged, the same attention_distill.vat_loss;
              LM and KD losses on full (B, T, V) logits and softmaxes (masked after); each model runs its
              own vision tower + connector.
-  ours       the training path: model.TeacherStudent(...)(batch), its defaults, TAF applied.
+  ours       the training path: model.TeacherStudent(...)(batch) with the reference code's form of VAT (image
+             queries, column-pooled: what `reference` computes), TAF applied.
   novat      the same with vat=False (LM + KD): what VAT costs on top.
 First `ours` and `reference` run on the same batch and weights (attention sharpened, see build) and each
 loss (lm, kd, vat) must agree in check_dtype=float32 to 1e-5 relative on CPU (~1e-6 seen) or 1e-4 on CUDA.
@@ -48,8 +49,12 @@ import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
+from common import cast_weights, pick_device, resolve_dtype
 from configurator import cli, configure
-from model import VLM, TeacherStudent, VLMConfig, cast_weights, enable_checkpointing, set_trainable
+from data import IGNORE_INDEX
+from model import VLM, TeacherStudent, VLMConfig
+from stages import set_trainable
+from trainer import enable_checkpointing
 
 DEFAULTS = dict(
     preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
@@ -66,11 +71,7 @@ DEFAULTS = dict(
     grad_ckpt=False,               # gradient checkpointing in the student's LM
     peak_tflops=0.0,               # the card's bf16 dense peak; 0: from its name
     json_out="",                   # also write the results to this JSON file
-    memory_table=False,            # print the per-GPU memory estimate of the preset's DFT step instead (no GPU needed)
-    world=8,                       # memory_table: GPUs
-    seq_len=2048,                  # memory_table: tokens per sample (the recipe's max_length; the worst case)
-    sup_frac=0.25,                 # memory_table: the fraction of tokens that are supervised (answers)
-    lora_rank=128,                 # memory_table: the reference's LoRA rank
+    memory_table=False,            # print memory.py's per-GPU memory estimate of the preset instead (no GPU needed)
 )
 
 VISION = dict(model_type="siglip_vision_model", num_channels=3)
@@ -106,7 +107,8 @@ def build(p, dev):
         torch.manual_seed(1)
         student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=img_id),
                       vision_tower=teacher.vision_tower)
-        ts = TeacherStudent(teacher, student).apply_taf().to(dev)
+        reference_form = ad.VATSettings(vat_queries="image", vat_pool="column")  # what reference_losses computes
+        ts = TeacherStudent(teacher, student, reference_form).apply_taf().to(dev)
     # Random init attends almost uniformly (VAT ~ 0, a vacuous check): give q/k a std of 1.5/sqrt(d),
     # so attention logits have a std of ~2 as in trained models. Speed does not depend on the values.
     with torch.no_grad():
@@ -136,7 +138,7 @@ def make_batch(p, nv, dev):
     for b in range(B):
         start = p["prefix"] - 2 * b
         ids[b, start:start + nv] = p["vocab"] - 1
-        labels[b, :start + nv] = -100
+        labels[b, :start + nv] = IGNORE_INDEX
     px = torch.randn(B, 3, p["vision"]["image_size"], p["vision"]["image_size"], generator=g)
     return {k: v.to(dev) for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                                           pixel_values=px).items()}
@@ -148,7 +150,7 @@ def reference_losses(ts, batch):
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
     nv = s.num_image_tokens
-    pos = s.image_columns(is_img)  # (B, Nv)
+    pos = ad.image_columns(is_img, nv)  # (B, Nv)
 
     def forward(m):
         return m.llm(inputs_embeds=m.embed(ids, m.image_embeds(px)), attention_mask=mask,
@@ -165,12 +167,13 @@ def reference_losses(ts, batch):
         A_t, logits_t = image_block(out_t.attentions), out_t.logits
         del out_t
     out_s = forward(s)
-    A_s = image_block(out_s.attentions)[ts.student_layers]
-    A_t = ad.window_average(A_t, ts.windows)
-    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat_kwargs)
-    lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    A_s = image_block(out_s.attentions)[ts.pairs.student]
+    A_t = ad.window_average(A_t, ts.pairs.windows)
+    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat.loss_kwargs())
+    lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                         ignore_index=IGNORE_INDEX)
     # KD as the reference computes it: softmaxes over every position, then masked (here with the right shift)
-    tau, pred = ts.kd_temperature, labels[:, 1:] != -100
+    tau, pred = ts.kd_temperature, labels[:, 1:] != IGNORE_INDEX
     kl = F.kl_div((out_s.logits[:, :-1].float() / tau).log_softmax(-1), (logits_t[:, :-1].float() / tau).log_softmax(-1),
                   log_target=True, reduction="none").sum(-1)
     kd = (kl * pred).sum() / pred.sum() * tau ** 2
@@ -250,138 +253,10 @@ def lm_flops(llm, B, T, n_sup):
 
 
 def model_flops(ts, batch):
-    (B, T), n_sup = batch["input_ids"].shape, int((batch["labels"][:, 1:] != -100).sum())
+    (B, T), n_sup = batch["input_ids"].shape, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     v, nv = ts.student.vision_tower, ts.student.num_image_tokens
     f_vis = B * (2 * sum(p.numel() for p in v.parameters()) * nv + 4 * v.config.num_hidden_layers * v.config.hidden_size * nv ** 2)
     return f_vis + lm_flops(ts.teacher.llm, B, T, n_sup) + 3 * lm_flops(ts.student.llm, B, T, n_sup)
-
-
-# -----------------------------------------------------------------------------
-# memory estimate (no GPU needed): what a DFT step holds per GPU, by setup
-
-GIB = 2 ** 30
-SETUPS = ("ddp", "ddp_lora", "fsdp", "fsdp_lora")
-
-
-def param_counts(p, rank=0):
-    """Parameter counts of the preset's models, built on the meta device from their configs (exact, no memory):
-    LM parts, tower, connectors, and LoRA adapters of rank `rank` on every Linear of the student's decoder layers."""
-    lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
-    with torch.device("meta"):
-        teacher = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["teacher"]), image_token_id=0))
-        student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=0, taf=True,
-                                teacher_hidden_size=p["teacher"]["hidden_size"]), vision_tower=teacher.vision_tower)
-    count = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
-    c = {}
-    for who, m in (("s", student), ("t", teacher)):
-        layers = m.llm.base_model.layers
-        c[who + "_layers"] = count(layers)
-        c[who + "_layer"] = count(layers[0])
-        c[who + "_lm_rest"] = count(m.llm) - c[who + "_layers"]  # embeddings, final norm, LM head
-        c[who + "_tower"] = count(m.vision_tower)
-        c[who + "_connectors"] = count(m.connector) + (count(m.post_connector) if m.post_connector is not None else 0)
-    layers = student.llm.base_model.layers  # LoRA: rank x (in + out) per Linear of every decoder layer
-    c["lora"] = rank * sum(x.in_features + x.out_features for x in layers[0].modules()
-                           if isinstance(x, torch.nn.Linear)) * len(layers)
-    c["post_connector"] = count(student.post_connector)
-    c["s_cfg"], c["t_cfg"] = student.llm.config, teacher.llm.config
-    return c
-
-
-def layer_activation_bytes(cfg):
-    """Bytes one decoder layer (Qwen/Llama style) keeps for backward per token, under bf16 autocast with a float32
-    residual stream and SDPA/flash attention (no T x T scores): two RMSNorm inputs (float32, 4d each), their bf16
-    outputs that the projections keep (2d each), q, k, v and the attention output (SDPA keeps them), the MLP's gate,
-    up, SiLU(gate) and product (2f each)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return 2 * 4 * d + 2 * 2 * d + 2 * (2 * q + 2 * kv) + 4 * 2 * f
-
-
-def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=128):
-    """Per-GPU GiB of one DFT step (TAF, VAT on), as this code keeps it: the student's trainable weights in float32
-    (and cached in bf16 by autocast), its frozen ones in float32 but for LoRA's base LM (bf16), float32 gradients
-    and AdamW's two states for what trains, the frozen teacher in bf16, activations. ddp: everything replicated, the whole LM trains. ddp_lora: LoRA adapters of
-    `rank` train instead of the LM. fsdp: the student, its gradients and optimizer states sharded over `world`,
-    plus what is gathered (the root unit for the step, two decoder layers in flight); the teacher's decoder layers
-    sharded too. An estimate: allocator slack, CUDA context (~0.5 GiB) and communication buffers are not counted."""
-    if setup not in SETUPS:
-        raise ValueError(f"unknown setup '{setup}': use one of {SETUPS}")
-    c = param_counts(p, rank)
-    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
-    s_root = s_all - c["s_layers"]
-    lora = setup.endswith("_lora")
-    train = c["lora"] + c["post_connector"] if lora else c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
-    t_all = c["t_layers"] + c["t_lm_rest"] + c["t_tower"] + c["t_connectors"]
-    tokens, n_sup = batch * seq, sup * batch * seq
-    V = c["s_cfg"].vocab_size
-    if setup.startswith("fsdp"):
-        lora_layer = c["lora"] / c["s_cfg"].num_hidden_layers if lora else 0
-        # shards, plus the gathered bf16 compute copies: the root unit for the whole step, two layers in flight
-        weights = 4 * (s_all + (c["lora"] if lora else 0)) / world + 2 * s_root + 2 * 2 * (c["s_layer"] + lora_layer)
-        grads = 4 * train / world + 4 * c["s_layer"]  # sharded, plus one layer's before its reduce-scatter
-        optim = 8 * train / world
-        teacher = 2 * (c["t_layers"] / world + t_all - c["t_layers"] + c["t_layer"])
-    else:  # what trains in float32 (+ autocast's bf16 copy of it); frozen: LoRA's base LM in bf16, the rest float32
-        frozen_lm = c["s_layers"] + c["s_lm_rest"] if lora else 0
-        weights = 6 * train + 2 * frozen_lm + 4 * (s_all + (c["lora"] if lora else 0) - train - frozen_lm)
-        grads, optim = 4 * train, 8 * train
-        teacher = 2 * t_all
-    per_layer = layer_activation_bytes(c["s_cfg"]) * tokens
-    L = c["s_cfg"].num_hidden_layers
-    layers = (L * 4 * c["s_cfg"].hidden_size * tokens + per_layer) if ckpt else L * per_layer
-    # logits only where an answer token is predicted: student bf16 + float32 log-softmaxes for the LM loss and KD,
-    # and the teacher's float32 log-softmax as the KD target
-    logits = n_sup * V * (2 + 4 + 4 + 4)
-    teacher_act = layer_activation_bytes(c["t_cfg"]) * tokens  # no graph: about one layer's working set at a time
-    acts = layers + logits + teacher_act
-    out = dict(weights=weights, grads=grads, optimizer=optim, teacher=teacher, activations=acts)
-    out = {k: v / GIB for k, v in out.items()}
-    out["total"] = sum(out.values())
-    return out
-
-
-def startup_estimate(p, setup, world=8, rank=128):
-    """Per-GPU GiB at start-up or resume, before the first step (the larger: a resume also holds AdamW's states), as
-    trainer.py loads: ddp: the student (float32; LoRA's base LM in bf16) and the teacher (cast to bf16 on the CPU before
-    it moves), AdamW's states loaded. fsdp: every rank builds the models on the meta device and receives its shards
-    from rank 0 tensor by tensor, so its shards (student, teacher's decoder layers, AdamW's states and the zero
-    gradients torch's optimizer loading initialises them with), the teacher's unsharded rest, and the largest tensor in
-    flight (the student's float32 embedding or LM head). Rank 0 also holds the whole float32 student and bf16 teacher
-    in host memory while it sends them; train_state.pt is memory-mapped."""
-    if setup not in SETUPS:
-        raise ValueError(f"unknown setup '{setup}': use one of {SETUPS}")
-    c = param_counts(p, rank)
-    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
-    lora = setup.endswith("_lora")
-    train = c["lora"] + c["post_connector"] if lora else c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
-    t_all = c["t_layers"] + c["t_lm_rest"] + c["t_tower"] + c["t_connectors"]
-    if setup.startswith("fsdp"):
-        largest = 4 * c["s_cfg"].vocab_size * c["s_cfg"].hidden_size
-        held = (4 * (s_all + (c["lora"] if lora else 0)) + 12 * train + 2 * c["t_layers"]) / world
-        return (held + 2 * (t_all - c["t_layers"]) + largest) / GIB
-    frozen_lm = c["s_layers"] + c["s_lm_rest"] if lora else 0
-    weights = 4 * (s_all + (c["lora"] if lora else 0) - frozen_lm) + 2 * frozen_lm
-    return (weights + 2 * t_all + 8 * train) / GIB
-
-
-def memory_markdown(p, world=8, batch=4, seq=2048, sup=0.25, rank=128, cards=(24, 48, 80)):
-    rows = ["| setup | grad ckpt | student weights | gradients | optimizer | teacher | activations | total | start-up | "
-            + " | ".join(f"fits {g} GB" for g in cards) + " |",
-            "|---" * (9 + len(cards)) + "|"]
-    for setup in SETUPS:
-        for ckpt in (False, True):
-            e = memory_estimate(p, setup, ckpt, world, batch, seq, sup, rank)
-            start = startup_estimate(p, setup, world, rank)
-            name = {"ddp": "DDP, full fine-tuning", "ddp_lora": f"DDP + LoRA r{rank}", "fsdp": f"FSDP, {world} GPUs",
-                    "fsdp_lora": f"FSDP + LoRA r{rank}, {world} GPUs"}[setup]
-            peak = max(e["total"], start)
-            fits = ["yes" if peak * GIB * 1.1 < g * 1e9 else "no" for g in cards]  # 10 % for what is not counted
-            rows.append(f"| {name} | {'yes' if ckpt else 'no'} | " +
-                        " | ".join(f"{e[k]:.1f}" for k in ("weights", "grads", "optimizer", "teacher", "activations", "total"))
-                        + f" | {start:.1f} | " + " | ".join(fits) + " |")
-    return "\n".join(rows)
 
 
 def main(cfg):
@@ -391,20 +266,17 @@ def main(cfg):
         "check_dtype", "check_rtol", "optimizer", "compile", "grad_ckpt", "peak_tflops"))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': use one of {list(PRESETS)}")
-    if cfg["memory_table"]:
-        p = PRESETS[preset]
-        print(f"Estimated per-GPU memory (GiB) of one DFT step, {preset}: batch {p['batch']} x {cfg['seq_len']} tokens "
-              f"per GPU, {cfg['sup_frac']:.0%} of them supervised; estimates, not measurements (bench.memory_estimate "
-              "says what is counted).\n")
-        print(memory_markdown(p, cfg["world"], p["batch"], cfg["seq_len"], cfg["sup_frac"], cfg["lora_rank"]))
+    if cfg["memory_table"]:  # memory.py's table at its defaults (python memory.py --help: its settings)
+        import memory
+        print(memory.table(preset))
         return None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     if not mode_list or set(mode_list) - {"ours", "reference", "novat"}:
         raise ValueError(f"bad modes '{modes}': a comma-separated subset of ours,reference,novat")
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    run_dtype = getattr(torch, ("bfloat16" if dev.type == "cuda" else "float32") if dtype == "auto" else dtype)
+    dev = pick_device(device)
+    run_dtype = resolve_dtype(dtype, dev, allowed=("auto", "float32", "bfloat16", "float16"))
     p = PRESETS[preset]
     ts = build(p, dev)
     batch = make_batch(p, ts.student.num_image_tokens, dev)
@@ -422,10 +294,10 @@ def main(cfg):
         ts.student.llm.base_model.compile()
     B, T = batch["input_ids"].shape
     res["shape"] = dict(batch=B, seq_len=T, image_tokens=ts.student.num_image_tokens,
-                        supervised=int((batch["labels"] != -100).sum()),
+                        supervised=int((batch["labels"] != IGNORE_INDEX).sum()),
                         student_llm_params=sum(x.numel() for x in ts.student.llm.parameters()),
                         teacher_llm_params=sum(x.numel() for x in ts.teacher.llm.parameters()),
-                        student_layers=ts.student_layers, teacher_windows=ts.windows)
+                        student_layers=ts.pairs.student, teacher_windows=ts.pairs.windows)
     flops = model_flops(ts, batch)
     peak_flops = (peak_tflops * 1e12 or next((v for k, v in PEAK_BF16 if k in name), 0.0)) if dev.type == "cuda" else 0.0
     res.update(model_flops_per_step=flops, peak_flops=peak_flops or None)

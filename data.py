@@ -6,8 +6,8 @@ A sample is {"id", "image" (optional, relative to image_folder), "conversations"
 
     [<bos>]{system} USER: <image>\n{question} ASSISTANT: {answer}<eos> USER: {question} ASSISTANT: {answer}<eos> ...
 
-with "<image>" expanded to num_image_tokens image-token ids, and labels = -100 everywhere except on the
-assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
+with "<image>" expanded to num_image_tokens image-token ids, and labels = IGNORE_INDEX (-100) everywhere except on
+the assistant answers and their <eos>. A batch (collate()) is {input_ids, attention_mask, labels, pixel_values,
 image_mask, dropped, truncated}; model.py reads the first four and finds each sample's image positions from the
 image-token ids itself.
 """
@@ -124,7 +124,7 @@ def tokenize_conversation(conversations, tokenizer, num_image_tokens, has_image,
 
 
 # -----------------------------------------------------------------------------
-# tokenizer and image processor (tiny offline ones for the embedded default and the tests)
+# tokenizers and image processors (tiny offline ones for the embedded default and the tests)
 
 def word_tokenizer(words, template=CHAT):
     """A word-level tokenizer over `words` (any strings; they are split and lower-cased like the text will be).
@@ -153,6 +153,22 @@ def word_tokenizer(words, template=CHAT):
     tok.add_special_tokens(SPECIAL_TOKENS)  # matched before normalisation/splitting, so "<image>" stays one token
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
                                    extra_special_tokens=[IMAGE_TOKEN])
+
+
+def prepare_tokenizer(tok):
+    """Llama-style tokenizers have no pad token: pad with eos (padding is masked everywhere, so any id will do)."""
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def same_tokenizer(a, b):
+    """True when two tokenizers give every text the same ids: same vocabulary, special tokens and merges."""
+    if a is b:
+        return True
+    probe = "A chat: USER: <image>\nWhat colour is the 3rd cube? ASSISTANT: Red, 42 cm. \u00e9\u4e2d"
+    return (a.get_vocab() == b.get_vocab() and a.bos_token == b.bos_token and a.eos_token == b.eos_token
+            and a(probe).input_ids == b(probe).input_ids)
 
 
 def image_processor(image_size):

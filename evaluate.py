@@ -61,8 +61,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
+from checkpoint import find_checkpoint
+from common import pick_device, resolve_dtype
 from data import IGNORE_INDEX, collate, decode_answer, load_image, load_records, tokenize_conversation
-from model import VLM, find_checkpoint, resolve_dtype
+from model import VLM
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
 REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "vqa": "VQA.jsonl"}
@@ -656,10 +658,10 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
     if "align" in tasks and teacher is None:
         tasks.remove("align")
         report["notes"].append("align skipped: it needs a teacher (--teacher)")
-    s_layers = windows = None
+    pairs = None
     if "align" in tasks or heatmaps:
-        s_layers, windows = matched_layers(model, teacher, o["student_layers"], o["teacher_layers"], o["matching"] or None)
-        report["matched_layers"] = dict(student=s_layers, teacher_windows=windows)
+        pairs = matched_layers(model, teacher, o["student_layers"], o["teacher_layers"], o["matching"] or None)
+        report["matched_layers"] = dict(student=pairs.student, teacher_windows=pairs.windows)
 
     for task in tasks:
         t0 = time.time()
@@ -684,11 +686,11 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         elif task == "align":
             report["align"] = {}
             if files["vqa"]:
-                report["align"]["vqa"] = run_align(r, teacher, s_layers, windows,
+                report["align"]["vqa"] = run_align(r, teacher, pairs,
                                                    [(it["question"] + answer_suffix, it["image"], None) for it in vqa_items()],
                                                    "align vqa")
             if files["cr"]:
-                report["align"]["cr"] = run_align(r, teacher, s_layers, windows,
+                report["align"]["cr"] = run_align(r, teacher, pairs,
                                                   [(caption_prompt, it["image"], it["pos"]) for it in cr_items()],
                                                   "align cr")
         report["seconds"][task] = round(time.time() - t0, 2)
@@ -705,7 +707,7 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
             specs.append((caption_prompt, it["image"], it["pos"]))
             titles.append(f"CR {it['subset']}: {it['pos']}")
         t0 = time.time()
-        report["heatmaps"] = write_heatmaps(r, teacher, s_layers, windows, specs, titles, out)
+        report["heatmaps"] = write_heatmaps(r, teacher, pairs, specs, titles, out)
         report["seconds"]["heatmaps"] = round(time.time() - t0, 2)
     report["seconds"]["total"] = round(time.time() - t_start, 2)
 
@@ -866,7 +868,7 @@ def main(argv=None):
         raise ValueError("give --model=<checkpoint dir>, or --compare=name=dir,name=dir with --out=<dir>")
     if cfg["compare"] and not cfg["out"]:
         raise ValueError("--compare needs --out=<dir> for the comparison table")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     dtype = resolve_dtype(cfg["dtype"], device)
     teacher, teacher_path = _load(cfg["teacher"], dtype) if cfg["teacher"] else (None, None)
     if teacher is not None:

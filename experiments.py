@@ -88,8 +88,9 @@ TINY_HARD = dict(TINY_VISION, image_size=32)  # 16 visual tokens on the hard wor
 TINY_LLM = dict(model_type="qwen2", intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=256, tie_word_embeddings=True)
 # Per size: the world, the eval limit, the default --jobs, overrides for every stage ("all") and per stage; the hard
-# sizes also name their presets (config/<presets>_<stage>.py, also the results files' prefix) and rows. "published":
-# the size whose tables are the committed ones in results/ (the others write theirs under <out>/<size>/results).
+# sizes also name their presets (config/<presets>_<stage>.py, layered over config/shapes_<stage>.py; also the results
+# files' prefix) and rows. "published": the size whose tables are the committed ones in results/ (the others write
+# theirs under <out>/<size>/results).
 SIZES = {
     "test": dict(world=dict(n_train=24, n_test=4, image_size=24), eval_limit=2, jobs=1,
                  tower=dict(vision=TINY_VISION, steps=2, batch_size=4, progress=False),
@@ -137,16 +138,21 @@ def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
-def results_dir(o):
+def results_dir(opts):
     """--results, else results/ for a published size, else <out>/<size>/results: a test run must not overwrite the
     committed tables."""
-    if o["results"]:
-        return o["results"]
-    return "results" if SIZES[o["size"]].get("published") else os.path.join(o["out"], o["size"], "results")
+    if opts["results"]:
+        return opts["results"]
+    return "results" if SIZES[opts["size"]].get("published") else os.path.join(opts["out"], opts["size"], "results")
 
 
-def preset(size, stage):
-    return os.path.join(ROOT, "config", f"{SIZES[size].get('presets', 'shapes')}_{stage}.py")
+def presets(size, stage):
+    """The stage's config files: config/shapes_<stage>.py, then, for a size on another world, that world's layer
+    over it (config/<presets>_<stage>.py: only what differs there)."""
+    files = [os.path.join(ROOT, "config", f"shapes_{stage}.py")]
+    if SIZES[size].get("presets", "shapes") != "shapes":
+        files.append(os.path.join(ROOT, "config", f"{SIZES[size]['presets']}_{stage}.py"))
+    return files
 
 
 def size_rows(size):
@@ -156,23 +162,24 @@ def size_rows(size):
 def select_rows(size, names=""):
     """The size's rows named (by row or kind) in `names` (comma-separated), else all but the "pilot" kind."""
     want = set(names.split(",")) if names else None
-    return [r for r in size_rows(size) if (want is None and r[1] != "pilot") or (want and {r[0], r[1]} & want)]
+    return [row for row in size_rows(size)
+            if (want is None and row[1] != "pilot") or (want and {row[0], row[1]} & want)]
 
 
 def stage_args(size, stage, **kw):
-    """config/<presets>_<stage>.py, then the size's overrides, then this run's."""
+    """The stage's config files (presets), then the size's overrides, then this run's."""
     overrides = {**SIZES[size]["all"], **SIZES[size][stage], **kw}
-    return [preset(size, stage), *args(overrides)]
+    return [*presets(size, stage), *args(overrides)]
 
 
 def resolved_dft(overrides, size="quick"):
     import train_dft, trainer
-    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS), [preset(size, "dft"), *args(overrides)])
+    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS), [*presets(size, "dft"), *args(overrides)])
 
 
 def load(path):
-    with open(path) as f:
-        return json.load(f)
+    with open(path) as file:
+        return json.load(file)
 
 
 def run(script, argv, out_path, product, jobs):
@@ -192,23 +199,23 @@ def run(script, argv, out_path, product, jobs):
         if not torch.cuda.is_available():  # CPU: share the cores instead of oversubscribing them
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         with open(out_path + ".log", "w") as log:
-            r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        if r.returncode:
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        if proc.returncode:
             with open(out_path + ".log") as log:
-                raise RuntimeError(f"{script} {' '.join(argv)} failed ({r.returncode}):\n{log.read()[-3000:]}")
+                raise RuntimeError(f"{script} {' '.join(argv)} failed ({proc.returncode}):\n{log.read()[-3000:]}")
     wall = time.time() - t0
-    with open(done, "w") as f:
-        json.dump(dict(wall_s=wall, script=script, argv=argv), f)
+    with open(done, "w") as file:
+        json.dump(dict(wall_s=wall, script=script, argv=argv), file)
     print(f"[{wall:.0f}s] {script} -> {out_path}", flush=True)
     return wall
 
 
 def parallel(fns, jobs):
     if jobs == 1:
-        return [f() for f in fns]
-    with ThreadPoolExecutor(jobs) as ex:
-        return list(ex.map(lambda f: f(), fns))
+        return [fn() for fn in fns]
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda fn: fn(), fns))
 
 
 def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
@@ -233,16 +240,18 @@ def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
 
 
 def summary(per_seed, key, sub=None):
-    xs = [p[key][sub] if sub else p[key] for p in per_seed if p.get(key) is not None and (sub is None or sub in p[key])]
-    if xs:
-        return dict(mean=statistics.mean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.0, n=len(xs))
+    values = [scores[key][sub] if sub else scores[key] for scores in per_seed
+              if scores.get(key) is not None and (sub is None or sub in scores[key])]
+    if values:
+        return dict(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                    n=len(values))
 
 
-def cell(s, pct=True, digits=1, sci=False):
-    f, spec = (100 if pct else 1), f".{digits}{'e' if sci else 'f'}"  # sci: VAT losses go down to 1e-5
-    if s is None:
+def cell(stat, pct=True, digits=1, sci=False):
+    scale, spec = (100 if pct else 1), f".{digits}{'e' if sci else 'f'}"  # sci: VAT losses go down to 1e-5
+    if stat is None:
         return "-"
-    return f"{f * s['mean']:{spec}}" + (f" ± {f * s['std']:{spec}}" if s["n"] > 1 else "")
+    return f"{scale * stat['mean']:{spec}}" + (f" ± {scale * stat['std']:{spec}}" if stat["n"] > 1 else "")
 
 
 def chart(path, entries, title):
@@ -250,151 +259,156 @@ def chart(path, entries, title):
     label_w, width, bar, gap, top = 230, 900, 12, 10, 50
     height, scale = top + len(entries) * (2 * bar + gap) + 30, width - label_w - 70
     img = Image.new("RGB", (width, height), "white")
-    d, colors = ImageDraw.Draw(img), dict(VQA=(66, 133, 244), CR=(240, 150, 0))
+    draw, colors = ImageDraw.Draw(img), dict(VQA=(66, 133, 244), CR=(240, 150, 0))
     font = load_font(12)
-    d.text((10, 8), title, fill="black", font=font)
-    for i, (k, c) in enumerate(colors.items()):
-        d.rectangle([10 + 60 * i, 28, 20 + 60 * i, 38], fill=c)
-        d.text((24 + 60 * i, 26), k, fill="black", font=font)
-    for p in range(0, 101, 25):
-        x = label_w + scale * p / 100
-        d.line([(x, top - 5), (x, height - 25)], fill=(220, 220, 220))
-        d.text((x - 8, height - 20), str(p), fill="black", font=font)
+    draw.text((10, 8), title, fill="black", font=font)
+    for i, (label, color) in enumerate(colors.items()):
+        draw.rectangle([10 + 60 * i, 28, 20 + 60 * i, 38], fill=color)
+        draw.text((24 + 60 * i, 26), label, fill="black", font=font)
+    for pct in range(0, 101, 25):
+        x = label_w + scale * pct / 100
+        draw.line([(x, top - 5), (x, height - 25)], fill=(220, 220, 220))
+        draw.text((x - 8, height - 20), str(pct), fill="black", font=font)
     y = top
-    for name, m in entries:
-        d.text((10, y + bar - 7), name, fill="black", font=font)
-        for k, key in (("VQA", "vqa"), ("CR", "cr")):
-            mean, std = (m[key]["mean"], m[key]["std"]) if m.get(key) else (0.0, 0.0)
-            d.rectangle([label_w, y, label_w + scale * mean, y + bar - 2], fill=colors[k])
+    for name, means in entries:
+        draw.text((10, y + bar - 7), name, fill="black", font=font)
+        for label, key in (("VQA", "vqa"), ("CR", "cr")):
+            mean, std = (means[key]["mean"], means[key]["std"]) if means.get(key) else (0.0, 0.0)
+            draw.rectangle([label_w, y, label_w + scale * mean, y + bar - 2], fill=colors[label])
             if std:
-                d.line([(label_w + scale * max(0, mean - std), y + bar // 2 - 1),
-                        (label_w + scale * min(1, mean + std), y + bar // 2 - 1)], fill="black", width=2)
-            d.text((label_w + scale * min(1, mean + std) + 4, y - 1), f"{100 * mean:.1f}", fill="black", font=font)
+                draw.line([(label_w + scale * max(0, mean - std), y + bar // 2 - 1),
+                           (label_w + scale * min(1, mean + std), y + bar // 2 - 1)], fill="black", width=2)
+            draw.text((label_w + scale * min(1, mean + std) + 4, y - 1), f"{100 * mean:.1f}", fill="black",
+                      font=font)
             y += bar
         y += gap
     img.save(path)
 
 
-def train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared):
+def train_all(opts, size, jobs, limit, base, rows, seeds, cfgs, shared):
     """Data, teacher, then (in parallel) the teacher's eval and the DPT runs, then the DFT -> SFT -> eval pipelines."""
-    spec = {name: (dpt, dft) for name, _, dpt, dft in size_rows(o["size"])}
-    pipelines = sorted({(shared[name], s) for name, kind, _, _ in rows for s in seeds(kind)})
-    dpts = sorted({(spec[name][0], s) for name, s in pipelines})
-    data = o["data"] or os.path.join(base, "shapes")
+    spec = {name: (dpt, dft) for name, _, dpt, dft in size_rows(opts["size"])}
+    pipelines = sorted({(shared[name], seed) for name, kind, _, _ in rows for seed in seeds(kind)})
+    dpts = sorted({(spec[name][0], seed) for name, seed in pipelines})
+    data = opts["data"] or os.path.join(base, "shapes")
     if not os.path.exists(os.path.join(data, "meta.json")):
-        shapes.generate(data, **S["world"])
+        shapes.generate(data, **size["world"])
     tower = os.path.join(data, "vision_tower")
     if not os.path.exists(os.path.join(tower, "model.safetensors")):  # the world's "pretrained SigLIP"
         t0 = time.time()
-        shapes_tower.pretrain_tower(data, tower, **S["tower"])
+        shapes_tower.pretrain_tower(data, tower, **size["tower"])
         print(f"[{time.time() - t0:.0f}s] vision tower -> {tower}", flush=True)
     pretrain, instruct = os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")
-    teacher, walls = o["teacher"] or os.path.join(base, "teacher"), {"teacher": 0.0}
-    if o["teacher"] and not os.path.exists(os.path.join(teacher, "model.safetensors")):
+    teacher, walls = opts["teacher"] or os.path.join(base, "teacher"), {"teacher": 0.0}
+    if opts["teacher"] and not os.path.exists(os.path.join(teacher, "model.safetensors")):
         raise FileNotFoundError(f"--teacher={teacher}: no checkpoint there (omit --teacher to train one)")
-    if not o["teacher"]:
-        walls["teacher"] = run("train_sft.py", stage_args(o["size"], "teacher", out_dir=teacher, seed=0,
+    if not opts["teacher"]:
+        walls["teacher"] = run("train_sft.py", stage_args(opts["size"], "teacher", out_dir=teacher, seed=0,
                                                           data=f"{pretrain},{instruct}", vision_model=tower),
                                teacher, os.path.join(teacher, "model.safetensors"), jobs)
-    ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=o["cr_protocol"], limit=limit, data=data)
+    ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=opts["cr_protocol"], limit=limit, data=data)
     t_eval = os.path.join(base, "teacher_eval")
-    dpt_dir = lambda variant, s: os.path.join(base, f"seed{s}", f"dpt_{variant}")
+    dpt_dir = lambda variant, seed: os.path.join(base, f"seed{seed}", f"dpt_{variant}")
 
-    def dpt_job(variant, s):
-        out = dpt_dir(variant, s)
-        return run("train_dpt.py", stage_args(o["size"], "dpt", teacher=teacher, out_dir=out, seed=s, data=pretrain,
-                                              **DPT[variant]), out, os.path.join(out, "model.safetensors"), jobs)
+    def dpt_job(variant, seed):
+        out = dpt_dir(variant, seed)
+        return run("train_dpt.py", stage_args(opts["size"], "dpt", teacher=teacher, out_dir=out, seed=seed,
+                                              data=pretrain, **DPT[variant]),
+                   out, os.path.join(out, "model.safetensors"), jobs)
 
-    def pipeline(name, s):
-        d, (variant, dft), c = os.path.join(base, f"seed{s}", name), spec[name], cfgs[name]
+    def pipeline(name, seed):
+        run_dir, (variant, dft), dft_cfg = os.path.join(base, f"seed{seed}", name), spec[name], cfgs[name]
         return dict(
-            dft=run("train_dft.py", stage_args(o["size"], "dft", teacher=teacher, out_dir=f"{d}/dft", seed=s,
-                                               init_from=dpt_dir(variant, s), data=instruct, **dft),
-                    f"{d}/dft", f"{d}/dft/model.safetensors", jobs),
-            sft=run("train_sft.py", stage_args(o["size"], "sft", init_from=f"{d}/dft", out_dir=f"{d}/sft", seed=s,
-                                               data=instruct), f"{d}/sft", f"{d}/sft/model.safetensors", jobs),
-            eval=run("evaluate.py", args(dict(ev, model=f"{d}/sft", teacher=teacher, out=f"{d}/eval",
-                                              matching=c["matching"], student_layers=c["student_layers"],
-                                              teacher_layers=c["teacher_layers"])),
-                     f"{d}/eval", f"{d}/eval/report.json", jobs))
+            dft=run("train_dft.py", stage_args(opts["size"], "dft", teacher=teacher, out_dir=f"{run_dir}/dft",
+                                               seed=seed, init_from=dpt_dir(variant, seed), data=instruct, **dft),
+                    f"{run_dir}/dft", f"{run_dir}/dft/model.safetensors", jobs),
+            sft=run("train_sft.py", stage_args(opts["size"], "sft", init_from=f"{run_dir}/dft",
+                                               out_dir=f"{run_dir}/sft", seed=seed, data=instruct),
+                    f"{run_dir}/sft", f"{run_dir}/sft/model.safetensors", jobs),
+            eval=run("evaluate.py", args(dict(ev, model=f"{run_dir}/sft", teacher=teacher, out=f"{run_dir}/eval",
+                                              matching=dft_cfg["matching"], student_layers=dft_cfg["student_layers"],
+                                              teacher_layers=dft_cfg["teacher_layers"])),
+                     f"{run_dir}/eval", f"{run_dir}/eval/report.json", jobs))
 
     teacher_eval = lambda: run("evaluate.py", args(dict(ev, tasks="vqa,cr,pope,reefknot", model=teacher, out=t_eval)),
                                t_eval, os.path.join(t_eval, "report.json"), jobs)
-    w = parallel([teacher_eval] + [lambda v=v, s=s: dpt_job(v, s) for v, s in dpts], jobs)
-    walls["teacher_eval"] = w[0]
-    walls.update({f"dpt_{v}/seed{s}": x for (v, s), x in zip(dpts, w[1:])})
-    walls.update({f"{n}/seed{s}": x for (n, s), x in zip(pipelines, parallel([lambda p=p: pipeline(*p)
-                                                                                for p in pipelines], jobs))})
+    first_walls = parallel([teacher_eval] + [lambda v=v, s=s: dpt_job(v, s) for v, s in dpts], jobs)
+    walls["teacher_eval"] = first_walls[0]
+    walls.update({f"dpt_{variant}/seed{seed}": wall for (variant, seed), wall in zip(dpts, first_walls[1:])})
+    pipeline_walls = parallel([lambda p=p: pipeline(*p) for p in pipelines], jobs)
+    walls.update({f"{name}/seed{seed}": wall for (name, seed), wall in zip(pipelines, pipeline_walls)})
     return walls, t_eval, len(pipelines), len(dpts)
 
 
 def main(argv=None):
-    o = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
-    if o["size"] not in SIZES:
-        raise ValueError(f"--size={o['size']}: use one of {list(SIZES)}")
-    S, t_start, base = SIZES[o["size"]], time.time(), os.path.join(o["out"], o["size"])
-    o["results"] = results_dir(o)
-    jobs = o["jobs"] or S["jobs"]
-    limit = S["eval_limit"] if o["eval_limit"] < 0 else o["eval_limit"]
-    all_rows, rows = size_rows(o["size"]), select_rows(o["size"], o["rows"])
-    seeds = lambda kind: list(range(o["seed_offset"], o["seed_offset"] + (o["seeds"] if kind == "main"
-                                                                          else o["ablation_seeds"])))
+    opts = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
+    if opts["size"] not in SIZES:
+        raise ValueError(f"--size={opts['size']}: use one of {list(SIZES)}")
+    size, t_start, base = SIZES[opts["size"]], time.time(), os.path.join(opts["out"], opts["size"])
+    opts["results"] = results_dir(opts)
+    jobs = opts["jobs"] or size["jobs"]
+    limit = size["eval_limit"] if opts["eval_limit"] < 0 else opts["eval_limit"]
+    all_rows, rows = size_rows(opts["size"]), select_rows(opts["size"], opts["rows"])
+    seeds = lambda kind: list(range(opts["seed_offset"], opts["seed_offset"] + (opts["seeds"] if kind == "main"
+                                                                                else opts["ablation_seeds"])))
     # rows with the same DPT variant and resolved DFT config share runs (decided over all rows: stable dirs)
     cfgs, shared, first = {}, {}, {}
     for name, kind, dpt, dft in all_rows:
-        cfgs[name] = resolved_dft(dft, o["size"])
+        cfgs[name] = resolved_dft(dft, opts["size"])
         shared[name] = first.setdefault((dpt, json.dumps(cfgs[name], sort_keys=True)), name)
-    walls, t_eval, n_pipe, n_dpt = train_all(o, S, jobs, limit, base, rows, seeds, cfgs, shared)
+    walls, t_eval, n_pipe, n_dpt = train_all(opts, size, jobs, limit, base, rows, seeds, cfgs, shared)
 
-    t_m = metrics(load(os.path.join(t_eval, "report.json")), o["cr_protocol"])
-    teacher_setting = os.path.relpath(preset(o["size"], "teacher"), ROOT) + ", trained once, shared"
+    t_m = metrics(load(os.path.join(t_eval, "report.json")), opts["cr_protocol"])
+    teacher_setting = " + ".join(os.path.relpath(p, ROOT) for p in presets(opts["size"], "teacher"))
+    teacher_setting += ", trained once, shared"
     results = [dict(name="teacher", kind="teacher", setting=teacher_setting,
                     shared_with=None, seeds=[0], per_seed=[dict(seed=0, wall_s=walls["teacher"] + walls["teacher_eval"],
                                                                 **t_m)])]
     for name, kind, dpt, dft in rows:
         per, run_name = [], shared[name]
-        for s in seeds(kind):
-            d = os.path.join(base, f"seed{s}", run_name)
-            m = metrics(load(f"{d}/eval/report.json"), o["cr_protocol"], f"{d}/dft", cfgs[name]["vat_weight"] > 0)
-            wall = walls[f"dpt_{dpt}/seed{s}"] + sum(walls[f"{run_name}/seed{s}"].values())
-            per.append(dict(seed=s, dir=d, wall_s=wall, **m))
+        for seed in seeds(kind):
+            run_dir = os.path.join(base, f"seed{seed}", run_name)
+            scores = metrics(load(f"{run_dir}/eval/report.json"), opts["cr_protocol"], f"{run_dir}/dft",
+                             cfgs[name]["vat_weight"] > 0)
+            wall = walls[f"dpt_{dpt}/seed{seed}"] + sum(walls[f"{run_name}/seed{seed}"].values())
+            per.append(dict(seed=seed, dir=run_dir, wall_s=wall, **scores))
         setting = f"DPT {dpt}; DFT " + (" ".join(f"{k}={v}".replace(" ", "") for k, v in dft.items()) or "recipe")
         results.append(dict(name=name, kind=kind, setting=setting, shared_with=None if run_name == name else run_name,
                             seeds=seeds(kind), overrides=dict(dpt=DPT[dpt], dft=dft), per_seed=per))
     subsets = list(results[0]["per_seed"][0]["cr_subsets"])
-    for r in results:
-        r["mean"] = {k: summary(r["per_seed"], k) for k in SCORES + ["vat_final", "wall_s"]}
+    for row in results:
+        row["mean"] = {k: summary(row["per_seed"], k) for k in SCORES + ["vat_final", "wall_s"]}
         for key in NESTED:
-            names = list(dict.fromkeys(n for p in r["per_seed"] for n in p.get(key, {})))
-            r["mean"][key] = {n: summary(r["per_seed"], key, n) for n in names}
+            names = list(dict.fromkeys(n for scores in row["per_seed"] for n in scores.get(key, {})))
+            row["mean"][key] = {n: summary(row["per_seed"], key, n) for n in names}
     compute = sum(v if isinstance(v, float) else sum(v.values()) for v in walls.values())
     wall = time.time() - t_start
     header = (f"{n_pipe} student pipelines (DFT -> SFT -> eval) on {n_dpt} DPT runs, jobs={jobs}, device "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}. Wall time of this call {wall:.0f} s; all stages' "
               f"own wall times summed (runs reused from earlier calls included) {compute:.0f} s. Eval limit "
               f"{limit or 'none'} items per file / subset / split.")
-    write_results(o, results, subsets, header,
-                  dict(options=o, jobs=jobs, eval_limit=limit, wall_s=wall, compute_s=compute, stage_walls=walls))
+    write_results(opts, results, subsets, header,
+                  dict(options=opts, jobs=jobs, eval_limit=limit, wall_s=wall, compute_s=compute, stage_walls=walls))
     return results
 
 
-def write_results(o, results, subsets, header, info):
-    proto = "likelihood" if "likelihood" in o["cr_protocol"] else "mcq"
+def write_results(opts, results, subsets, header, info):
+    proto = "likelihood" if "likelihood" in opts["cr_protocol"] else "mcq"
     cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
             ["POPE F1", "Reefknot halluc. (mean)", "align CR (paper VAT)", "align CR (img q)", "align CR (text q)",
              "final VAT loss (DFT)", "wall (s)"])
-    prefix = SIZES[o["size"]].get("presets", "shapes")
+    prefix = SIZES[opts["size"]].get("presets", "shapes")
     world = "hard shapes world" if prefix == "shapes_hard" else "shapes world"
-    seeds_of = lambda r: str(len(r["seeds"])) + (f" (runs of {r['shared_with']})" if r["shared_with"] else "")
-    lines = [f"# CompoDistill on the {world}, size `{o['size']}`", "", header, "",
+    seeds_of = lambda row: str(len(row["seeds"])) + (f" (runs of {row['shared_with']})" if row["shared_with"] else "")
+    lines = [f"# CompoDistill on the {world}, size `{opts['size']}`", "", header, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in results:
-        m = r["mean"]
-        cells = ([r["name"], r["setting"], seeds_of(r), cell(m["vqa"]), cell(m["cr"])] +
-                 [cell(m["cr_subsets"].get(s)) for s in subsets] +
-                 [cell(m["pope_f1"]), cell(m["reefknot"].get("mean")), cell(m["align"], digits=2),
-                  cell(m["align_image"], digits=2), cell(m["align_text"], digits=2),
-                  cell(m["vat_final"], False, 2, sci=True), cell(m["wall_s"], False, 0)])
+    for row in results:
+        means = row["mean"]
+        cells = ([row["name"], row["setting"], seeds_of(row), cell(means["vqa"]), cell(means["cr"])] +
+                 [cell(means["cr_subsets"].get(s)) for s in subsets] +
+                 [cell(means["pope_f1"]), cell(means["reefknot"].get("mean")), cell(means["align"], digits=2),
+                  cell(means["align_image"], digits=2), cell(means["align_text"], digits=2),
+                  cell(means["vat_final"], False, 2, sci=True), cell(means["wall_s"], False, 0)])
         lines.append("| " + " | ".join(cells) + " |")
     # relations and hallucination: the main rows, each number on its own item set
     rel_types = [t for t in ("rel_yn", "rel_query", "rel_what", "rel_choice") if t in results[0]["mean"]["vqa_types"]]
@@ -404,15 +418,15 @@ def write_results(o, results, subsets, header, info):
              ["POPE acc"] + [f"Reefknot halluc. {t}" for t in tasks])
     lines += ["", "## Relations and hallucination (main rows)", "", "| " + " | ".join(rcols) + " |",
               "|" + "---|" * len(rcols)]
-    for r in results:
-        if r["kind"] not in ("teacher", "main"):
+    for row in results:
+        if row["kind"] not in ("teacher", "main"):
             continue
-        m = r["mean"]
-        lines.append("| " + " | ".join([r["name"], seeds_of(r), cell(m["cr_subsets"].get("replace_rel"))] +
-                                        [cell(m["vqa_types"].get(t)) for t in rel_types] +
-                                        [cell(m["pope_splits"].get(s)) for s in splits] + [cell(m["pope_acc"])] +
-                                        [cell(m["reefknot"].get(t)) for t in tasks]) + " |")
-    first = o["seed_offset"]
+        means = row["mean"]
+        lines.append("| " + " | ".join([row["name"], seeds_of(row), cell(means["cr_subsets"].get("replace_rel"))] +
+                                        [cell(means["vqa_types"].get(t)) for t in rel_types] +
+                                        [cell(means["pope_splits"].get(s)) for s in splits] + [cell(means["pope_acc"])] +
+                                        [cell(means["reefknot"].get(t)) for t in tasks]) + " |")
+    first = opts["seed_offset"]
     lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. CR: the "
               f"SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluation reads them, F1 "
               "(mean over the splits) and accuracy. Reefknot: hallucination rate (1 - accuracy) per task and their "
@@ -426,15 +440,15 @@ def write_results(o, results, subsets, header, info):
               "(seeds column).", "",
               f"DPT variants (overrides on config/{prefix}_dpt.py, which is KD + TAF): " +
               "; ".join(f"{k}: {v or 'no overrides'}" for k, v in DPT.items()), ""]
-    os.makedirs(o["results"], exist_ok=True)
-    with open(os.path.join(o["results"], f"{prefix}_table.md"), "w") as f:
+    os.makedirs(opts["results"], exist_ok=True)
+    with open(os.path.join(opts["results"], f"{prefix}_table.md"), "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(o["results"], f"{prefix}_results.json"), "w") as f:
+    with open(os.path.join(opts["results"], f"{prefix}_results.json"), "w") as f:
         json.dump(dict(info, rows=results), f, indent=1)
-    chart(os.path.join(o["results"], f"{prefix}_chart.png"),
-          [(r["name"] + (f" (= {r['shared_with']})" if r["shared_with"] else ""), r["mean"]) for r in results],
-          f"{world[0].upper() + world[1:]} ({o['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
-    print("\n".join(lines) + f"\n-> {o['results']}/{prefix}_table.md, {prefix}_results.json, {prefix}_chart.png")
+    chart(os.path.join(opts["results"], f"{prefix}_chart.png"),
+          [(row["name"] + (f" (= {row['shared_with']})" if row["shared_with"] else ""), row["mean"]) for row in results],
+          f"{world[0].upper() + world[1:]} ({opts['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
+    print("\n".join(lines) + f"\n-> {opts['results']}/{prefix}_table.md, {prefix}_results.json, {prefix}_chart.png")
 
 
 if __name__ == "__main__":

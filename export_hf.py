@@ -42,8 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import ours_to_llava_key, unique_state_dict, write_weights
+from common import resolve_dtype
 from data import CHAT, IMAGE_TOKEN, tokenize_conversation
-from model import VLM, ours_to_llava_key, resolve_dtype, tower_tokens, unique_state_dict, write_weights, SHARD_BYTES
+from model import VLM, tower_tokens
 
 DEFAULTS = dict(
     model="",            # checkpoint directory: any stage's out_dir (or a LLaVA directory, rewritten as ours is)
@@ -91,7 +93,7 @@ def hf_tensors(vlm, dtype, where="the model"):
 
 def distill_note(vlm):
     """{"compodistill": {"distill": the layer pairs the student was distilled on}} (nothing for a model that was not
-    distilled): transformers keeps an unknown config key as it is, and model.llava_config reads it back, so
+    distilled): transformers keeps an unknown config key as it is, and checkpoint.llava_settings reads it back, so
     evaluate.py's alignment on an export measures the pairs training aligned."""
     distill = (vlm.config.extra or {}).get("distill")
     return {"compodistill": {"distill": distill}} if distill else {}
@@ -185,7 +187,7 @@ def check_prompt(vlm, out, question=PROBE):
     return got
 
 
-def export(model, out, dtype=torch.float32, max_shard_bytes=SHARD_BYTES):
+def export(model, out, dtype=torch.float32, max_shard_bytes=None):
     """Write `model` (a VLM or a checkpoint directory) to `out` as a Hugging Face LLaVA directory; returns `out`."""
     vlm = VLM.from_pretrained(model) if isinstance(model, str) else model
     tensors = hf_tensors(vlm, dtype, model if isinstance(model, str) else "the model")  # a refusal writes nothing

@@ -1,5 +1,6 @@
 """
-The model: a LLaVA-style VLM and the teacher/student wrapper that computes CompoDistill's losses.
+The model: a LLaVA-style VLM, how one starts (load_vlm), and the teacher/student wrapper that computes CompoDistill's
+losses.
 
 VLM: image -> vision tower (frozen, features of `vision_feature_layer`) -> connector
 (`mlp{depth}x_gelu`) [-> post_connector under TAF] -> N_v visual tokens written into the text
@@ -11,27 +12,32 @@ and attention capture.
 
 TeacherStudent: a frozen teacher and a trainable student; one forward returns
 {lm, kd, vat, total}. Only the logits at supervised positions are ever computed, and the shared
-frozen vision tower (plus the teacher connector under TAF) runs once for both models.
+frozen vision tower (plus the teacher connector under TAF) runs once for both models. The attention
+losses themselves (which rows and columns, which layers, the VAT and KD formulas) are in attention_distill.py;
+reading and writing checkpoint directories is in checkpoint.py.
 """
 
 import copy
 import inspect
-from contextlib import contextmanager, nullcontext
 import json
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import attention_distill as ad
+from checkpoint import (check_llava_tokenizer, checkpoint_kind, find_checkpoint, llava_key_to_ours, llava_settings,
+                        llava_to_ours, load_weights, match_tower_nesting, params_on_meta, plain_state_dict, read_config,
+                        read_weights, unique_state_dict, vlm_kind, write_weights)
+from common import cast_weights
+from data import IGNORE_INDEX, IMAGE_TOKEN, prepare_tokenizer, same_tokenizer
 
 
 @dataclass
@@ -41,7 +47,7 @@ class VLMConfig:
     connector: str = "mlp2x_gelu"      # mlp{depth}x_gelu, as in LLaVA
     taf: bool = False                  # student sees images through the teacher connector + post_connector
     teacher_hidden_size: int = 0       # width of the teacher connector (TAF only)
-    image_token: str = "<image>"
+    image_token: str = IMAGE_TOKEN
     image_token_id: int = -1
     vision_feature_layer: int = -2     # SigLIP's second-to-last layer, as LLaVA
     # LLaVA's name: "default" drops the tower's first feature (CLIP's CLS token; on SigLIP, which has none, the
@@ -56,13 +62,11 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path):
-        d = _read_json(os.path.join(path, "config.json"))
-        if "drop_first_patch" in d:  # checkpoints written before the LLaVA name
-            d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
-        return cls(**d)
+        """The config of a checkpoint directory: ours (config.json), or a Hugging Face LLaVA one, read as ours."""
+        return cls(**(llava_settings(path) if checkpoint_kind(path) == "llava" else read_config(path)))
 
 
-def _hf_config(spec):
+def backbone_config(spec):
     """A transformers config from a dict {model_type, ...} or from an id / path."""
     if isinstance(spec, dict):
         spec = dict(spec)
@@ -75,41 +79,6 @@ def _vision_config(cfg):
     return getattr(cfg, "vision_config", cfg)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name, device, allowed=("auto", "float32", "bfloat16")):
-    """A script's `dtype` setting as a torch dtype: one of `allowed`, where "auto" is bfloat16 on CUDA and float32
-    elsewhere. Anything else is an error that lists the choices."""
-    if name not in allowed:
-        raise ValueError(f"dtype={name!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def cast_weights(module, dtype):
-    """Cast the parameters (and saved buffers) to `dtype`, in place. Buffers a model computes from its config stay as
-    built: rotary frequencies in bf16 would put the angle of position 1000 off by up to ~2 radians (module.to(dtype)
-    casts those too)."""
-    for p in module.parameters():
-        p.data = p.data.to(dtype)
-    for m in module.modules():
-        for name, b in m._buffers.items():
-            if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
-                m._buffers[name] = b.to(dtype)
-    return module
-
-
-def enable_checkpointing(llm):
-    """Gradient checkpointing per decoder layer, non-reentrant: a reentrant first pass runs without a graph, and
-    the VAT maps computed from it would have no gradient."""
-    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-        llm.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def tower_tokens(tower):
     """(features per image, whether the first one is a CLS token) of a vision tower: CLIP emits its patches plus a
     CLS token in front, SigLIP its patches only."""
@@ -118,22 +87,6 @@ def tower_tokens(tower):
     emb = next((m for n, m in tower.named_modules() if n.split(".")[-1] == "embeddings"), None)
     n = getattr(emb, "num_positions", patches)
     return n, n == patches + 1
-
-
-def prepare_tokenizer(tok):
-    """Llama-style tokenizers have no pad token: pad with eos (padding is masked everywhere, so any id will do)."""
-    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def same_tokenizer(a, b):
-    """True when two tokenizers give every text the same ids: same vocabulary, special tokens and merges."""
-    if a is b:
-        return True
-    probe = "A chat: USER: <image>\nWhat colour is the 3rd cube? ASSISTANT: Red, 42 cm. \u00e9\u4e2d"
-    return (a.get_vocab() == b.get_vocab() and a.bos_token == b.bos_token and a.eos_token == b.eos_token
-            and a(probe).input_ids == b(probe).input_ids)
 
 
 def build_connector(kind, d_in, d_out):
@@ -151,9 +104,10 @@ class VLM(nn.Module):
         super().__init__()
         self.config = config
         if vision_tower is None:
-            vision_tower = AutoModel.from_config(_vision_config(_hf_config(config.vision)))
+            vision_tower = AutoModel.from_config(_vision_config(backbone_config(config.vision)))
         if llm is None:
-            llm = AutoModelForCausalLM.from_config(_hf_config(config.llm), attn_implementation=ad.ATTN_IMPLEMENTATION)
+            llm = AutoModelForCausalLM.from_config(backbone_config(config.llm),
+                                                   attn_implementation=ad.ATTN_IMPLEMENTATION)
         llm.set_attn_implementation(ad.ATTN_IMPLEMENTATION)
         self.vision_tower, self.llm = vision_tower, llm
         self.vision_tower.requires_grad_(False)  # always frozen (LLaVA / the paper)
@@ -184,9 +138,9 @@ class VLM(nn.Module):
         return self._num_image_tokens
 
     @property
-    def image_adapter(self):
-        """The trainable image-to-LM module: post_connector under TAF (the connector is the teacher's, frozen),
-        else the connector."""
+    def trainable_connector(self):
+        """The part of the image path that trains: post_connector under TAF (the connector is then the teacher's,
+        frozen), else the connector."""
         return self.post_connector if self.config.taf else self.connector
 
     @property
@@ -231,11 +185,6 @@ class VLM(nn.Module):
                              "consecutive image-token ids, or be absent")
         return is_img, counts > 0
 
-    def image_columns(self, is_img):
-        """(B, N_v) sorted positions of each sample's image tokens (any N_v positions for a text-only
-        sample, which callers mask out): the rows / columns attention capture reads."""
-        return is_img.int().argsort(dim=1, descending=True, stable=True)[:, :self.num_image_tokens].sort(1).values
-
     def embed(self, input_ids, image_embeds=None):
         """Token embeddings with the visual tokens written at the image positions."""
         is_img, has_img = self.image_positions(input_ids)
@@ -262,7 +211,8 @@ class VLM(nn.Module):
         logits = self.logits(self.hidden_states(input_ids, attention_mask, self.image_embeds(pixel_values)))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
         return {"loss": loss, "logits": logits}
 
     @torch.no_grad()
@@ -320,7 +270,7 @@ class VLM(nn.Module):
         for d, prefix in ((cfg.vision, "vision_tower."), (cfg.llm, "llm.")):
             d["dtype"] = str(next(v for k, v in weights.items() if k.startswith(prefix)).dtype).removeprefix("torch.")
         cfg.save(path)
-        write_weights(unique_state_dict(self, weights), path, max_shard_bytes or SHARD_BYTES)
+        write_weights(unique_state_dict(self, weights), path, max_shard_bytes)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.image_processor is not None:
@@ -329,14 +279,13 @@ class VLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None):
         """A VLM from a checkpoint directory: ours (a stage's out_dir) or a Hugging Face LLaVA one (imported by an
-        explicit key mapping, see `llava_config` / `llava_key_to_ours`), weights in one file or sharded. Weights load
-        in float32 (trainable masters) unless `dtype` says otherwise; the model is built without random init. A
-        stage's out_dir whose last save was interrupted between its two renames loads from out_dir.old."""
+        explicit key mapping, checkpoint.LLAVA_KEYS), weights in one file or sharded. Weights load in float32
+        (trainable masters) unless `dtype` says otherwise; the model is built without random init. A stage's out_dir
+        whose last save was interrupted between its two renames loads from out_dir.old."""
         path = find_checkpoint(path) or path
         kind = checkpoint_kind(path)
-        config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
         with params_on_meta():
-            model = cls(config)
+            model = cls(VLMConfig.load(path))
         tensors = read_weights(path)
         nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
         if kind == "llava":
@@ -361,9 +310,8 @@ class VLM(nn.Module):
         if kind is None:
             vcfg = _vision_config(AutoConfig.from_pretrained(path))
             return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
-        config = llava_config(path) if kind == "llava" else VLMConfig.load(path)
         with params_on_meta():
-            tower = AutoModel.from_config(_vision_config(_hf_config(config.vision)))
+            tower = AutoModel.from_config(_vision_config(backbone_config(VLMConfig.load(path).vision)))
         rename = llava_key_to_ours if kind == "llava" else (lambda k: k)
         nested = any(k.startswith("vision_model.") for k in tower.state_dict())
         # the tower's tensors only: a 7B LLaVA's LM is never read for its tower
@@ -372,11 +320,12 @@ class VLM(nn.Module):
         return load_weights(tower, tensors, f"{path} (its vision tower)", dtype or torch.float32).eval()
 
     @classmethod
-    def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token="<image>", dtype=None, seed=None, **kw):
+    def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token=IMAGE_TOKEN, dtype=None, seed=None,
+                       vision_feature_select_strategy=""):
         """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer. A whole VLM's
-        directory as `vision` (LLaVA or ours) gives its tower with the feature layer and selection it was used with
-        (a selection in `kw` wins). `seed`: torch's seed for the new weights, set right after the reads."""
-        kw = {**tower_settings(vision), **{k: v for k, v in kw.items() if v != ""}}
+        directory as `vision` (LLaVA or ours) gives its tower read as that VLM reads it (tower_reading). `seed`:
+        torch's seed for the new weights, set right after the reads."""
+        layer, select = tower_reading(vision, vision_feature_select_strategy)
         tower = cls.load_vision_tower(vision, dtype=dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
         if seed is not None:  # after the reads: the image token's embedding row and the connector are new
@@ -387,65 +336,83 @@ class VLM(nn.Module):
         if len(tok) > lm.get_input_embeddings().num_embeddings:
             lm.resize_token_embeddings(len(tok))
         config = VLMConfig(vision=vision, llm=llm, connector=connector, image_token=image_token,
-                           image_token_id=tok.convert_tokens_to_ids(image_token), **kw)
+                           image_token_id=tok.convert_tokens_to_ids(image_token), vision_feature_layer=layer,
+                           vision_feature_select_strategy=select)
         model = cls(config, vision_tower=tower, llm=lm)
         model.tokenizer = tok
         model.image_processor = AutoImageProcessor.from_pretrained(vision)
         return cast_weights(model, dtype) if dtype is not None else model
 
 
-def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, vision=None, tokenizer="",
-             image_processor="", data_dir=".", connector="mlp2x_gelu", vision_feature_select_strategy="", seed=None):
+# -----------------------------------------------------------------------------
+# how a model starts
+
+
+def tower_reading(path, select=""):
+    """(vision_feature_layer, vision_feature_select_strategy) for a tower taken from `path`: a whole VLM's directory
+    (LLaVA or ours) gives the ones that VLM reads its tower with, so the tower is read as it was trained to be; a
+    `select` given wins. Anything else: LLaVA's feature layer and `select` ("" lets the VLM pick the tower's own)."""
+    layer = VLMConfig.vision_feature_layer
+    if vlm_kind(path) is not None:
+        c = VLMConfig.load(path)
+        layer, select = c.vision_feature_layer, select or c.vision_feature_select_strategy
+    return layer, select
+
+
+def load_vlm(cfg, teacher=None):
     """
-    The one way a model starts, from whatever `init_from` points at:
+    The one way a model starts, from a training config `cfg` (trainer.DEFAULTS names and explains the settings read
+    here). cfg["init_from"]:
       a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
       "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
                     connector (VLM.from_backbones); vision_model may also be a LLaVA directory or one of our
                     checkpoints, whose tower (weights, feature layer, selection, image processor) is taken
-      "scratch"     a new LM from the `llm` config dict. With a teacher (a VLM or its directory) it shares the
-                    teacher's tower (its feature layer and selection too), tokenizer and image processor, as KD, VAT
-                    and TAF need; else it sits on
-                    vision_model's pretrained tower or a new one from the `vision` dict, with the tokenizer and
-                    image processor given (default: data_dir's tokenizer/ and image_processor/, as shapes.py writes)
-    `seed`: torch's seed for the new weights, set right before they are drawn, so that a new model's start depends on
-    its seed alone, not on what was read before it (reading a checkpoint moves the random stream).
+      "scratch"     a new LM from the `llm` config dict. With a teacher (`teacher`, a VLM, else cfg["teacher"]'s
+                    directory) it shares the teacher's tower (its feature layer and selection too), tokenizer and
+                    image processor, as KD, VAT and TAF need; else it sits on vision_model's pretrained tower or a new
+                    one from the `vision` dict, with the tokenizer and image processor given (default: the data
+                    folder's tokenizer/ and image_processor/, as shapes.py writes them)
+    cfg["seed"] seeds torch right before the new weights are drawn, so that a new model's start depends on its seed
+    alone, not on what was read before it (reading a checkpoint moves the random stream).
     """
+    init_from, select, seed = cfg["init_from"], cfg["vision_feature_select_strategy"], cfg["seed"]
     if init_from == "backbones":
-        if not (vision_model and llm_model):
+        if not (cfg["vision_model"] and cfg["llm_model"]):
             raise ValueError("init_from=backbones needs vision_model and llm_model (HF ids or local paths)")
-        return VLM.from_backbones(vision_model, llm_model, connector=connector, seed=seed,
-                                  vision_feature_select_strategy=vision_feature_select_strategy)
+        return VLM.from_backbones(cfg["vision_model"], cfg["llm_model"], connector=cfg["connector"], seed=seed,
+                                  vision_feature_select_strategy=select)
     if init_from != "scratch":
         if not init_from or find_checkpoint(init_from) is None:
             raise FileNotFoundError(f"init_from={init_from!r}: no checkpoint there; run the previous stage first (it "
                                     "writes its out_dir), or use init_from=backbones or scratch")
         return VLM.from_pretrained(init_from)
-    if not llm:
+    if not cfg["llm"]:
         raise ValueError("init_from=scratch needs an `llm` config dict (see config/shapes_*.py)")
-    select, layer = vision_feature_select_strategy, VLMConfig.vision_feature_layer
-    if isinstance(teacher, str):  # not distilling (a baseline), but the same tower and tokenizer
-        teacher = VLM.from_pretrained(teacher)
+    data_dir = os.path.dirname(os.path.abspath(cfg["data"].split(",")[0]))
+    layer, vision = VLMConfig.vision_feature_layer, cfg["vision"]
+    if teacher is None and cfg["teacher"]:  # not distilling (a baseline), but the same tower and tokenizer
+        teacher = VLM.from_pretrained(cfg["teacher"])
     if teacher is not None:  # the teacher's tower, tokenizer and image processor: KD and VAT need them equal
         tower, tok, proc = copy.deepcopy(teacher.vision_tower), teacher.tokenizer, teacher.image_processor
         vision, select = teacher.config.vision, teacher.config.vision_feature_select_strategy
         layer = teacher.config.vision_feature_layer
     else:
-        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or os.path.join(data_dir, "tokenizer")))
-        if vision_model:  # a pretrained tower (e.g. shapes.py's) under a new LM
-            tower = VLM.load_vision_tower(vision_model)
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer")))
+        if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
+            tower = VLM.load_vision_tower(cfg["vision_model"])
             vision = tower.config.to_dict()
-            proc = AutoImageProcessor.from_pretrained(image_processor or vision_model)
-            settings = tower_settings(vision_model)  # a LLaVA's tower is read as that LLaVA reads it
-            layer = settings.get("vision_feature_layer", layer)
-            select = select or settings.get("vision_feature_select_strategy", "")
+            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or cfg["vision_model"])
+            layer, select = tower_reading(cfg["vision_model"], select)
         elif vision:
             tower = None
-            proc = AutoImageProcessor.from_pretrained(image_processor or os.path.join(data_dir, "image_processor"))
+            proc = AutoImageProcessor.from_pretrained(cfg["image_processor"]
+                                                      or os.path.join(data_dir, "image_processor"))
         else:
-            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` path")
-    llm = dict(llm, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = VLMConfig(vision=vision, llm=llm, connector=connector, vision_feature_select_strategy=select,
-                       vision_feature_layer=layer, image_token_id=tok.convert_tokens_to_ids("<image>"))
+            raise ValueError("init_from=scratch without a teacher needs a `vision` config dict or a `vision_model` "
+                             "path")
+    llm = dict(cfg["llm"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = VLMConfig(vision=vision, llm=llm, connector=cfg["connector"], vision_feature_select_strategy=select,
+                       vision_feature_layer=layer, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN))
     if seed is not None:
         torch.manual_seed(seed)
     model = VLM(config, vision_tower=tower)
@@ -455,65 +422,6 @@ def load_vlm(init_from, teacher=None, vision_model="", llm_model="", llm=None, v
 
 # -----------------------------------------------------------------------------
 # teacher / student
-
-
-def set_trainable(student, stage, train_llm=None, train_vision=False):
-    """
-    Freeze everything, then unfreeze the stage's trainable set (README, "What each stage does"): the image
-    adapter (post_connector under TAF, else the student's own connector) always; the LLM in DFT
-    and SFT (or wherever `train_llm` says), or only its LoRA adapters when it has them. A TAF
-    connector never trains; the vision tower only with train_vision (a model trained from scratch,
-    e.g. the shapes teacher; never when distilling). Returns the trainable parameters.
-    """
-    if stage not in ("dpt", "dft", "sft"):
-        raise ValueError(f"unknown stage '{stage}': use dpt, dft or sft")
-    student.requires_grad_(False)
-    student.image_adapter.requires_grad_(True)
-    if train_llm if train_llm is not None else stage != "dpt":
-        lora = [p for n, p in student.llm.named_parameters() if is_lora(n)]
-        for p in lora or student.llm.parameters():
-            p.requires_grad_(True)
-    if train_vision:
-        student.vision_tower.requires_grad_(True)
-    return [p for p in student.parameters() if p.requires_grad]
-
-
-# -----------------------------------------------------------------------------
-# LoRA (optional: peft), as the reference recipe trains DFT and SFT
-
-
-def add_lora(student, rank, alpha=0.0, dropout=0.0, targets="all-linear"):
-    """Rank-`rank` LoRA adapters (peft) on the student LM's linears: by default every Linear of the decoder
-    layers (not the LM head). B starts at zero, so the model's outputs do not change. alpha 0: 2 * rank (the
-    reference's r 128 / alpha 256). The attention modules stay where they were, so VAT capture works unchanged."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:
-        raise ImportError(f"lora_rank={rank} needs peft, an optional dependency: pip install peft") from e
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets)
-    inject_adapter_in_model(cfg, student.llm)
-    return student
-
-
-def is_lora(name):
-    return ".lora_" in name
-
-
-def plain_state_dict(module, state_dict=None):
-    """`module`'s weights (its state_dict, or the given one with the same names, e.g. gathered from FSDP shards)
-    with LoRA adapters merged into their base weights, W + scale * B @ A, in float32, under the plain names
-    (q_proj.weight, not q_proj.base_layer.weight): what a later stage, evaluate.py or transformers loads without
-    peft. Without adapters: the weights as they are."""
-    sd = dict(module.state_dict() if state_dict is None else state_dict)
-    for name, m in module.named_modules():
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):  # a peft LoRA layer
-            a, b = sd.pop(f"{name}.lora_A.default.weight"), sd.pop(f"{name}.lora_B.default.weight")
-            w = sd.pop(f"{name}.base_layer.weight")
-            sd[f"{name}.weight"] = w.float() + m.scaling["default"] * (b.float() @ a.float())
-            if f"{name}.base_layer.bias" in sd:
-                sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
-    return sd
 
 
 def same_weights(a, b):
@@ -531,24 +439,17 @@ class TeacherStudent(nn.Module):
     """
     Student + frozen teacher; forward(batch) -> {lm, kd, vat, total}. With teacher=None (SFT) it
     is the plain LM loss. The teacher is deliberately *not* a registered submodule: DDP, the
-    optimizer, state_dict() and checkpoints see only the student.
+    optimizer, state_dict() and checkpoints see only the student. `vat`: attention_distill.VATSettings
+    (which layers, how they are matched, which form of the loss).
     """
 
-    def __init__(self, teacher, student, student_layers=None, teacher_layers=None, matching="group",
-                 vat_queries="all", vat_pool="flat", vat_loss="cosine", vat_layer_reduce="sum", kd_weight=1.0,
-                 vat_weight=1.0, kd_temperature=1.0):
+    def __init__(self, teacher, student, vat=None, kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0):
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)
+        self.vat = vat or ad.VATSettings()
         self.kd_weight, self.vat_weight, self.kd_temperature = kd_weight, vat_weight, kd_temperature
-        self.matching, self.vat_queries = matching, vat_queries
-        # The outlier filter belongs to the reference (column) form; the paper's flat form has none.
-        self.vat_kwargs = dict(pool=vat_pool, loss=vat_loss, filter_outliers=vat_pool == "column",
-                               layer_reduce=vat_layer_reduce)
-        if matching not in ("group", "simple", "adaptive"):
-            raise ValueError(f"unknown matching '{matching}': use group, simple or adaptive")
-        if vat_queries not in ("image", "all", "text"):
-            raise ValueError(f"unknown vat_queries '{vat_queries}': use image, all or text")
+        self.pairs = None  # the matched layers (attention_distill.LayerPairs); with a teacher only
         if teacher is None:
             return
         teacher.eval().requires_grad_(False)
@@ -567,12 +468,8 @@ class TeacherStudent(nn.Module):
             self.vocab_size = len(student.tokenizer)
         else:
             self.vocab_size = min(m.llm.get_output_embeddings().out_features for m in (teacher, student))
-        self.student_layers = ad.resolve_layers(student_layers, student.llm.config.num_hidden_layers)
-        self.teacher_layers = ad.resolve_layers(teacher_layers, teacher.llm.config.num_hidden_layers)
-        if matching == "simple":
-            self.windows = [[t] for t in ad.simple_matching(self.student_layers, self.teacher_layers)]
-        else:
-            self.windows = ad.group_matching(self.student_layers, self.teacher_layers)
+        self.pairs = ad.match_layers(student.llm.config.num_hidden_layers, teacher.llm.config.num_hidden_layers,
+                                     self.vat.student_layers, self.vat.teacher_layers, self.vat.matching)
         # Checked once, before any cast to bf16: a shared frozen tower lets one vision forward serve both models.
         self.shared_vision = (same_weights(teacher.vision_tower, student.vision_tower)
                               and teacher.config.vision_feature_layer == student.config.vision_feature_layer
@@ -647,26 +544,21 @@ class TeacherStudent(nn.Module):
             else:
                 img_s = s.project(z)
 
-        # 2. which attention rows / columns VAT needs: each sample's own image positions
+        # 2. the attention rows / columns VAT reads: each sample's own image positions
+        rows = cols = row_mask = None
         if vat:
-            B, T = ids.shape
-            cols = s.image_columns(is_img)
-            rows, row_mask = cols, None
-            if self.vat_queries != "image":
-                rows = torch.arange(T, device=ids.device).expand(B, T)
-                row_mask = mask.bool() & (~is_img if self.vat_queries == "text" else True)
+            rows, cols, row_mask = ad.vat_positions(is_img, mask, self.vat.vat_queries, s.num_image_tokens)
 
         # 3. the two forwards (teacher without a graph), capturing only the matched layers
-        pred = labels[:, 1:] != -100  # positions that predict a supervised token
+        pred = labels[:, 1:] != IGNORE_INDEX  # positions that predict a supervised token
         targets = labels[:, 1:][pred]
         maps_t = maps_s = None
         if kd or vat:
             with torch.no_grad():
-                layers_t = sorted({l for w in self.windows for l in w}) if vat else []
-                with ad.capture_attention(t.llm, layers_t, rows, cols) if vat else nullcontext() as maps_t:
+                with ad.capture_attention(t.llm, self.pairs.captured, rows, cols) if vat else nullcontext() as maps_t:
                     h_t = t.hidden_states(ids, mask, img_t)
                 logits_t = t.logits(h_t[:, :-1][pred]) if kd else None
-        with ad.capture_attention(s.llm, self.student_layers, rows, cols) if vat else nullcontext() as maps_s:
+        with ad.capture_attention(s.llm, self.pairs.student, rows, cols) if vat else nullcontext() as maps_s:
             h_s = s.hidden_states(ids, mask, img_s)
         logits_s = s.logits(h_s[:, :-1][pred])
 
@@ -674,336 +566,8 @@ class TeacherStudent(nn.Module):
         zero = h_s.sum() * 0.0
         lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero
         kd_l = ad.kd_loss(logits_s, logits_t, self.kd_temperature, self.vocab_size) if kd else zero
-        vat_l = zero
-        if vat:
-            A_s = torch.stack([maps_s[l] for l in self.student_layers])
-            if self.matching == "adaptive":
-                chosen = ad.adaptive_matching(A_s, maps_t, self.windows, sample_mask=has_img)
-                A_t = torch.stack([maps_t[l] for l in chosen])
-            else:
-                A_t = ad.window_average(maps_t, self.windows)
-            if row_mask is not None:  # rows that are padding (or not text) count for nothing
-                A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
-            vat_l = ad.vat_loss(A_s, A_t, sample_mask=has_img, **self.vat_kwargs)
+        vat_l = ad.vat_term(maps_s, maps_t, self.pairs, self.vat, has_img, row_mask) if vat else zero
         total = lm + self.kd_weight * kd_l + self.vat_weight * vat_l
-        if img_s is None:  # text only: under DDP every trainable parameter must join the backward, the adapter too
-            total = total + sum(p.sum() for p in s.image_adapter.parameters() if p.requires_grad) * 0.0
+        if img_s is None:  # text only: under DDP every trainable parameter must join the backward, the connector too
+            total = total + sum(p.sum() for p in s.trainable_connector.parameters() if p.requires_grad) * 0.0
         return {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
-
-
-# -----------------------------------------------------------------------------
-# checkpoint directories: ours or a Hugging Face LLaVA one; weights in one safetensors file or sharded
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}}, as on the hub
-SHARD_BYTES = 5 * 2**30  # the hub's usual shard size: a 7B model in float32 becomes 6 files
-ACCEPTED = ("a CompoDistill checkpoint (a stage's out_dir: config.json with 'vision' and 'llm', model.safetensors) or "
-            "a Hugging Face LLaVA directory (LlavaForConditionalGeneration: config.json with model_type 'llava', "
-            "model.safetensors or model.safetensors.index.json with its shards, tokenizer and image processor)")
-
-
-def has_weights(path):
-    """True when directory `path` holds safetensors weights: one file, or an index and its shards."""
-    return any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
-
-
-def find_checkpoint(path):
-    """`path` if it holds weights; else `path`.old if that does (a stage killed between the two renames of its
-    checkpoint swap leaves the previous checkpoint there); else None."""
-    for p in (path, path + ".old"):
-        if os.path.isdir(p) and has_weights(p):
-            return p
-    return None
-
-
-def vlm_kind(path):
-    """"ours" or "llava" when `path` is a directory whose config.json describes a whole VLM (then checkpoint_kind
-    checks it), else None: a hub id, a vision model's or an LM's directory."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        return None
-    cfg = _read_json(cfg_path)
-    if ("vision" in cfg and "llm" in cfg) or cfg.get("model_type") == "llava":
-        return checkpoint_kind(path)
-    return None
-
-
-def tower_settings(path):
-    """{vision_feature_layer, vision_feature_select_strategy} a whole VLM's directory reads its tower with (empty for
-    anything else): a tower taken from a LLaVA is read as that LLaVA reads it."""
-    kind = vlm_kind(path)
-    if kind is None:
-        return {}
-    c = llava_config(path) if kind == "llava" else VLMConfig.load(path)
-    return dict(vision_feature_layer=c.vision_feature_layer,
-                vision_feature_select_strategy=c.vision_feature_select_strategy)
-
-
-def checkpoint_kind(path):
-    """"ours" or "llava" for a directory VLM.from_pretrained can load; anything else is an error that says what was
-    found there and what is accepted."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory; expected {ACCEPTED}")
-    found = ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json (found: {found}); expected {ACCEPTED}")
-    cfg = _read_json(cfg_path)
-    if "vision" in cfg and "llm" in cfg:
-        kind = "ours"
-    elif cfg.get("model_type") == "llava":
-        kind = "llava"
-    else:
-        raise ValueError(f"{cfg_path} describes model_type {cfg.get('model_type')!r} "
-                         f"(architectures {cfg.get('architectures')}), which is neither kind of checkpoint this "
-                         f"project loads: expected {ACCEPTED}. A separate vision tower and causal LM enter with "
-                         "init_from=backbones (vision_model=..., llm_model=...)")
-    if not has_weights(path):
-        raise FileNotFoundError(f"{path}: a {'LLaVA' if kind == 'llava' else 'CompoDistill'} config.json but no "
-                                f"weights (found: {found}); expected {WEIGHTS_NAME}, or {WEIGHTS_INDEX_NAME} and the "
-                                "shards it lists")
-    return kind
-
-
-def _read_safetensors(file, keep=None):
-    """name -> tensor of one safetensors file (only the names `keep` accepts, when given). A damaged file (cut short
-    by an interrupted copy, an error page saved in its place) is an error that names it."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         "the file is damaged or not safetensors: copy or download the checkpoint again, or rerun the "
-                         "stage that wrote it") from e
-
-
-def _read_json(file):
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); the file is damaged: copy or download the checkpoint again, "
-                         "or rerun the stage that wrote it") from e
-
-
-def read_weights(path, keep=None):
-    """name -> tensor from model.safetensors, or from every shard that model.safetensors.index.json lists; with
-    `keep` (name -> bool), only the tensors it accepts are read."""
-    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return _read_safetensors(os.path.join(path, WEIGHTS_NAME), keep)
-    index = os.path.join(path, WEIGHTS_INDEX_NAME)
-    weight_map = _read_json(index)
-    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file); the file is damaged: copy or "
-                         "download the checkpoint again")
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        if not os.path.isfile(os.path.join(path, shard)):
-            raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {path}: copy or download "
-                                    "every shard of the checkpoint")
-        if keep is None or any(keep(k) for k, v in weight_map.items() if v == shard):
-            tensors.update(_read_safetensors(os.path.join(path, shard), keep))
-    if keep is not None:
-        weight_map = {k: v for k, v in weight_map.items() if keep(k)}
-    if tensors.keys() != weight_map.keys():
-        raise ValueError(f"{index} and its shards disagree on the tensor names (in the index only: "
-                         f"{sorted(weight_map.keys() - tensors.keys())[:5]}, in the shards only: "
-                         f"{sorted(tensors.keys() - weight_map.keys())[:5]}); the download is incomplete or mixed")
-    return tensors
-
-
-def write_weights(tensors, path, max_shard_bytes=SHARD_BYTES):
-    """Write name -> tensor as model.safetensors, or, past max_shard_bytes, as model-0000i-of-0000n.safetensors plus
-    model.safetensors.index.json (the layout of hub checkpoints). Earlier weight files in `path` are removed first,
-    so a directory never mixes two models."""
-    for f in os.listdir(path):
-        if f == WEIGHTS_INDEX_NAME or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f):
-            os.remove(os.path.join(path, f))
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(path, WEIGHTS_INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def unique_state_dict(module, weights=None):
-    """`weights` (default: the module's state dict) with each tensor once: a weight tied to another (an LM head
-    sharing the input embedding) is kept under its first name only, as safetensors cannot store one tensor twice."""
-    first, names = {}, set()
-    for name, p in module.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-        names.add(name)
-    tied = names - set(first.values())
-    return {k: v for k, v in (module.state_dict() if weights is None else weights).items() if k not in tied}
-
-
-@contextmanager
-def params_on_meta():
-    """Build modules with their parameters on the meta device: no memory and no random init for weights that a
-    checkpoint is about to replace (a 7B LM would otherwise be initialised once for nothing). Buffers stay real: some
-    are computed at construction and never saved (rotary frequencies, position ids)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def load_weights(model, tensors, source, dtype=torch.float32):
-    """Give `model` (built under params_on_meta) the weights `tensors`, strictly: every weight of the model must be
-    there and every tensor must have a place. Tied weights (an LM head sharing the embedding) may be stored under
-    either name and stay one parameter. The loaded tensors are cast to `dtype` (floating point only); buffers built
-    from the config (rotary frequencies) stay as built, float32, as transformers keeps them: in bfloat16 the rotary
-    angles of late positions would be off by radians."""
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    expected = set(model.state_dict())
-    recomputed = {n for n, _ in model.named_buffers()} - expected  # non-persistent: rebuilt from the config
-    unexpected = sorted(k for k in tensors if k not in expected and k not in recomputed)
-    state = {k: t for k, t in tensors.items() if k in expected}
-    for names in aliases.values():
-        found = [n for n in names if n in state]
-        for n in names if found else ():
-            state[n] = state[found[0]]
-    missing = sorted(expected - state.keys())
-    if unexpected or missing:
-        raise ValueError(f"{source}: the weights do not fit the model its config describes: "
-                         f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
-    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    for names in aliases.values():  # assign gave each name its own Parameter: tie them again
-        p = model.get_parameter(names[0])
-        for n in names[1:]:
-            owner, _, leaf = n.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, p)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    assert not left, f"parameters left without weights: {left[:8]}"
-    return model
-
-
-def match_tower_nesting(key, nested):
-    """CLIP and SigLIP towers of older transformers versions keep their weights under `vision_model.`, newer ones do
-    not: rename a vision_tower.* key to the nesting of the tower this transformers builds."""
-    if not key.startswith("vision_tower."):
-        return key
-    rest = key.removeprefix("vision_tower.").removeprefix("vision_model.")
-    return "vision_tower." + ("vision_model." if nested else "") + rest
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face LLaVA (LlavaForConditionalGeneration) <-> ours, by an explicit key mapping
-
-# (our prefix, the hub's prefix, transformers 5's prefix). Hub checkpoints (llava-hf/*) use the second form, and so
-# does save_pretrained in transformers 5; the third is transformers 5's module tree, which some checkpoints carry.
-# LLaVA's projector is our mlp2x_gelu connector: linear_1, GELU, linear_2.
-LLAVA_KEYS = [
-    ("llm.model.", "language_model.model.", "model.language_model."),
-    ("llm.lm_head.", "language_model.lm_head.", "lm_head."),
-    ("connector.0.", "multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_1."),
-    ("connector.2.", "multi_modal_projector.linear_2.", "model.multi_modal_projector.linear_2."),
-    ("vision_tower.", "vision_tower.", "model.vision_tower."),
-]
-
-
-def llava_key_to_ours(key):
-    """Our name for a LLaVA checkpoint's tensor, or None if the table has no row for it."""
-    for ours, hub, tf5 in LLAVA_KEYS:
-        for prefix in (hub, tf5):
-            if key.startswith(prefix):
-                return ours + key[len(prefix):]
-    return None
-
-
-def ours_to_llava_key(key):
-    """The hub name (what llava-hf checkpoints and older transformers versions use) of one of our tensors."""
-    for ours, hub, _ in LLAVA_KEYS:
-        if key.startswith(ours):
-            return match_tower_nesting(hub + key[len(ours):], nested=True) if ours == "vision_tower." else \
-                hub + key[len(ours):]
-    raise ValueError(f"{key}: no LLaVA name for this tensor (LLaVA holds a vision tower, a 2-layer projector and a "
-                     "causal LM)")
-
-
-def llava_to_ours(tensors, model, source):
-    """Rename a LLaVA checkpoint's tensors to ours; a tensor without a row in LLAVA_KEYS is an error that names it."""
-    if model.llm.base_model_prefix != "model" or model.llm.get_output_embeddings() is not model.llm.lm_head:
-        raise ValueError(f"{source}: LLaVA import maps the LM as `model` + `lm_head` (Llama, Qwen, Mistral, ...); "
-                         f"{type(model.llm).__name__} is laid out otherwise")
-    out, unmapped = {}, []
-    for key, t in tensors.items():
-        ours = llava_key_to_ours(key)
-        if ours is None:
-            unmapped.append(key)
-        else:
-            out[ours] = t
-    if unmapped:
-        raise ValueError(f"{source}: {len(unmapped)} tensors of this LLaVA checkpoint map to nothing of ours: "
-                         f"{sorted(unmapped)[:8]} (known prefixes: "
-                         f"{', '.join(p for row in LLAVA_KEYS for p in row[1:])})")
-    return out
-
-
-def llava_config(path):
-    """Our VLMConfig for a LLaVA directory: its vision and text configs, the projector as mlp2x_gelu, its image token,
-    vision_feature_layer and vision_feature_select_strategy (and, for a student exported by export_hf.py, the layer
-    pairs it was distilled on)."""
-    c = AutoConfig.from_pretrained(path)
-    problems = []
-    if c.projector_hidden_act != "gelu":
-        problems.append(f"projector_hidden_act is {c.projector_hidden_act!r}, not 'gelu'")
-    if not c.multimodal_projector_bias:
-        problems.append("the projector has no biases (multimodal_projector_bias=false)")
-    if not isinstance(c.vision_feature_layer, int):
-        problems.append(f"vision_feature_layer is {c.vision_feature_layer} (several layers concatenated); one layer "
-                        "is supported")
-    if problems:
-        raise ValueError(f"{path}/config.json: this LLaVA checkpoint does not fit our VLM (a vision tower's one "
-                         f"feature layer -> mlp2x_gelu -> LM): {'; '.join(problems)}")
-    text = c.text_config.to_dict()
-    # LLaVA ties the LM head to the embedding when its own config says so (it inherits the text config's flag)
-    text["tie_word_embeddings"] = bool(c.tie_word_embeddings or text.get("tie_word_embeddings"))
-    extra = {"imported_from": "llava", "source": os.path.abspath(path)}
-    ours = getattr(c, "compodistill", None) or {}  # what export_hf.py keeps of a distilled student
-    if ours.get("distill"):
-        extra["distill"] = ours["distill"]
-    return VLMConfig(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu",
-                     image_token_id=c.image_token_index, vision_feature_layer=c.vision_feature_layer,
-                     vision_feature_select_strategy=c.vision_feature_select_strategy, extra=extra)
-
-
-def check_llava_tokenizer(model, path):
-    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
-    id its config gives the image token."""
-    tok = model.tokenizer
-    if tok is None or model.image_processor is None:
-        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
-                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
-                                "the processor files too")
-    got = tok.convert_tokens_to_ids(model.config.image_token)
-    if got != model.image_token_id:
-        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
-                         f"image_token_index is {model.image_token_id}; the image token must be "
-                         f"{model.config.image_token!r} with that id")

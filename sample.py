@@ -13,8 +13,9 @@ import sys
 
 import torch
 
+from common import pick_device, resolve_dtype
 from data import decode_answer, load_image, tokenize_conversation
-from model import VLM, resolve_dtype
+from model import VLM
 
 DEFAULTS = dict(
     model="out/shapes/sft",   # checkpoint directory: ours or a Hugging Face LLaVA one
@@ -47,8 +48,7 @@ def main(argv=None):
         raise ValueError("give --image=<png/jpg file> (and --model=<checkpoint dir>, --prompt=...)")
     if cfg["max_new_tokens"] < 1:
         raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: the answer needs at least 1 token; give 1 or more")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg["device"] == "auto" else cfg["device"])
+    device = pick_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     try:
         image = load_image(cfg["image"])

@@ -87,7 +87,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoModel
     from data import load_image
-    from model import VLMConfig, _hf_config
+    from model import VLMConfig, backbone_config
     meta = json.load(open(os.path.join(world, "meta.json")))
     scenes = json.load(open(os.path.join(world, "scenes.json")))
     proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
@@ -98,7 +98,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     vision.setdefault("patch_size", rules.get("patch_size") or meta["image_size"] // meta["grid"])
     patches = vision["image_size"] // vision["patch_size"]
     torch.manual_seed(seed)
-    tower = AutoModel.from_config(_hf_config(vision))
+    tower = AutoModel.from_config(backbone_config(vision))
     layer = VLMConfig.vision_feature_layer  # what the VLM reads (LLaVA: second to last)
     if by_patch:
         names = [f"block{k}" for k in range(SUB * SUB)] + ["shape"] * with_shape + ["row", "col"]

@@ -8,9 +8,9 @@ intermediate layers, group matching by default). Trains the LLM and the post_con
 """
 import trainer
 from configurator import cli
+from stages import stage_defaults
 
-STAGE_DEFAULTS = dict(stage="dft", out_dir="out/shapes/dft", init_from="out/shapes/dpt",
-                      data="out/shapes/instruct.json", teacher="out/shapes/teacher", kd_weight=1.0, vat_weight=1.0)
+STAGE_DEFAULTS = stage_defaults("dft")  # its row of stages.STAGES, on out/shapes
 
 if __name__ == "__main__":
     cli(lambda: trainer.main(STAGE_DEFAULTS, doc=__doc__))

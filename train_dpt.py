@@ -8,9 +8,9 @@ the teacher's trained connector (frozen) and trains only a new post_connector (d
 """
 import trainer
 from configurator import cli
+from stages import stage_defaults
 
-STAGE_DEFAULTS = dict(stage="dpt", out_dir="out/shapes/dpt", data="out/shapes/pretrain.json",
-                      teacher="out/shapes/teacher", kd_weight=1.0, vat_weight=0.0, taf=True)
+STAGE_DEFAULTS = stage_defaults("dpt")  # its row of stages.STAGES, on out/shapes
 
 if __name__ == "__main__":
     cli(lambda: trainer.main(STAGE_DEFAULTS, doc=__doc__))

@@ -8,9 +8,9 @@ the "student without distillation" baseline.
 """
 import trainer
 from configurator import cli
+from stages import stage_defaults
 
-STAGE_DEFAULTS = dict(stage="sft", out_dir="out/shapes/sft", init_from="out/shapes/dft",
-                      data="out/shapes/instruct.json", kd_weight=0.0, vat_weight=0.0)
+STAGE_DEFAULTS = stage_defaults("sft")  # its row of stages.STAGES, on out/shapes
 
 if __name__ == "__main__":
     cli(lambda: trainer.main(STAGE_DEFAULTS, doc=__doc__))

@@ -1,26 +1,25 @@
 """
 The one training loop, shared by the three stages (train_dpt.py, train_dft.py, train_sft.py).
 
-A stage script only chooses defaults (data, which losses, which parameters train); everything else
-is here, top to bottom: set-up (plain python or torchrun DDP), models, data, optimizer, the loop
-(gradient accumulation, bf16 autocast on GPU, cosine LR with warm-up, clipping, logging, eval) and
-checkpoints (a directory per stage, written atomically, resumable bit for bit).
+train(cfg) reads as the run: start-up (processes, resume point, models), data, optimizer, then the loop (gradient
+accumulation, autocast, cosine LR with warm-up, clipping, logging, validation, checkpoints). The helpers follow it
+in the order it calls them. What differs between one process / DDP and FSDP is behind one small interface
+(Replicated, Sharded); the data order is a pure function of the seed and the sample position (BatchSampler), so
+resume and DDP need no data-loader state; checkpoints are directories, written atomically (checkpoint.py), from
+which a rerun resumes bit for bit (Checkpointer).
 """
 
 import bisect
-import datetime
-import json
 import math
 import os
-import pickle
 import random
-import shutil
 import signal
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,15 +27,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import attention_distill as ad
+from checkpoint import find_checkpoint, load_train_state, plain_state_dict, read_weights, save_checkpoint
+from common import cast_weights, compute_cleanup, compute_init, print0, resolve_dtype
 from configurator import configure
 from data import LLaVADataset, check_dataset, collate, too_many_dropped
-from model import (VLM, TeacherStudent, add_lora, cast_weights, enable_checkpointing, find_checkpoint, load_vlm,
-                   plain_state_dict, read_weights, set_trainable)
+from model import VLM, TeacherStudent, load_vlm
+from stages import add_lora, set_trainable, stage, trains_llm
 
-# Defaults shared by the stages; each stage script overrides a few, then config files / --key=value.
+# Defaults shared by the stages; each stage script overrides a few (stages.stage_defaults), then config files and
+# --key=value.
 DEFAULTS = dict(
     # -- what runs ----------------------------------------------------------------------------------------------
-    stage="sft",                  # dpt | dft | sft: which parameters train (model.set_trainable)
+    stage="sft",                  # dpt | dft | sft: the stage's recipe (stages.STAGES: losses, what trains, teacher)
     out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
     init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
                                   # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
@@ -48,7 +51,7 @@ DEFAULTS = dict(
     tokenizer="",                 # scratch without a teacher: tokenizer directory (default: <data folder>/tokenizer)
     image_processor="",           # scratch without a teacher: image-processor directory (default: <data folder>/...)
     teacher="",                   # the teacher's checkpoint directory (needed for kd_weight, vat_weight or taf)
-    connector="mlp2x_gelu",       # image adapter of a new model: mlp{depth}x_gelu, as LLaVA's
+    connector="mlp2x_gelu",       # the connector of a new model: mlp{depth}x_gelu, as LLaVA's
     vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", CLS dropped; SigLIP: "full");
                                   # "default" on SigLIP drops the first patch, as the reference code does
     # -- data ---------------------------------------------------------------------------------------------------
@@ -58,7 +61,7 @@ DEFAULTS = dict(
     val_frac=0.02,                # the held-out fraction of data when there is no val_data
     max_length=512,               # tokens per sample; longer text is cut (and counted), a cut image drops the sample
     num_workers=0,                # DataLoader worker processes
-    # -- the method (README: what each stage does) --------------------------------------------------------------
+    # -- the method (stages.py: what each stage does; attention_distill.VATSettings: the VAT settings) ----------
     kd_weight=0.0,                # weight of L_KD, the logit distillation (0: no KD)
     vat_weight=0.0,               # weight of L_VAT, the visual attention alignment (0: no VAT)
     kd_temperature=1.0,           # KD's softmax temperature (the loss is scaled by its square)
@@ -107,148 +110,179 @@ DEFAULTS = dict(
 # Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
 # (Not eval_interval: whether it is 0 decides whether a validation slice is held out of the training data.)
 RESUME_FREE = {"log_interval", "eval_batches", "save_interval", "stop_after", "num_workers", "compile", "grad_ckpt"}
-AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSSES = ("lm", "kd", "vat", "total")
 
 
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+def train(cfg):
+    """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
+    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
+        check_out_dir(cfg["out_dir"])
+    distributed, rank, world, device = compute_init(single_group=cfg["fsdp"])
+    par = (Sharded if cfg["fsdp"] else Replicated)(distributed, rank, world, device)
+    out_dir, resume_dir, state = cfg["out_dir"], *resume_point(cfg)
+    if state and state["step"] >= cfg["max_steps"]:
+        print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
+        compute_cleanup()
+        return state["log"][-1] if state["log"] else {}
+    if state:
+        check_world(state, world, out_dir)
+        print0(f"resuming {out_dir} from step {state['step']}")
+
+    # models: one seed while building, so that new weights (a TAF post_connector, LoRA's A) are the same whichever
+    # rank builds them; then one seed per rank (dropout)
+    torch.manual_seed(cfg["seed"])
+    ts = par.build(cfg, resume_dir, state, amp)
+    seed_everything(cfg["seed"] + rank)
+    model = par.wrap(prepare(ts, cfg), cfg, amp)
+    params = [p for p in ts.student.parameters() if p.requires_grad]
+    kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+    data = load_data(cfg, ts.student, state["step"] if state else 0, rank, world, device)
+    optimizer, scaler = make_optimizer(params, cfg, device, amp)
+    step, skipped, log = restore(state, par, ts, optimizer, scaler) if state else (0, 0, [])
+    print0(f"stage {cfg['stage']}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {data.n_train} train "
+           f"samples, world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} "
+           f"taf={ts.student.config.taf}")
+    checkpointer = Checkpointer(cfg, par, ts, optimizer, scaler)
+    logger = Logger(cfg, par, data.monitor, log, step)
+
+    model.train()  # the teacher is not a submodule: it stays in eval()
+    done_here = 0
+    with stop_signals() as signals:
+        while step < cfg["max_steps"]:
+            lr = lr_at(step - skipped, cfg)  # skipped: steps in which no rank had a sample; the schedule waits
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            real_here = 0
+            for micro in range(cfg["grad_accum"]):
+                batch = next(data.train)
+                real = logger.fetched(batch)
+                real_here += real
+                # A micro-batch whose samples were all dropped still runs forward and backward, on a placeholder
+                # sample at weight 0: under DDP every rank must join every gradient all-reduce.
+                batch = to_device(batch if real else data.placeholder, device)
+                with par.sync(model, last=micro == cfg["grad_accum"] - 1), autocast:
+                    out = model(batch, kd=kd, vat=vat)
+                loss = out["total"] * ((1.0 if real else 0.0) / cfg["grad_accum"])
+                (scaler.scale(loss) if scaler else loss).backward()
+                if real:
+                    logger.losses(out)
+            # One tiny collective per step: whether any rank had a sample, and the signals received (a signal may
+            # reach the ranks at different steps: they agree, so that all of them stop after the same step).
+            any_real, got = par.agree([real_here, max(signals, default=0)])
+            if any_real:
+                grad_norm = update(optimizer, scaler, params, cfg["grad_clip"])
+            else:  # every sample of this step was dropped, on every rank: AdamW would still move the weights
+                skipped, grad_norm = skipped + 1, None
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            done_here += 1
+            logger.step(step, lr, grad_norm, skipped)
+            if cfg["eval_interval"] > 0 and due(step, cfg["eval_interval"], cfg) and data.n_val:
+                # under FSDP every forward gathers shards: all ranks run the same batches
+                ev = evaluate_loss(ts, data.val, cfg["eval_batches"], device, autocast, kd, vat) \
+                    if par.master or par.sharded else None
+                logger.validation(step, ev)
+                par.barrier()
+            stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
+            if due(step, cfg["save_interval"], cfg) or stop or got:
+                checkpointer.save(step, skipped, log)
+            if got:
+                logger.close()
+                print0(f"{signal.Signals(got).name}: saved step {step} to {out_dir}; rerun the same command to resume")
+                model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
+                compute_cleanup()
+                raise SystemExit(128 + got)
+            if stop:
+                print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to "
+                       "resume")
+                break
+    logger.close()
+    report_drops(data.monitor, par, cfg, skipped)
+    model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
+    compute_cleanup()
+    return log[-1] if log else {}
 
 
-_OWN_GROUP = False  # whether compute_init created the process group (and compute_cleanup may destroy it)
+def main(stage_defaults, argv=None, doc=""):
+    """Entry point of the stage scripts: DEFAULTS < stage defaults < config files < --key=value."""
+    cfg = dict(DEFAULTS, **stage_defaults)
+    cfg = configure(cfg, sys.argv[1:] if argv is None else argv, doc, [__file__])
+    return train(cfg)
 
 
-def compute_init(single_group=False):
-    """Plain python: one process (with single_group, in a process group of its own, which FSDP needs).
-    torchrun: a process group (nccl on GPU, gloo on CPU). A program that already initialised one (a test running
-    several trainings in one launch) keeps it: train() then neither creates nor destroys it."""
-    global _OWN_GROUP
-    ddp = "RANK" in os.environ or single_group or (dist.is_initialized() and not _OWN_GROUP)
-    if ddp and not dist.is_initialized():
-        _OWN_GROUP = True
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ:
-            # a long timeout: the other ranks wait in a barrier while rank 0 writes a multi-GB checkpoint
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if ddp:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return ddp, rank, world, device
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def compute_cleanup():
-    """After a successful run only (a rank that died leaves the others in a collective; torchrun ends them). The
-    barrier first: a rank that tears down its process group while another is still in the last collective can hang."""
-    global _OWN_GROUP
-    if dist.is_initialized():
-        dist.barrier()
-        if _OWN_GROUP:
-            dist.destroy_process_group()
-            _OWN_GROUP = False
+def due(step, interval, cfg):
+    """Every `interval` steps, and at the last one."""
+    return step % interval == 0 or step == cfg["max_steps"]
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: a directory, written to a temporary name then swapped in
+# start-up: settings, out_dir, the resume point
 
 
-def save_checkpoint(out_dir, student, train_state, log, weights=None):
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=weights)
-    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
-    shutil.rmtree(old, ignore_errors=True)
+def autocast_dtype(name):
+    """The dtype a step computes in under autocast, from the `dtype` setting (auto: bfloat16 on CUDA); None for
+    float32 (no autocast). Trainable weights stay float32 masters whatever it is."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(name, device, allowed=("auto", "float32", "bfloat16", "float16"))
+    return None if dtype == torch.float32 else dtype
 
 
-def load_train_state(resume_dir, out_dir):
-    """train_state.pt of a checkpoint, to the CPU (under torchrun every rank would otherwise load the whole optimizer
-    state onto cuda:0), memory-mapped: a rank reads only the tensors it uses (under FSDP rank 0 sends each its shard of
-    the optimizer state), and the ranks of a node share the file's pages. A missing or damaged file is an error that
-    names it and says what to do."""
-    path = os.path.join(resume_dir, "train_state.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        why = (str(e).splitlines() or [""])[0] or type(e).__name__
-        raise ValueError(f"{path}: cannot read the training state ({why}); it is missing or damaged, so the run in "
-                         f"{out_dir} cannot resume. Put back a good copy to resume; to start this stage over instead, "
-                         f"move {out_dir} away") from e
+def resume_point(cfg):
+    """(the checkpoint directory this run resumes from, its train_state.pt), or (None, None) for a new run. Only the
+    same run resumes (check_resume)."""
+    resume_dir = find_checkpoint(cfg["out_dir"])
+    if not resume_dir:
+        return None, None
+    state = load_train_state(resume_dir, cfg["out_dir"])
+    check_resume(state["config"], cfg, cfg["out_dir"])
+    return resume_dir, state
 
 
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+def check_out_dir(out_dir):
+    """Refuse an out_dir no checkpoint could be written to: the first save comes only after save_interval steps."""
+    path = os.path.abspath(out_dir)
+    for p in (path, path + ".tmp", path + ".old"):  # the checkpoint swap writes all three (save_checkpoint)
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"out_dir={out_dir}: {p} is a file, not a directory; choose another out_dir, or move "
+                             "the file away")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_dir={out_dir}: {parent} is a file, not a directory, so no directory can be made "
+                         "under it; choose another out_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
+                         "you can write")
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def check_resume(saved, cfg, out_dir):
+    """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
+    diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with other settings (" +
+                         "; ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} now" for k in diff) +
+                         "): rerun with its settings to resume or finish it, or choose another out_dir")
 
 
-# -----------------------------------------------------------------------------
-# data order: a pure function of (seed, global sample position), so resume and DDP need no state
+def check_world(state, world, out_dir):
+    """Resume only on the number of processes that saved the run: the data position, the batch of a step and each
+    rank's RNG stream depend on it. (Checkpoints that do not record it hold one RNG state per rank, or one dict.)"""
+    rng = state["rng"]
+    saved = state.get("world", len(rng) if isinstance(rng, list) else 1)
+    if saved != world:
+        how = "plain python, or torchrun --nproc_per_node=1" if saved == 1 else f"torchrun --nproc_per_node={saved}"
+        raise ValueError(f"{out_dir} was saved by a run on {saved} process{'es' * (saved > 1)} and this one has "
+                         f"{world}: resume it on {saved} ({how}), or choose another out_dir")
 
 
-class BatchSampler:
-    """
-    Yields the index lists of this rank's micro-batches from micro-step `start` on. Global sample
-    position p = ((step * grad_accum + micro) * world + rank) * batch_size + i, read from the
-    permutation of epoch p // N. One process with grad_accum = 2 sees exactly the samples that two
-    DDP ranks with grad_accum = 1 see, in the same groups.
-    """
-
-    def __init__(self, n, batch_size, seed, rank=0, world=1, start=0):
-        self.n, self.bs, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
-        self._perm = {}
-
-    def _index(self, p):
-        epoch = p // self.n
-        if epoch not in self._perm:
-            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._perm[epoch][p % self.n])
-
-    def __iter__(self):
-        micro = self.start
-        while True:
-            first = (micro * self.world + self.rank) * self.bs
-            yield [self._index(p) for p in range(first, first + self.bs)]
-            micro += 1
-
-
-def lr_at(step, cfg):
-    warmup = max(1, int(cfg["warmup_frac"] * cfg["max_steps"]))
-    if step < warmup:
-        return cfg["lr"] * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg["max_steps"] - warmup)
-    floor = cfg["lr"] * cfg["min_lr_frac"]
-    return floor + (cfg["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 # -----------------------------------------------------------------------------
@@ -257,18 +291,14 @@ def to_device(batch, device):
 
 def build_student(cfg, teacher, resume_dir):
     """The student: resumed from out_dir, or started the way init_from says (model.load_vlm)."""
-    if resume_dir:
-        return VLM.from_pretrained(resume_dir)
-    keys = ("vision_model", "llm_model", "llm", "vision", "tokenizer", "image_processor", "connector",
-            "vision_feature_select_strategy")
-    return load_vlm(cfg["init_from"], teacher=teacher or cfg["teacher"] or None,
-                    data_dir=os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), seed=cfg["seed"],
-                    **{k: cfg[k] for k in keys})
+    return VLM.from_pretrained(resume_dir) if resume_dir else load_vlm(cfg, teacher)
 
 
 def build_model(cfg, resume_dir):
+    """(TeacherStudent, the trainable parameters): the teacher when the stage loads one (stages.STAGES) and a loss or
+    TAF needs it, the student, TAF applied to a new student, LoRA's adapters, the stage's trainable set."""
     teacher = None
-    if cfg["stage"] != "sft" and (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
+    if stage(cfg["stage"])["teacher"] and (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
         ckpt = find_checkpoint(cfg["teacher"]) if cfg["teacher"] else None
         if ckpt is None:
             raise FileNotFoundError(f"teacher={cfg['teacher']!r}: no teacher checkpoint; kd_weight/vat_weight/taf "
@@ -278,25 +308,20 @@ def build_model(cfg, resume_dir):
     # Whatever dtype the checkpoint was saved in (transformers 5 follows a bf16 Qwen config), AdamW updates
     # float32 master weights: in bf16, updates smaller than 1/256 of a weight round away. bf16 lives in autocast.
     student.float()
-    ts = TeacherStudent(teacher, student, cfg["student_layers"], cfg["teacher_layers"],
-                        matching=cfg["matching"], vat_queries=cfg["vat_queries"], vat_pool=cfg["vat_pool"],
-                        vat_loss=cfg["vat_loss"], vat_layer_reduce=cfg["vat_layer_reduce"],
-                        kd_weight=cfg["kd_weight"], vat_weight=cfg["vat_weight"],
-                        kd_temperature=cfg["kd_temperature"])
+    ts = TeacherStudent(teacher, student, ad.VATSettings.from_config(cfg), kd_weight=cfg["kd_weight"],
+                        vat_weight=cfg["vat_weight"], kd_temperature=cfg["kd_temperature"])
     if cfg["taf"] and not student.config.taf:
         ts.apply_taf()
-    train_llm = cfg["train_llm"]
-    if train_llm not in (None, True, False):
-        raise ValueError(f"train_llm={train_llm!r}: use None (the stage decides), True or False")
+    llm_trains = trains_llm(cfg["stage"], cfg["train_llm"])
     if cfg["train_vision"] and teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")
     if cfg["lora_rank"] > 0:
-        if not (train_llm if train_llm is not None else cfg["stage"] != "dpt"):
+        if not llm_trains:
             raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
-                             "(DPT trains the image adapter only); set lora_rank=0, or train_llm=1")
+                             "(DPT trains the connector only); set lora_rank=0, or train_llm=1")
         add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-    params = set_trainable(student, cfg["stage"], train_llm, cfg["train_vision"])
+    params = set_trainable(student, cfg["stage"], cfg["train_llm"], cfg["train_vision"])
     return ts, params
 
 
@@ -317,6 +342,156 @@ def build(cfg, resume_dir, state, amp):
     if ts.teacher is not None and amp is not None:
         cast_weights(ts.teacher, amp)  # frozen: half the memory, and it runs under autocast anyway
     return ts
+
+
+def restore_lora(student, state, resume_dir):
+    """A LoRA run resumes from its base (init_from, rebuilt) plus the adapters and other trainable weights kept in
+    train_state.pt: the checkpoint's merged weights cannot be split back into base and adapters bit for bit. The
+    base must still be what it was: the merge must give the checkpoint's weights exactly."""
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and n not in state["trainable"]]
+    if missing:
+        raise ValueError(f"{resume_dir}: train_state.pt lacks the trainable weights {missing[:3]}...; "
+                         "it was not written by a LoRA run with these settings")
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n in state["trainable"]:
+                p.copy_(state["trainable"][n])
+    saved = read_weights(resume_dir)  # one file or shards, as save_pretrained wrote it
+    merged = plain_state_dict(student)
+    # (a tolerance: the save merged the same numbers, on the CPU, but a different BLAS may round the last bits)
+    if any(not torch.allclose(merged[k].float(), v, rtol=1e-5, atol=1e-6) for k, v in saved.items()):
+        raise ValueError(f"cannot resume the LoRA run in {resume_dir}: its base weights (init_from) changed since the "
+                         "run started, so base + adapters no longer give the checkpoint. Start a new out_dir")
+
+
+def prepare(ts, cfg):
+    """What the student needs switched on before it is wrapped: with a frozen embedding (LoRA, or a frozen LM under
+    FSDP) a text-only micro-batch gives nothing before layer 0 a gradient: that rank's backward would skip the
+    decoder layers' re-gathers (a frozen LM) or reduce layer 0's adapters out of order (LoRA), out of step with a
+    rank that has an image. A gradient on the embedding output takes every rank's backward through every layer in
+    the same order. Then gradient checkpointing and torch.compile, when asked for."""
+    if cfg["lora_rank"] > 0 or cfg["fsdp"]:
+        ts.student.llm.enable_input_require_grads()
+    if cfg["grad_ckpt"]:
+        enable_checkpointing(ts.student.llm)
+    if cfg["compile"]:
+        compile_models(ts)
+    return ts
+
+
+def enable_checkpointing(llm):
+    """Gradient checkpointing per decoder layer, non-reentrant: a reentrant first pass runs without a graph, and
+    the VAT maps computed from it would have no gradient."""
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        llm.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_models(ts, **kwargs):
+    """torch.compile what training runs: the LMs' decoders (llm.base_model, called directly so that logits are
+    computed only where the losses need them), in place, so state_dict keys and checkpoints do not change."""
+    for m in (ts.student, ts.teacher):
+        if m is not None:
+            m.llm.base_model.compile(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# processes: what differs between one process / DDP (Replicated) and FSDP (Sharded)
+
+
+class Replicated:
+    """One process, or DDP over several (torchrun): every rank holds the whole student and the frozen teacher (never
+    wrapped), DDP averages the gradients in backward, and only rank 0 logs and writes. The interface train() uses;
+    Sharded is FSDP's."""
+    sharded = False
+
+    def __init__(self, distributed, rank, world, device):
+        self.distributed, self.rank, self.world, self.device = distributed, rank, world, device
+        self.master = rank == 0
+
+    def build(self, cfg, resume_dir, state, amp):
+        """The models (build), on this rank's device."""
+        return build(cfg, resume_dir, state, amp).to(self.device)
+
+    def wrap(self, ts, cfg, amp):
+        """The module the loop calls. A trained tower's layers above vision_feature_layer get no gradient: DDP is
+        told to expect that."""
+        if not self.distributed:
+            return ts
+        return DDP(ts, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=cfg["train_vision"])
+
+    def sync(self, model, last):
+        """The context of one micro-step: gradients are reduced once, after the last micro-step of a step."""
+        return model.no_sync() if self.distributed and not last else nullcontext()
+
+    def agree(self, flags):
+        """Each flag's maximum over the ranks."""
+        return [int(v) for v in self.reduce(flags, op=dist.ReduceOp.MAX)] if self.distributed else flags
+
+    def gather_state(self, ts, optimizer):
+        """(the student's weights, the optimizer state), on rank 0 (every rank calls it)."""
+        return ts.student.state_dict(), optimizer.state_dict()
+
+    def load_optimizer(self, ts, optimizer, saved):
+        optimizer.load_state_dict(saved)
+
+    def reduce(self, values, op=dist.ReduceOp.SUM):
+        """A float64 tensor of `values` (host numbers or 0-d device tensors), reduced over the ranks."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        if self.distributed:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def gather_objects(self, obj):
+        """[every rank's `obj`] (picklable objects)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+class Sharded(Replicated):
+    """FSDP2 (fully_shard) over the processes: the student, its gradients and its optimizer states are sharded (one
+    unit per decoder layer, plus the rest), and with fsdp_teacher the frozen teacher's decoder layers too. Rank 0
+    builds the models on its CPU; every rank receives its shards. Checkpoints are gathered to rank 0, in the same
+    format as DDP's."""
+    sharded = True
+
+    def build(self, cfg, resume_dir, state, amp):
+        ts, self._whole = build_on_rank0(cfg, resume_dir, state, amp, self.master)
+        return ts
+
+    def wrap(self, ts, cfg, amp):
+        shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
+        load_shards(ts, self._whole, self.device)
+        self._whole = None
+        return ts
+
+    def sync(self, model, last):
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def gather_state(self, ts, optimizer):
+        """Gathered from every rank's shards to rank 0 on the CPU (the other ranks get empty dicts)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(ts, options=opts)
+        return ({k.removeprefix("student."): v for k, v in weights.items()},
+                get_optimizer_state_dict(ts, optimizer, options=opts))
+
+    def load_optimizer(self, ts, optimizer, saved):
+        """The saved state is whole: rank 0 reads it and sends each rank its shard, tensor by tensor."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(ts, optimizer, saved if self.master else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def build_on_rank0(cfg, resume_dir, state, amp, master):
@@ -404,44 +579,87 @@ def shard(ts, amp, teacher_too):
             fully_shard(layer, reshard_after_forward=True)  # each its own root: say so, or it stays gathered
 
 
-def gather_state(ts, optimizer, fsdp):
-    """(weights with the student's names, optimizer state): the live ones, or under FSDP gathered from every
-    rank's shards to rank 0 on the CPU (every rank must call it; the others get empty dicts)."""
-    if not fsdp:
-        return ts.student.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(ts, options=opts)
-    return {k.removeprefix("student."): v for k, v in weights.items()}, get_optimizer_state_dict(ts, optimizer, options=opts)
+# -----------------------------------------------------------------------------
+# data: every file is read a little before training, so a wrong path or image folder stops here, not after hours of
+# training on nothing
 
 
-def restore_lora(student, state, resume_dir):
-    """A LoRA run resumes from its base (init_from, rebuilt) plus the adapters and other trainable weights kept in
-    train_state.pt: the checkpoint's merged weights cannot be split back into base and adapters bit for bit. The
-    base must still be what it was: the merge must give the checkpoint's weights exactly."""
-    missing = [n for n, p in student.named_parameters() if p.requires_grad and n not in state["trainable"]]
-    if missing:
-        raise ValueError(f"{resume_dir}: train_state.pt lacks the trainable weights {missing[:3]}...; "
-                         "it was not written by a LoRA run with these settings")
-    with torch.no_grad():
-        for n, p in student.named_parameters():
-            if n in state["trainable"]:
-                p.copy_(state["trainable"][n])
-    saved = read_weights(resume_dir)  # one file or shards, as save_pretrained wrote it
-    merged = plain_state_dict(student)
-    # (a tolerance: the save merged the same numbers, on the CPU, but a different BLAS may round the last bits)
-    if any(not torch.allclose(merged[k].float(), v, rtol=1e-5, atol=1e-6) for k, v in saved.items()):
-        raise ValueError(f"cannot resume the LoRA run in {resume_dir}: its base weights (init_from) changed since the "
-                         "run started, so base + adapters no longer give the checkpoint. Start a new out_dir")
+class Data(NamedTuple):
+    train: object       # this rank's micro-batches, from the resumed position on (an endless iterator)
+    val: object         # a DataLoader over the validation samples
+    n_train: int
+    n_val: int
+    placeholder: dict   # one good sample as a batch: what an all-dropped micro-batch runs on, at weight 0
+    monitor: object     # DataMonitor: what the loader fetched, dropped and cut
 
 
-def compile_models(ts, **kwargs):
-    """torch.compile what training runs: the LMs' decoders (llm.base_model, called directly so that logits are
-    computed only where the losses need them), in place, so state_dict keys and checkpoints do not change."""
-    for m in (ts.student, ts.teacher):
-        if m is not None:
-            m.llm.base_model.compile(**kwargs)
+def load_data(cfg, student, step, rank, world, device):
+    tok, folder, placeholder = student.tokenizer, cfg["image_folder"] or None, None
+
+    def read(paths):
+        nonlocal placeholder
+        parts = [LLaVADataset(p, folder, tok, student.image_processor, student.num_image_tokens, cfg["max_length"])
+                 for p in paths.split(",")]
+        for d in parts:
+            good, _ = check_dataset(d)
+            placeholder = placeholder or good
+        return torch.utils.data.ConcatDataset(parts)
+    dataset = read(cfg["data"])
+    if cfg["val_data"]:
+        val_set, train_idx = read(cfg["val_data"]), list(range(len(dataset)))
+    else:  # a fixed held-out slice of the training file
+        n_val = max(1, int(cfg["val_frac"] * len(dataset))) if cfg["eval_interval"] > 0 else 0
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()
+        val_set, train_idx = torch.utils.data.Subset(dataset, perm[:n_val]), perm[n_val:]
+    if not train_idx:
+        raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
+                         "a separate val_data file, or eval_interval=0")
+    print0(validation_note(cfg, dataset, val_set))
+    train_set = torch.utils.data.Subset(dataset, train_idx)
+    sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])
+    collate_fn = partial(collate, pad_id=tok.pad_token_id)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                                              worker_init_fn=_quiet_worker if cfg["num_workers"] else None))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"], collate_fn=collate_fn)
+    return Data(loader, val_loader, len(train_set), len(val_set), collate([placeholder], tok.pad_token_id),
+                DataMonitor(show=rank == 0))
+
+
+class BatchSampler:
+    """
+    Yields the index lists of this rank's micro-batches from micro-step `start` on. Global sample
+    position p = ((step * grad_accum + micro) * world + rank) * batch_size + i, read from the
+    permutation of epoch p // N. One process with grad_accum = 2 sees exactly the samples that two
+    DDP ranks with grad_accum = 1 see, in the same groups.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world=1, start=0):
+        self.n, self.bs, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self._perm = {}
+
+    def _index(self, p):
+        epoch = p // self.n
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perm[epoch][p % self.n])
+
+    def __iter__(self):
+        micro = self.start
+        while True:
+            first = (micro * self.world + self.rank) * self.bs
+            yield [self._index(p) for p in range(first, first + self.bs)]
+            micro += 1
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _quiet_worker(_):
+    # A Ctrl-C reaches the DataLoader workers too; they must keep serving while the main process saves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def validation_note(cfg, dataset, val_set):
@@ -454,71 +672,6 @@ def validation_note(cfg, dataset, val_set):
     files = [p.path for p in dataset.datasets]
     return (f"validation: {len(val_set)} samples held out of the training data (val_frac={cfg['val_frac']}): " +
             ", ".join(f"{per_file[k]} of {f}" for k, f in enumerate(files)) + "; they do not train")
-
-
-def check_out_dir(out_dir):
-    """Refuse an out_dir no checkpoint could be written to: the first save comes only after save_interval steps."""
-    path = os.path.abspath(out_dir)
-    for p in (path, path + ".tmp", path + ".old"):  # the checkpoint swap writes all three (save_checkpoint)
-        if os.path.exists(p) and not os.path.isdir(p):
-            raise ValueError(f"out_dir={out_dir}: {p} is a file, not a directory; choose another out_dir, or move "
-                             "the file away")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"out_dir={out_dir}: {parent} is a file, not a directory, so no directory can be made "
-                         "under it; choose another out_dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
-                         "you can write")
-
-
-def check_resume(saved, cfg, out_dir):
-    """Resume only the same run: every setting outside RESUME_FREE must match the saved one."""
-    diff = [k for k in cfg if k in saved and k not in RESUME_FREE and saved[k] != cfg[k]]
-    if diff:
-        raise ValueError(f"{out_dir} holds a run with other settings (" +
-                         "; ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} now" for k in diff) +
-                         "): rerun with its settings to resume or finish it, or choose another out_dir")
-
-
-def check_world(state, world, out_dir):
-    """Resume only on the number of processes that saved the run: the data position, the batch of a step and each
-    rank's RNG stream depend on it. (Checkpoints that do not record it hold one RNG state per rank, or one dict.)"""
-    rng = state["rng"]
-    saved = state.get("world", len(rng) if isinstance(rng, list) else 1)
-    if saved != world:
-        how = "plain python, or torchrun --nproc_per_node=1" if saved == 1 else f"torchrun --nproc_per_node={saved}"
-        raise ValueError(f"{out_dir} was saved by a run on {saved} process{'es' * (saved > 1)} and this one has "
-                         f"{world}: resume it on {saved} ({how}), or choose another out_dir")
-
-
-@contextmanager
-def stop_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
-    this yields holds the signals received. A second Ctrl-C stops at once."""
-    got = []
-
-    def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        got.append(signum)
-    try:
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread (an embedding program): leave signals alone
-        old = {}
-    try:
-        yield got
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
-def _quiet_worker(_):
-    # A Ctrl-C reaches the DataLoader workers too; they must keep serving while the main process saves.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class DataMonitor:
@@ -550,8 +703,178 @@ class DataMonitor:
                 tqdm.write(f"skipping {d.message}{more}")
 
 
+def report_drops(monitor, par, cfg, skipped):
+    """What the loader dropped and cut, each sample once, over all ranks (in a later epoch another rank may meet the
+    same bad sample)."""
+    seen = par.gather_objects((monitor.dropped, monitor.truncated))
+    dropped = {k: r for d, _ in seen for k, r in d.items()}
+    truncated = set().union(*(t for _, t in seen))
+    if dropped or truncated:
+        print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
+               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without a sample skipped" if skipped else ""))
+
+
 # -----------------------------------------------------------------------------
-# the loop
+# optimizer and schedule
+
+
+def make_optimizer(params, cfg, device, amp):
+    """AdamW, no weight decay on biases and norms; and float16's gradient scaler (its range is too small for
+    gradients; bfloat16 needs none)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    return optimizer, scaler
+
+
+def lr_at(step, cfg):
+    warmup = max(1, int(cfg["warmup_frac"] * cfg["max_steps"]))
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg["max_steps"] - warmup)
+    floor = cfg["lr"] * cfg["min_lr_frac"]
+    return floor + (cfg["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def update(optimizer, scaler, params, grad_clip):
+    """Clip the gradient norm (the true one: float16's scale taken off first) and step; returns the norm."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    if scaler:
+        scaler.step(optimizer)  # skipped when the gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def restore(state, par, ts, optimizer, scaler):
+    """Resume from train_state.pt: the optimizer (and gradient scaler) state and this rank's RNG; returns (step,
+    skipped steps, log)."""
+    par.load_optimizer(ts, optimizer, state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][par.rank] if isinstance(state["rng"], list) else state["rng"])
+    return state["step"], state.get("skipped", 0), state["log"]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the log
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Checkpointer:
+    """Saves out_dir (checkpoint.save_checkpoint): the student's weights in float32, LoRA's adapters merged, its
+    config with what this stage was (train_config) and the layer pairs it was distilled on (distill: they travel with
+    every later checkpoint, as SFT has no teacher, so evaluate.py measures alignment where training aligned it), and
+    train_state.pt with what a resume needs (step, optimizer, every rank's RNG, the log; under LoRA the unmerged
+    trainable weights too)."""
+
+    def __init__(self, cfg, par, ts, optimizer, scaler):
+        self.cfg, self.par, self.ts, self.optimizer, self.scaler = cfg, par, ts, optimizer, scaler
+        self.lora = cfg["lora_rank"] > 0
+        self.distill = (ts.pairs.note(ts.vat.matching) if ts.teacher is not None
+                        else (ts.student.config.extra or {}).get("distill"))
+
+    def save(self, step, skipped, log):
+        """Every rank calls it; rank 0 writes."""
+        cfg, student = self.cfg, self.ts.student
+        rngs = self.par.gather_objects(rng_state())
+        weights, opt_state = self.par.gather_state(self.ts, self.optimizer)
+        if self.par.master:
+            # checkpoints are float32, and written (and LoRA-merged) from the CPU
+            weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+                       for k, v in weights.items()}
+            student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": self.distill}
+            # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
+            # in train_state.pt for resume
+            trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if self.lora else None
+            save_checkpoint(cfg["out_dir"], student,
+                            {"step": step, "optimizer": opt_state, "rng": rngs, "world": self.par.world,
+                             "skipped": skipped, "scaler": self.scaler.state_dict() if self.scaler else None,
+                             "trainable": trainable, "config": cfg, "log": log}, log, weights=weights)
+        self.par.barrier()
+
+
+class Logger:
+    """The log: every log_interval steps one record with each loss term (the mean over the steps and over all ranks),
+    the learning rate, the gradient norm, tokens/s and memory; the validation losses; the progress bar. It also stops
+    a run in which most samples read so far were dropped."""
+
+    def __init__(self, cfg, par, monitor, log, step):
+        self.cfg, self.par, self.monitor, self.log = cfg, par, monitor, log
+        self.bar = tqdm(total=cfg["max_steps"], initial=step, disable=not par.master, desc=cfg["stage"],
+                        dynamic_ncols=True)
+        self.t0, self.tokens = time.time(), 0
+        self.sums, self.n_micro = torch.zeros(len(LOSSES), device=par.device), 0
+
+    def fetched(self, batch):
+        """Count a micro-batch from the loader; True when it holds a sample to train on."""
+        self.monitor.add(batch)
+        real = "input_ids" in batch
+        if real:
+            self.tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+            self.n_micro += 1
+        return real
+
+    def losses(self, out):
+        self.sums += torch.stack([out[k].detach().float() for k in LOSSES])  # on the device: no sync until logged
+
+    def step(self, step, lr, grad_norm, skipped):
+        cfg, monitor = self.cfg, self.monitor
+        self.bar.update(1)
+        if not due(step, cfg["log_interval"], cfg):
+            return
+        # every rank's losses, tokens and drops (one collective, one sync)
+        tot = self.par.reduce([*self.sums, self.n_micro, self.tokens, monitor.fetched, monitor.dropped_fetches])
+        tot = tot.tolist()
+        losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
+        dt = time.time() - self.t0
+        rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tok_per_s": ntok / dt, "mem_gb": _memory_gb(self.par.device)}
+        if n_drop:
+            rec["dropped_frac"] = n_drop / fetched
+        if skipped:
+            rec["skipped_steps"] = skipped
+        self.log.append(rec)
+        self.bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
+        if self.par.master:
+            self.bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                       if k != "step" and v is not None))
+        if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * self.par.world:  # every rank sees the sums
+            every = self.par.gather_objects((monitor.reasons, monitor.first))  # the breakdown, as the counts
+            reasons, first = sum((r for r, _ in every), Counter()), [d for _, f in every for d in f]
+            raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched), first, reasons) +
+                             "\n(counted since this run started, over all ranks; no checkpoint written)")
+        self.t0, self.tokens, self.sums, self.n_micro = time.time(), 0, torch.zeros_like(self.sums), 0
+
+    def validation(self, step, ev):
+        if self.par.master:
+            self.log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+            self.bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+
+    def close(self):
+        self.bar.close()
 
 
 @torch.no_grad()
@@ -572,266 +895,25 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
     return {k: v / max(1, n) for k, v in sums.items()}
 
 
-def train(cfg):
-    """Run one stage with the resolved config dict `cfg`; returns the last log record."""
-    if cfg["dtype"] != "auto" and cfg["dtype"] not in AMP_DTYPES:
-        raise ValueError(f"dtype={cfg['dtype']!r}: use auto, float32, bfloat16 or float16")
-    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
-        check_out_dir(cfg["out_dir"])
-    ddp, rank, world, device = compute_init(single_group=cfg["fsdp"])
-    master = rank == 0
-    out_dir = cfg["out_dir"]
-    resume_dir = find_checkpoint(out_dir)
-    state = None
-    if resume_dir:
-        state = load_train_state(resume_dir, out_dir)
-        check_resume(state["config"], cfg, out_dir)
-        if state["step"] >= cfg["max_steps"]:
-            print0(f"{out_dir} is already trained to step {state['step']} (max_steps={cfg['max_steps']}); nothing to do")
-            compute_cleanup()
-            return state["log"][-1] if state["log"] else {}
-        check_world(state, world, out_dir)
-        print0(f"resuming {out_dir} from step {state['step']}")
-    amp = AMP_DTYPES[cfg["dtype"]] if cfg["dtype"] != "auto" else (torch.bfloat16 if device.type == "cuda" else None)
-    # One seed for building, so that new weights (a TAF post_connector, LoRA's A) are the same whichever rank builds
-    # them. Then one seed per rank (dropout).
-    torch.manual_seed(cfg["seed"])
-    lora = cfg["lora_rank"] > 0
-    if cfg["fsdp"]:  # built whole on rank 0's CPU only; every rank gets the modules on the meta device
-        ts, whole = build_on_rank0(cfg, resume_dir, state, amp, master)
-    else:
-        ts = build(cfg, resume_dir, state, amp).to(device)
-    student = ts.student
-    torch.manual_seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-    # The layer pairs the student was distilled on travel with every later checkpoint (SFT has no
-    # teacher), so evaluate.py measures alignment where training aligned it.
-    distill = (dict(student_layers=ts.student_layers, teacher_layers=ts.teacher_layers, matching=ts.matching)
-               if ts.teacher is not None else (student.config.extra or {}).get("distill"))
-    kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    # float16 needs its loss scaled (its range is too small for gradients); bfloat16 does not
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    if lora or cfg["fsdp"]:
-        # With a frozen embedding (LoRA, or a frozen LM under FSDP) a text-only micro-batch gives nothing before
-        # layer 0 a gradient: that rank's backward would skip the decoder layers' re-gathers (a frozen LM) or reduce
-        # layer 0's adapters out of order (LoRA), out of step with a rank that has an image. A gradient on the
-        # embedding output takes every rank's backward through every layer in the same order.
-        student.llm.enable_input_require_grads()
-    if cfg["grad_ckpt"]:
-        enable_checkpointing(student.llm)
-    if cfg["compile"]:
-        compile_models(ts)
-    if cfg["fsdp"]:
-        shard(ts, amp, cfg["fsdp_teacher"])  # in place: ts is now the FSDP root; its parameters are shards
-        load_shards(ts, whole, device)
-        whole, model = None, ts
-    else:  # a trained tower's layers above vision_feature_layer get no gradient: let DDP expect that
-        model = DDP(ts, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=cfg["train_vision"]) if ddp else ts
-    params = [p for p in student.parameters() if p.requires_grad]
+@contextmanager
+def stop_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption) ask the loop to finish its step, save and exit; the list
+    this yields holds the signals received. A second Ctrl-C stops at once."""
+    got = []
 
-    # data: every file is read a little before training, so a wrong path or image folder stops here, not
-    # after hours of training on nothing
-    tok, N_v = student.tokenizer, student.num_image_tokens
-    folder = cfg["image_folder"] or None
-    placeholder = None
-
-    def load(paths):
-        nonlocal placeholder
-        parts = [LLaVADataset(p, folder, tok, student.image_processor, N_v, cfg["max_length"]) for p in paths.split(",")]
-        for d in parts:
-            good, _ = check_dataset(d)
-            placeholder = placeholder or good
-        return torch.utils.data.ConcatDataset(parts)
-    dataset = load(cfg["data"])
-    if cfg["val_data"]:
-        val_set, train_idx = load(cfg["val_data"]), list(range(len(dataset)))
-    else:  # a fixed held-out slice of the training file
-        n_val = max(1, int(cfg["val_frac"] * len(dataset))) if cfg["eval_interval"] > 0 else 0
-        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()
-        val_set, train_idx = torch.utils.data.Subset(dataset, perm[:n_val]), perm[n_val:]
-    if not train_idx:
-        raise ValueError(f"data={cfg['data']}: {len(dataset)} sample(s), all held out for validation; give more data, "
-                         "a separate val_data file, or eval_interval=0")
-    print0(validation_note(cfg, dataset, val_set))
-    train_set = torch.utils.data.Subset(dataset, train_idx)
-    step = state["step"] if state else 0
-    sampler = BatchSampler(len(train_set), cfg["batch_size"], cfg["seed"], rank, world, step * cfg["grad_accum"])
-    collate_fn = partial(collate, pad_id=tok.pad_token_id)
-    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                              num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
-                                              worker_init_fn=_quiet_worker if cfg["num_workers"] else None))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["batch_size"], collate_fn=collate_fn)
-    # A micro-batch whose samples were all dropped still runs forward and backward, on this one good sample with
-    # weight 0: under DDP every rank must join every gradient all-reduce, or the others wait forever.
-    placeholder = collate([placeholder], tok.pad_token_id)
-    monitor = DataMonitor(show=master)
-
-    # optimizer (AdamW; no weight decay on biases and norms)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  fused=device.type == "cuda")
-    log, skipped = [], 0  # skipped: steps in which no rank had a sample (no update; the LR schedule waits)
-    if state:
-        if cfg["fsdp"]:  # the saved state is whole: rank 0 reads it and sends each rank its shard, tensor by tensor
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(ts, optimizer, state["optimizer"] if master else {},
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        log = state["log"]
-        skipped = state.get("skipped", 0)
-    n_params = sum(p.numel() for p in params)
-    print0(f"stage {cfg['stage']}: {n_params / 1e6:.2f}M trainable params, {len(train_set)} train samples, "
-           f"world {world}, device {device}, dtype {amp or torch.float32}, kd={kd} vat={vat} taf={student.config.taf}")
-
-    def checkpoint():
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        weights, opt_state = gather_state(ts, optimizer, cfg["fsdp"])
-        if master:
-            # checkpoints are float32, and written (and LoRA-merged) from the CPU
-            weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-                       for k, v in weights.items()}
-            student.config.extra = {"stage": cfg["stage"], "step": step, "train_config": cfg, "distill": distill}
-            # LoRA: the directory holds the merged model; the adapters (and the rest that trains) stay unmerged
-            # in train_state.pt for resume
-            trainable = {n: weights[n] for n, p in student.named_parameters() if p.requires_grad} if lora else None
-            save_checkpoint(out_dir, student, {"step": step, "optimizer": opt_state, "rng": rngs, "world": world,
-                                               "skipped": skipped, "scaler": scaler.state_dict() if scaler else None,
-                                               "trainable": trainable,
-                                               "config": cfg, "log": log}, log,
-                            weights=weights)
-        if ddp:
-            dist.barrier()
-
-    def all_ranks(values, op=dist.ReduceOp.SUM):
-        """A float64 tensor of `values` (host numbers or 0-d device tensors), reduced over the ranks."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-        if ddp:
-            dist.all_reduce(t, op=op)
-        return t
-
-    model.train()  # the teacher is not a submodule: it stays in eval()
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc=cfg["stage"], dynamic_ncols=True)
-    t0, tokens, done_here = time.time(), 0, 0
-    sums, n_micro = torch.zeros(len(LOSSES), device=device), 0
-    with stop_signals() as signals:
-        while step < cfg["max_steps"]:
-            lr = lr_at(step - skipped, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            real_here = 0
-            for micro in range(cfg["grad_accum"]):
-                batch = next(loader)
-                monitor.add(batch)
-                real = "input_ids" in batch
-                real_here += real
-                if real:
-                    tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
-                    n_micro += 1
-                batch = to_device(batch if real else placeholder, device)
-                sync = not ddp or micro == cfg["grad_accum"] - 1  # reduce gradients once, after the last micro-step
-                if cfg["fsdp"]:
-                    model.set_requires_gradient_sync(sync)
-                with (nullcontext() if sync or cfg["fsdp"] else model.no_sync()), autocast:
-                    out = model(batch, kd=kd, vat=vat)
-                loss = out["total"] * ((1.0 if real else 0.0) / cfg["grad_accum"])
-                (scaler.scale(loss) if scaler else loss).backward()
-                if real:  # summed on the device; read (one sync) only at log time
-                    sums += torch.stack([out[k].detach().float() for k in LOSSES])
-            # One tiny collective per step: whether any rank had a sample, and the signals received (a signal may
-            # reach the ranks at different steps: they agree, so that all of them stop after the same step).
-            flags = [real_here, max(signals, default=0)]
-            any_real, got = (int(v) for v in all_ranks(flags, op=dist.ReduceOp.MAX)) if ddp else flags
-            if any_real:
-                if scaler:
-                    scaler.unscale_(optimizer)  # clip the true gradients
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]) if cfg["grad_clip"] > 0 else None
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                if scaler:
-                    scaler.step(optimizer)  # skipped when the gradients overflowed
-                    scaler.update()
-                else:
-                    optimizer.step()
-            else:  # every sample of this step was dropped, on every rank: AdamW would still move the weights
-                skipped, grad_norm = skipped + 1, None
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            done_here += 1
-            bar.update(1)
-
-            if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-                # every rank's losses, tokens and drops (one collective, one sync)
-                tot = all_ranks([*sums, n_micro, tokens, monitor.fetched, monitor.dropped_fetches]).tolist()
-                losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
-                dt = time.time() - t0
-                rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "tok_per_s": ntok / dt, "mem_gb": _memory_gb(device)}
-                if n_drop:
-                    rec["dropped_frac"] = n_drop / fetched
-                if skipped:
-                    rec["skipped_steps"] = skipped
-                log.append(rec)
-                bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
-                if master:
-                    bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                          if k != "step" and v is not None))
-                if n_drop * 2 > fetched and fetched >= 2 * cfg["batch_size"] * world:  # every rank sees the sums
-                    reasons, first = monitor.reasons, monitor.first
-                    if ddp:  # the breakdown and the examples of every rank, as the counts are
-                        every = [None] * world
-                        dist.all_gather_object(every, (reasons, first))
-                        reasons, first = sum((r for r, _ in every), Counter()), [d for _, f in every for d in f]
-                    raise ValueError(too_many_dropped(cfg["data"], int(n_drop), int(fetched), first, reasons) +
-                                     "\n(counted since this run started, over all ranks; no checkpoint written)")
-                t0, tokens, sums, n_micro = time.time(), 0, torch.zeros_like(sums), 0
-            if cfg["eval_interval"] > 0 and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and len(val_set):
-                if master or cfg["fsdp"]:  # under FSDP every forward gathers shards: all ranks run the same batches
-                    ev = evaluate_loss(ts, val_loader, cfg["eval_batches"], device, autocast, kd, vat)
-                if master:
-                    log.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
-                    bar.write(f"step {step}: val " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                if ddp:
-                    dist.barrier()
-            stop = cfg["stop_after"] > 0 and done_here >= cfg["stop_after"]
-            if step % cfg["save_interval"] == 0 or step == cfg["max_steps"] or stop or got:
-                checkpoint()
-            if got:
-                bar.close()
-                print0(f"{signal.Signals(got).name}: saved step {step} to {out_dir}; rerun the same command to resume")
-                model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
-                compute_cleanup()
-                raise SystemExit(128 + got)
-            if stop:
-                print0(f"stop_after={cfg['stop_after']}: saved step {step} to {out_dir}; rerun the same command to resume")
-                break
-    bar.close()
-    # each sample once, over all ranks (in a later epoch another rank may meet the same bad sample)
-    seen = [(monitor.dropped, monitor.truncated)] * world
-    if ddp:
-        dist.all_gather_object(seen, (monitor.dropped, monitor.truncated))
-    dropped = {k: r for d, _ in seen for k, r in d.items()}
-    truncated = set().union(*(t for _, t in seen))
-    if dropped or truncated:
-        print0(f"data: dropped samples {dict(Counter(dropped.values())) or 'none'}; {len(truncated)} cut at "
-               f"max_length={cfg['max_length']}" + (f"; {skipped} step(s) without a sample skipped" if skipped else ""))
-    model = None  # DDP's reducer holds the process group: release it first (see compute_cleanup)
-    compute_cleanup()
-    return log[-1] if log else {}
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        old = {}
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _memory_gb(device):
@@ -840,9 +922,3 @@ def _memory_gb(device):
     import resource  # peak resident memory of this process (Linux reports kB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-
-def main(stage_defaults, argv=None, doc=""):
-    """Entry point of the stage scripts: DEFAULTS < stage defaults < config files < --key=value."""
-    cfg = dict(DEFAULTS, **stage_defaults)
-    cfg = configure(cfg, sys.argv[1:] if argv is None else argv, doc, [__file__])
-    return train(cfg)

@@ -22,5 +22,5 @@ save_interval = 500
 # lora_alpha = 256.0
 # lora_dropout = 0.05
 # lr = 2e-4
-# Past one GPU's memory (see README, "Memory"): shard the student, its optimizer and the teacher over the GPUs.
+# Past one GPU's memory (docs/memory.md): shard the student, its optimizer and the teacher over the GPUs.
 # fsdp = True

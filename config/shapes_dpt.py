@@ -1,5 +1,5 @@
 # Shapes student, stage 1 (DPT). The student's LM is new (random), so unlike the paper's DPT, where only
-# the post_connector trains, it also learns language here: train_llm = True (documented in the README).
+# the post_connector trains, it also learns language here: train_llm = True.
 init_from = "scratch"
 teacher = "out/shapes/teacher"
 out_dir = "out/shapes/dpt"

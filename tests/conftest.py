@@ -14,8 +14,8 @@ from model import VLM, VLMConfig  # noqa: E402
 torch.set_num_threads(1)
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs scripts as subprocesses or several processes (deselect with "
-                            "-m 'not slow' for a quick loop)")
+    config.addinivalue_line("markers", "slow: runs scripts as subprocesses, several processes or the whole pipeline "
+                            "(deselect with -m 'not slow' for a quick loop)")
 
 
 IMAGE_TOKEN_ID = 3

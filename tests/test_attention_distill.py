@@ -82,7 +82,7 @@ def test_kd_loss_matches_kl_div_reference():
 # -- VAT -----------------------------------------------------------------------------------------
 
 def _vat_reference_loop(A_s, A_t, sample_mask):
-    """The reference code's form (README: what each stage does), written as plain loops."""
+    """The reference code's form (vat_queries=image, vat_pool=column), written as plain loops."""
     L, B, Nq, Nk = A_s.shape
     total = 0.0
     for l in range(L):
@@ -153,7 +153,38 @@ def test_vat_flat_form_is_the_flattened_cosine():
     torch.testing.assert_close(got, want)
 
 
+def test_vat_positions_are_each_samples_own_image_and_the_rows_that_count():
+    is_img = torch.zeros(3, 10, dtype=torch.bool)
+    is_img[0, 2:6], is_img[1, 1:5] = True, True  # the last sample is text-only
+    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
+    rows, cols, row_mask = ad.vat_positions(is_img, mask, "image", 4)
+    assert cols[:2].tolist() == [[2, 3, 4, 5], [1, 2, 3, 4]] and rows is cols and row_mask is None
+    rows, cols, row_mask = ad.vat_positions(is_img, mask, "all", 4)
+    assert rows.tolist() == [list(range(10))] * 3 and torch.equal(row_mask, mask.bool())
+    _, _, row_mask = ad.vat_positions(is_img, mask, "text", 4)
+    assert torch.equal(row_mask, mask.bool() & ~is_img)
+
+
+def test_vat_settings_refuse_what_they_do_not_know():
+    assert ad.VATSettings().loss_kwargs() == dict(pool="flat", loss="cosine", filter_outliers=False, layer_reduce="sum")
+    assert ad.VATSettings(vat_pool="column").loss_kwargs()["filter_outliers"]  # the reference form's outlier filter
+    with pytest.raises(ValueError, match="unknown vat_pool 'rows': use column, flat"):
+        ad.VATSettings(vat_pool="rows")
+    with pytest.raises(ValueError, match="unknown matching 'best': use group, simple, adaptive"):
+        ad.VATSettings(matching="best")
+
+
 # -- matching ------------------------------------------------------------------------------------
+
+def test_match_layers_gives_the_pairs_training_and_alignment_use():
+    ref = ad.match_layers(24, 40)  # the reference code's pair of sizes: its layer table
+    assert ref.student == list(range(8, 15)) and ref.teacher == list(range(13, 24))
+    assert ref.windows == ad.group_matching(ref.student, ref.teacher) and ref.captured == list(range(13, 24))
+    simple = ad.match_layers(4, 6, [1, 2], [2, 3, 4], "simple")
+    assert simple.windows == [[2], [3]] and simple.captured == [2, 3] and simple.teacher == [2, 3, 4]
+    assert ad.match_layers(4, 6, [1, 2], [2, 3, 4], "adaptive").windows == [[2, 3], [3, 4]]  # it picks inside these
+    assert simple.note("simple") == dict(student_layers=[1, 2], teacher_layers=[2, 3, 4], matching="simple")
+
 
 def test_group_matching_reference_table():
     windows = ad.group_matching(list(range(8, 15)), list(range(13, 24)))

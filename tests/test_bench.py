@@ -1,5 +1,5 @@
-"""bench.py end to end on the tiny preset (the JSON's structure, the ratios, the ours = reference check) and its
-memory estimate."""
+"""bench.py end to end on the tiny preset (the JSON's structure, the ratios, the ours = reference check; subprocesses,
+marked slow) and memory.py's estimate."""
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: the step count is small and a busy 2-core machine makes OpenMP barriers slow
@@ -48,6 +49,7 @@ def test_bench_tiny_json(tmp_path):
     assert "ours/reference" in proc.stdout and "check ours = reference in float32 (rtol 1e-05) passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_rejects_unknown_mode():
     cmd = [sys.executable, "bench.py", "--modes=ours,fast"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -56,9 +58,10 @@ def test_bench_rejects_unknown_mode():
 
 def test_memory_estimate_counts_the_models_parameters_and_shards_them():
     import bench
+    import memory
     from model import VLM, VLMConfig
     p = bench.PRESETS["tiny"]
-    c = bench.param_counts(p, rank=8)
+    c = memory.param_counts(p, rank=8)
     # against the real models built from the same configs
     torch.manual_seed(0)
     lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
@@ -68,13 +71,13 @@ def test_memory_estimate_counts_the_models_parameters_and_shards_them():
     assert c["post_connector"] == 256 * 128 + 128  # Linear(d_teacher 256 -> d_student 128)
     d, f = 128, 256  # student: q, k, v, o (GQA: k, v 64 wide), gate, up (d -> f), down (f -> d), 4 layers
     assert c["lora"] == 8 * 4 * ((d + d) + 2 * (d + 64) + (d + d) + 2 * (d + f) + (f + d))
-    ddp, fsdp = (bench.memory_estimate(p, s, ckpt=True, world=4) for s in ("ddp", "fsdp"))
+    ddp, fsdp = (memory.memory_estimate(p, s, ckpt=True, world=4) for s in ("ddp", "fsdp"))
     assert fsdp["optimizer"] == pytest.approx(ddp["optimizer"] / 4)  # AdamW's states sharded over 4 GPUs
     assert ddp["optimizer"] == pytest.approx(8 * (c["s_layers"] + c["s_lm_rest"] + c["post_connector"]) / 2**30)
     assert ddp["total"] == pytest.approx(sum(v for k, v in ddp.items() if k != "total"))
-    lora = bench.memory_estimate(p, "ddp_lora", ckpt=True, rank=8)
+    lora = memory.memory_estimate(p, "ddp_lora", ckpt=True, rank=8)
     assert lora["grads"] == pytest.approx(4 * (c["lora"] + c["post_connector"]) / 2**30)
-    full = bench.memory_estimate(p, "ddp", ckpt=False)
+    full = memory.memory_estimate(p, "ddp", ckpt=False)
     assert full["activations"] > ddp["activations"]  # checkpointing keeps one layer input, not every activation
 
 
@@ -83,13 +86,14 @@ def test_startup_estimate_counts_what_each_rank_loads_before_the_first_step():
     the shards (student, AdamW's states and the zero gradients of their initialisation, the teacher's layers), the
     teacher's unsharded rest and one float32 embedding in flight; below the step's total."""
     import bench
+    import memory
     p = bench.PRESETS["tiny"]
-    c = bench.param_counts(p)
+    c = memory.param_counts(p)
     train = c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
-    ddp = bench.memory_estimate(p, "ddp", ckpt=True)
-    assert bench.startup_estimate(p, "ddp") == pytest.approx(
+    ddp = memory.memory_estimate(p, "ddp", ckpt=True)
+    assert memory.startup_estimate(p, "ddp") == pytest.approx(
         ddp["weights"] - 2 * train / 2**30 + ddp["teacher"] + ddp["optimizer"])
     s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
-    two, four = (bench.startup_estimate(p, "fsdp", world=w) for w in (2, 4))
+    two, four = (memory.startup_estimate(p, "fsdp", world=w) for w in (2, 4))
     assert two - four == pytest.approx((4 * s_all + 12 * train + 2 * c["t_layers"]) / 4 / 2**30)
-    assert four < bench.memory_estimate(p, "fsdp", ckpt=True, world=4)["total"]
+    assert four < memory.memory_estimate(p, "fsdp", ckpt=True, world=4)["total"]

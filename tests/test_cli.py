@@ -21,7 +21,8 @@ def run_main(script, argv):
                                                                                         mod.__doc__, [mod.__file__]))
 
 
-@pytest.mark.parametrize("script", ["train_dpt", "train_dft", "train_sft", "evaluate", "bench", "sample", "export_hf", "experiments"])
+@pytest.mark.parametrize("script", ["train_dpt", "train_dft", "train_sft", "evaluate", "bench", "memory", "sample", "export_hf",
+                                    "experiments", "shapes"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_setting_and_exits_0(script, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -60,9 +61,12 @@ def test_real_crashes_keep_their_traceback():
         configurator.cli(lambda: int("x"))
 
 
-def test_a_stage_script_with_a_bad_setting_exits_2_without_a_traceback():
+@pytest.mark.slow
+def test_a_stage_script_with_a_bad_setting_exits_2_without_a_traceback(tmp_path):
+    # its own out_dir: a run of the embedded default in out/shapes/dft would be resumed (and refused) instead
     r = subprocess.run([sys.executable, "train_dft.py", "--init_from=nowhere", "--teacher=", "--kd_weight=0",
-                        "--vat_weight=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--vat_weight=0", f"--out_dir={tmp_path / 'dft'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("train_dft.py: init_from='nowhere': no checkpoint there; run the previous stage first "
                                 "(it writes its out_dir), or use init_from=backbones or scratch")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (CHAT, ChatTemplate, Dropped, LLaVADataset, check_dataset, collate, image_processor,  # noqa: E402
-                  load_records, tokenize_conversation, word_tokenizer)
+from data import (CHAT, IGNORE_INDEX, ChatTemplate, Dropped, LLaVADataset, check_dataset, collate,  # noqa: E402
+                  image_processor, load_records, tokenize_conversation, word_tokenizer)
 
 WORDS = ["what color is the square?", "red.", "and the circle?", "blue", "what is it?", "a square"]
 N_V = 4  # image tokens per image
@@ -62,7 +62,7 @@ def test_two_turn_conversation_with_image_exact_ids_and_labels():
     prompt2 = ["user", ":", "and", "the", "circle", "?", "assistant", ":"]
     answer2 = ["blue", "<eos>"]
     assert input_ids == ids(tok, prompt1 + answer1 + prompt2 + answer2)
-    assert labels == [-100] * len(prompt1) + ids(tok, answer1) + [-100] * len(prompt2) + ids(tok, answer2)
+    assert labels == [IGNORE_INDEX] * len(prompt1) + ids(tok, answer1) + [IGNORE_INDEX] * len(prompt2) + ids(tok, answer2)
     assert input_ids.count(3) == N_V and input_ids[17:21] == [3, 3, 3, 3]
 
 
@@ -82,7 +82,7 @@ def test_image_placeholder_rules():
     # a conversation ending with a question is a generation prompt: ends with "assistant :", nothing supervised
     input_ids, labels = tokenize_conversation(TEXT_ONLY[:1], tok, N_V, False, NO_SYSTEM)
     assert input_ids == ids(tok, ["user", ":", "what", "is", "it", "?", "assistant", ":"])
-    assert labels == [-100] * 8
+    assert labels == [IGNORE_INDEX] * 8
 
 
 def test_text_only_sample(tmp_path):
@@ -92,7 +92,7 @@ def test_text_only_sample(tmp_path):
     prompt = ["user", ":", "what", "is", "it", "?", "assistant", ":"]
     answer = ["a", "square", "<eos>"]
     assert s["input_ids"].tolist() == ids(tok, prompt + answer)
-    assert s["labels"].tolist() == [-100] * 8 + ids(tok, answer)
+    assert s["labels"].tolist() == [IGNORE_INDEX] * 8 + ids(tok, answer)
     assert s["input_ids"].dtype == torch.long and s["pixel_values"] is None
     assert sum(ds.dropped.values()) == 0
 
@@ -119,7 +119,7 @@ def test_truncation_never_cuts_the_image(tmp_path):
     tok = ds.tokenizer
     assert s["input_ids"].tolist() == ids(tok, ["user", ":"] + ["<image>"] * 4 + ["what", "color", "is", "the",
                                                                                "square", "?", "assistant", ":", "red"])
-    assert s["labels"].tolist() == [-100] * 14 + ids(tok, ["red"])
+    assert s["labels"].tolist() == [IGNORE_INDEX] * 14 + ids(tok, ["red"])
     assert s["pixel_values"].shape == (3, S, S) and not ds.dropped
 
 
@@ -141,8 +141,8 @@ def test_collate(tmp_path):
     assert batch["attention_mask"].sum(1).tolist() == [27, 11, 15]
     assert batch["attention_mask"].dtype == torch.long
     assert batch["input_ids"][1, :11].tolist() == ds[1]["input_ids"].tolist()
-    assert batch["input_ids"][1, 11:].tolist() == [0] * 16 and batch["labels"][1, 11:].tolist() == [-100] * 16
-    assert batch["input_ids"][2, 15:].tolist() == [0] * 12 and batch["labels"][2, 15:].tolist() == [-100] * 12
+    assert batch["input_ids"][1, 11:].tolist() == [0] * 16 and batch["labels"][1, 11:].tolist() == [IGNORE_INDEX] * 16
+    assert batch["input_ids"][2, 15:].tolist() == [0] * 12 and batch["labels"][2, 15:].tolist() == [IGNORE_INDEX] * 12
     assert batch["labels"][0].tolist() == ds[0]["labels"].tolist()
     assert batch["image_mask"].tolist() == [True, False, True] and batch["image_mask"].dtype == torch.bool
     # one row per image sample, in batch order: red then blue, SigLIP-normalised to [-1, 1]
@@ -250,7 +250,7 @@ def test_sequences_start_with_bos_exactly_once_when_the_tokenizer_adds_it(bos):
     ids, labels = tokenize_conversation(TWO_TURNS, tok, N_V, has_image=True)
     no_bos, _ = tokenize_conversation(TWO_TURNS, _bpe(False), N_V, has_image=True)
     if bos:
-        assert ids[0] == 1 and ids.count(1) == 1 and labels[0] == -100 and ids[1:] == no_bos
+        assert ids[0] == 1 and ids.count(1) == 1 and labels[0] == IGNORE_INDEX and ids[1:] == no_bos
     else:
         assert 1 not in ids and ids == no_bos
     # the prompt evaluate.py generates from goes through the same function: the same start

@@ -14,6 +14,7 @@ import evaluate as ev
 import shapes
 from conftest import llm_cfg, vision_cfg
 from data import collate
+from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
 
 IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
@@ -153,22 +154,23 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     r = ev.Runner(student, world, batch_size=8, progress=False)
     items, _ = ev.load_cr(os.path.join(world, "test", "cr"), world, limit=1)
     specs = [(ev.CAPTION_PROMPT, it["image"], it["pos"]) for it in items]  # 7 items: one batch
-    s_layers, windows = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
-    assert s_layers == [1, 2] and windows == [[2, 3], [3, 4]]
-    got = alignment.run_align(r, teacher, s_layers, windows, specs, "test")
+    pairs = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
+    assert pairs.student == [1, 2] and pairs.windows == [[2, 3], [3, 4]]
+    got = alignment.run_align(r, teacher, pairs, specs, "test")
     (batch, _), = list(r.batches(specs, "test"))
-    reference = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_queries="image", vat_pool="column",
-                               vat_layer_reduce="mean")
-    paper = TeacherStudent(teacher, student, [1, 2], [2, 3, 4], vat_layer_reduce="mean")  # the default form
-    with torch.no_grad():
-        vat_reference, vat_paper = (ts(batch, kd=False)["vat"] for ts in (reference, paper))
+
+    def training_vat(**form):
+        ts = TeacherStudent(teacher, student, VATSettings([1, 2], [2, 3, 4], vat_layer_reduce="mean", **form))
+        with torch.no_grad():
+            return float(ts(batch, kd=False)["vat"])
     assert got["n"] == 7
-    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - float(vat_reference), abs=1e-5)
-    assert got["all_queries"]["vat_cos"] == pytest.approx(1 - float(vat_paper), abs=1e-5)
-    assert float(vat_paper) != pytest.approx(float(vat_reference), rel=0.5)  # two different measures
+    # image queries: the reference code's form; all queries: the paper's (the training default)
+    assert got["image_queries"]["vat_cos"] == pytest.approx(1 - training_vat(vat_queries="image", vat_pool="column"),
+                                                            abs=1e-5)
+    assert got["all_queries"]["vat_cos"] == pytest.approx(1 - training_vat(), abs=1e-5)
     assert 0 < got["image_queries"]["flat_cos"] < 1 and 0 < got["text_queries"]["flat_cos"] < 1
     # a student that is its own teacher is perfectly aligned in every form
-    same = alignment.run_align(r, copy.deepcopy(student), [1, 2], [[1], [2]], specs, "test")
+    same = alignment.run_align(r, copy.deepcopy(student), LayerPairs([1, 2], [1, 2], [[1], [2]]), specs, "test")
     for form in (same["image_queries"], same["text_queries"], same["all_queries"]):
         for k, v in form.items():
             if k != "per_pair":
@@ -402,8 +404,9 @@ def test_evaluate_computes_in_the_dtype_the_model_was_loaded_in(world, tmp_path,
 
 
 def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
-    """On CUDA evaluate.py used to run float32 weights under bf16 autocast, so --dtype=float32 computed in bf16 (and
-    sample.py did not): evaluating on a device that reports cuda must enter no autocast."""
+    """The dtype the weights are loaded in is the dtype evaluate.py computes in, on a GPU too, as in sample.py: a bf16
+    autocast around float32 weights would make --dtype=float32 compute in bf16. Evaluating on a device that reports
+    cuda must enter no autocast."""
     from contextlib import nullcontext
 
     class ReportsCuda(str):  # moves tensors to the CPU, tells whoever asks its type that it is a GPU

@@ -1,5 +1,5 @@
 """experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
-the --jobs subprocess path; the layer sets and presets of every size."""
+the --jobs subprocess path (these run the whole pipeline: marked slow); the layer sets and presets of every size."""
 import json
 import os
 
@@ -39,6 +39,7 @@ def table_rows(path, table=0):
     return split(lines[0]), lines[1], [split(l) for l in lines[2:]]
 
 
+@pytest.mark.slow
 def test_every_row_in_table_json_and_chart(first):
     root, _, results = first
     head, rule, rows = table_rows(root / "results" / "shapes_table.md")
@@ -93,6 +94,7 @@ def test_every_row_in_table_json_and_chart(first):
     assert not (seed0 / "match_group").exists() and (seed0 / "dpt_kd_taf").is_dir()
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training(first, monkeypatch):
     root, argv, results = first
 
@@ -104,6 +106,7 @@ def test_rerun_resumes_without_training(first, monkeypatch):
     assert [r["per_seed"][0]["cr"] for r in again] == [r["per_seed"][0]["cr"] for r in results]
 
 
+@pytest.mark.slow
 def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monkeypatch):
     """The test size (the docstring's own command) must not overwrite the committed results/ tables: without
     --results it writes under <out>/<size>/results; the published sizes keep results/."""
@@ -122,6 +125,7 @@ def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monke
          "hard_test": "o/hard_test/results"}
 
 
+@pytest.mark.slow
 def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
     """--jobs=2 runs the stages as subprocesses; same seed and settings -> the same numbers as in-process."""
     root, _, results = first
@@ -153,30 +157,33 @@ def test_every_size_and_row_resolves(size):
         s, t = ad.resolve_layers(c["student_layers"], 4), ad.resolve_layers(c["teacher_layers"], 6)
         assert len(ad.group_matching(s, t)) == len(s)
     hard = size.startswith("hard")
-    assert os.path.basename(experiments.stage_args(size, "dft")[0]) == ("shapes_hard_dft.py" if hard else "shapes_dft.py")
+    files = [os.path.basename(a) for a in experiments.stage_args(size, "dft") if a.endswith(".py")]
+    assert files == (["shapes_dft.py", "shapes_hard_dft.py"] if hard else ["shapes_dft.py"])
 
 
 def test_hard_rows_and_vat_forms():
-    """The hard world's table: the four modules and SFT-only, VAT's paper and text-query forms (on KD, no TAF); the
-    VAT-weight pilot rows only when asked for; every row's VAT weight is the DFT preset's."""
-    main = ["sft_only", "kd", "kd_taf", "kd_vat", "compodistill", "kd_vat_paper_form", "kd_vat_text_form",
-            "compodistill_paper_form"]
+    """The hard world's table: the four modules and SFT-only (VAT in the paper's form, the default), the text-query
+    form (on KD, no TAF) and the reference code's form (on KD and on KD + TAF); the VAT-weight pilot rows only when
+    asked for; every row's VAT weight is the DFT preset's."""
+    main = ["sft_only", "kd", "kd_taf", "kd_vat", "compodistill", "kd_vat_text_form", "kd_vat_reference_form",
+            "compodistill_reference_form"]
     assert [r[0] for r in experiments.select_rows("hard")] == main
     assert [r[0] for r in experiments.select_rows("hard", "pilot")] == ["kd_vat_w1", "kd_vat_w3", "kd_vat_w10",
                                                                         "kd_vat_w30"]
     assert [r[0] for r in experiments.select_rows("hard", "main,kd_vat_w3")] == main[:5] + ["kd_vat_w3"]
     c = {name: experiments.resolved_dft(dft, "hard") for name, _, _, dft in experiments.size_rows("hard")}
-    assert (c["kd_vat_paper_form"]["vat_queries"], c["kd_vat_paper_form"]["vat_pool"]) == ("all", "flat")
-    assert (c["kd_vat_text_form"]["vat_queries"], c["kd_vat_text_form"]["vat_pool"]) == ("text", "flat")
-    assert (c["compodistill_paper_form"]["vat_queries"], c["compodistill_paper_form"]["vat_pool"]) == ("all", "flat")
+    form = lambda row: (c[row]["vat_queries"], c[row]["vat_pool"])
+    assert form("kd_vat") == form("compodistill") == ("all", "flat") and c["kd_vat"]["taf"] is False
+    assert form("kd_vat_text_form") == ("text", "flat")
+    assert form("kd_vat_reference_form") == form("compodistill_reference_form") == ("image", "column")
     dpt = {name: variant for name, _, variant, _ in experiments.size_rows("hard")}  # TAF comes with the DPT run
-    assert dpt["compodistill_paper_form"] == dpt["compodistill"] == "kd_taf" and not experiments.DPT["kd_taf"]
-    assert (c["kd_vat"]["vat_queries"], c["kd_vat"]["vat_pool"], c["kd_vat"]["taf"]) == ("image", "column", False)
+    assert dpt["compodistill_reference_form"] == dpt["compodistill"] == "kd_taf" and not experiments.DPT["kd_taf"]
     w = c["kd_vat"]["vat_weight"]
     assert w > 0 and all(c[n]["vat_weight"] == w for n in main[3:])
     assert c["kd"]["vat_weight"] == c["kd_taf"]["vat_weight"] == 0
 
 
+@pytest.mark.slow
 def test_hard_size_end_to_end(tmp_path):
     """One hard-world row at the tiny size: its world (patch-evidence tower, 4x4 grid), its presets, its seed, its
     results files."""
@@ -192,5 +199,5 @@ def test_hard_size_end_to_end(tmp_path):
     assert (cfg["vat_queries"], cfg["vat_pool"], cfg["seed"]) == ("text", "flat", 7)
     head, _, rows = table_rows(tmp_path / "res" / "shapes_hard_table.md")
     assert head == COLUMNS and [r[0] for r in rows] == ["teacher", "kd_vat_text_form"]
-    assert rows[1][COLUMNS.index("align CR (text q, flat cos)")] != "-"
+    assert rows[1][COLUMNS.index("align CR (text q)")] != "-"
     assert (tmp_path / "res" / "shapes_hard_chart.png").stat().st_size > 0

@@ -18,7 +18,10 @@ import trainer
 from conftest import bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
 from data import image_processor, tokenize_conversation
 from export_hf import export
-from model import VLM, VLMConfig, TeacherStudent, find_checkpoint, prepare_tokenizer, read_weights, write_weights
+from attention_distill import LayerPairs, VATSettings
+from checkpoint import find_checkpoint, read_weights, write_weights
+from data import prepare_tokenizer
+from model import VLM, VLMConfig, TeacherStudent
 
 QUESTION = "what color is the square ?"
 TOL = 1e-4  # float32 logits, max abs difference
@@ -235,7 +238,7 @@ def test_taf_refusal_says_what_differs_and_what_to_do():
     s.config.vision_feature_layer = -1
     with pytest.raises(ValueError, match=r"TAF needs the teacher's vision tower: the student reads feature layer -1, "
                                          r"the teacher -2; .*init_from=scratch with the teacher"):
-        TeacherStudent(t, s, [0], [0]).apply_taf()
+        TeacherStudent(t, s, VATSettings([0], [0])).apply_taf()
 
 
 def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
@@ -352,7 +355,7 @@ def student(tmp_path, tower="siglip", arch="qwen2", bos=False, hidden=32, teache
     if teacher_hidden:
         t = vlm(teacher_hidden, 0)
         s.vision_tower = t.vision_tower
-        TeacherStudent(t, s, student_layers=[0], teacher_layers=[0]).apply_taf()
+        TeacherStudent(t, s, VATSettings(student_layers=[0], teacher_layers=[0])).apply_taf()
     path = str(tmp_path / "student")
     s.save_pretrained(path)
     return s, path
@@ -429,7 +432,8 @@ def test_export_keeps_the_distilled_layer_pairs(tmp_path):
     assert back.config.extra["distill"] == distill
     teacher = VLM(VLMConfig(vision=vision_cfg(), llm=llm_cfg(hidden=24, layers=2, heads=2, kv_heads=1),
                             image_token_id=back.image_token_id), vision_tower=back.vision_tower)
-    assert alignment.matched_layers(back, teacher) == ([1], [[0]])  # simple matching: 1 <- the last teacher layer
+    # simple matching, one student layer: student layer 1 <- teacher layer 0 (T[floor(0 * 2 / 1)])
+    assert alignment.matched_layers(back, teacher) == LayerPairs(student=[1], teacher=[0, 1], windows=[[0]])
     export(back, str(tmp_path / "hf2"))  # and the next export keeps them
     assert open(os.path.join(out, "config.json")).read() == open(tmp_path / "hf2" / "config.json").read()
 

@@ -8,7 +8,10 @@ import torch
 pytest.importorskip("peft")
 
 from conftest import run, tiny_vlm, weights  # noqa: E402
-from model import TeacherStudent, add_lora, plain_state_dict, set_trainable  # noqa: E402
+import attention_distill as ad  # noqa: E402
+from checkpoint import plain_state_dict  # noqa: E402
+from model import TeacherStudent  # noqa: E402
+from stages import add_lora, set_trainable  # noqa: E402
 from test_model import _batch  # noqa: E402
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -17,10 +20,10 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _pair():
     t = tiny_vlm(layers=6, hidden=48, seed=0)
     s = tiny_vlm(layers=4, hidden=32, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
-    return TeacherStudent(t, s, student_layers=[1, 2], teacher_layers=[2, 3, 4]).apply_taf()
+    return TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[2, 3, 4])).apply_taf()
 
 
-def test_lora_trains_the_adapters_and_the_image_adapter_only():
+def test_lora_trains_the_adapters_and_the_trainable_connector_only():
     ts = _pair()
     add_lora(ts.student, rank=4)
     set_trainable(ts.student, "dft")
@@ -114,10 +117,10 @@ def test_lora_resume_refuses_a_changed_base(hf, tmp_path):
 
 
 def test_lora_resumes_from_a_sharded_checkpoint(hf, tmp_path, monkeypatch):
-    """A real student in float32 is saved in shards (past model.SHARD_BYTES): the resume check reads them all."""
+    """A real student in float32 is saved in shards (past checkpoint.SHARD_BYTES): the resume check reads them all."""
     import json
-    import model
-    monkeypatch.setattr(model, "SHARD_BYTES", 50_000)  # the tiny student then takes several files
+    import checkpoint
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 50_000)  # the tiny student then takes several files
     common = dict(init_from=hf["dpt"], data=hf["data"], max_steps=3, lora_rank=4, out_dir=str(tmp_path / "run"))
     run("sft", stop_after=1, **common)
     index = json.load(open(tmp_path / "run" / "model.safetensors.index.json"))

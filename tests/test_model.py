@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 import attention_distill as ad
 from conftest import IMAGE_TOKEN_ID, tiny_vlm
-from model import VLM, TeacherStudent, enable_checkpointing, set_trainable
+from data import IGNORE_INDEX
+from model import VLM, TeacherStudent
+from stages import set_trainable
+from trainer import enable_checkpointing
 
 
 def _batch():
@@ -15,8 +18,8 @@ def _batch():
                         [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
                         [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])  # the last sample is text-only
     mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
-    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100).masked_fill(mask == 0, -100)
-    labels[:, :6] = -100
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX
     torch.manual_seed(1)
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
 
@@ -24,7 +27,7 @@ def _batch():
 def _pair(taf=True):
     t = tiny_vlm(layers=6, hidden=48, heads=4, kv_heads=2, seed=0)
     s = tiny_vlm(layers=4, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
-    ts = TeacherStudent(t, s, student_layers=[1, 2], teacher_layers=[2, 3, 4])
+    ts = TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[2, 3, 4]))
     return ts.apply_taf() if taf else ts
 
 
@@ -37,7 +40,7 @@ def test_splicing_puts_visual_tokens_at_placeholders():
     assert torch.equal(emb[0, 2:6], img[0]) and torch.equal(emb[1, 1:5], img[1])
     is_img = b["input_ids"] == IMAGE_TOKEN_ID
     assert torch.equal(emb[~is_img], plain[~is_img])  # everything else is the text embedding
-    assert (b["labels"][is_img] == -100).all()
+    assert (b["labels"][is_img] == IGNORE_INDEX).all()
     out = m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])  # mixed batch runs
     assert out["logits"].shape == (3, 10, 40) and torch.isfinite(out["loss"])
 
@@ -106,10 +109,10 @@ def test_kd_reads_the_positions_that_predict_an_answer_token():
     s_out, t_out = _direct(ts, b)
     # KD brute force: position i predicts labels[i + 1] (shifted like the LM loss)
     terms = [F.kl_div(F.log_softmax(s_out["logits"][r, i], -1), F.softmax(t_out["logits"][r, i], -1), reduction="sum")
-             for r in range(3) for i in range(9) if b["labels"][r, i + 1] != -100]
+             for r in range(3) for i in range(9) if b["labels"][r, i + 1] != IGNORE_INDEX]
     torch.testing.assert_close(out["kd"], torch.stack(terms).mean())
     # the reference code's unshifted mask reads other positions: a different number
-    same_pos = b["labels"] != -100
+    same_pos = b["labels"] != IGNORE_INDEX
     assert abs(float(ad.kd_loss(s_out["logits"][same_pos], t_out["logits"][same_pos])) - float(out["kd"])) > 1e-4
 
 
@@ -117,7 +120,8 @@ def test_kd_reads_the_positions_that_predict_an_answer_token():
                                   dict(matching="adaptive")])
 def test_a_student_identical_to_its_teacher_has_zero_kd_and_vat(form):
     ts = _pair(taf=False)
-    same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher), student_layers=[2, 3], teacher_layers=[2, 3], **form)
+    same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher),
+                          ad.VATSettings(student_layers=[2, 3], teacher_layers=[2, 3], **form))
     o = same(_batch())
     assert float(o["kd"]) == pytest.approx(0, abs=1e-6) and float(o["vat"]) == pytest.approx(0, abs=1e-5)
 
@@ -165,10 +169,10 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
     from transformers import AutoModelForCausalLM, SiglipVisionModel
     from conftest import llm_cfg, vision_cfg
     from data import image_processor
-    from model import _hf_config
+    from model import backbone_config
 
     torch.manual_seed(0)
-    SiglipVisionModel(_hf_config(vision_cfg())).save_pretrained(tmp_path / "vision")
+    SiglipVisionModel(backbone_config(vision_cfg())).save_pretrained(tmp_path / "vision")
     image_processor(16).save_pretrained(tmp_path / "vision")
     # an LM whose tokenizer lacks <image>: from_backbones must add it and grow the embeddings
     from transformers import PreTrainedTokenizerFast
@@ -178,7 +182,7 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     plain = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
     plain.save_pretrained(tmp_path / "llm")
-    AutoModelForCausalLM.from_config(_hf_config(dict(llm_cfg(), vocab_size=5))).save_pretrained(tmp_path / "llm")
+    AutoModelForCausalLM.from_config(backbone_config(dict(llm_cfg(), vocab_size=5))).save_pretrained(tmp_path / "llm")
 
     m = VLM.from_backbones(str(tmp_path / "vision"), str(tmp_path / "llm"))
     assert m.image_token_id == 5 and m.llm.get_input_embeddings().num_embeddings == 6
@@ -186,7 +190,7 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
     vision = SiglipVisionModel.from_pretrained(tmp_path / "vision")
     assert all(torch.equal(a, b) for a, b in zip(m.vision_tower.parameters(), vision.parameters()))
     ids = torch.tensor([[3, 5, 5, 5, 5, 4]])
-    out = m(ids, torch.ones_like(ids), torch.randn(1, 3, 16, 16), labels=ids.masked_fill(ids == 5, -100))
+    out = m(ids, torch.ones_like(ids), torch.randn(1, 3, 16, 16), labels=ids.masked_fill(ids == 5, IGNORE_INDEX))
     assert out["logits"].shape == (1, 6, 6) and torch.isfinite(out["loss"])
     m.save_pretrained(tmp_path / "ckpt")  # and it round-trips like any other checkpoint
     m2 = VLM.from_pretrained(str(tmp_path / "ckpt"))

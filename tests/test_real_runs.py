@@ -21,12 +21,12 @@ from model import VLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# -- 1-3: DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
+# -- DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def ddp_runs(hf):
     """DFT for 3 steps of batch 1: under torchrun with 2 processes, and in one process with grad_accum=2 (the same
-    samples in the same groups). Rank 0's first micro-batch is text-only (no gradient reaches the image adapter
+    samples in the same groups). Rank 0's first micro-batch is text-only (no gradient reaches the trainable connector
     there), rank 1's second one has only a missing image (dropped: nothing to run)."""
     root = hf["root"]
     order = data_order(8, 0, 3, 2)
@@ -74,7 +74,7 @@ def test_logged_losses_are_the_mean_over_all_ranks(ddp_runs):
     assert ddp[0]["vat"] > 0 and ddp[0]["lm"] != pytest.approx(ddp[1]["lm"])
 
 
-# -- 4: precision -----------------------------------------------------------------------------------------------
+# -- precision -----------------------------------------------------------------------------------------------
 
 def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
     """The backbones were saved in bf16 (transformers 5 builds models in their config's dtype). Five AdamW steps at
@@ -88,10 +88,11 @@ def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
     assert norm.dtype == torch.float32 and 0 < float((norm - 1).abs().max()) < 0.0078
     m = VLM.from_pretrained(out)
     assert m.config.llm["dtype"] == "float32" and next(m.llm.parameters()).dtype == torch.float32
-    # the frozen teacher may stay in bf16, and does under autocast
-    ts, _ = trainer.build_model(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"],
-                                     kd_weight=1.0), None)
-    assert next(ts.student.parameters()).dtype == torch.float32
+    # as a bf16 run starts: the frozen teacher is cast to bf16, every weight of the student stays a float32 master
+    ts = trainer.build(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0),
+                       None, None, torch.bfloat16)
+    assert {p.dtype for p in ts.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ts.student.parameters()} == {torch.float32}
 
 
 def test_bf16_teacher_and_student_keep_equal_towers_for_taf(hf):
@@ -119,7 +120,7 @@ def test_float16_runs_with_a_grad_scaler_and_resumes_it(hf):
         run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(hf["root"] / "half"), dtype="half")
 
 
-# -- 5: one tokenizer --------------------------------------------------------------------------------------------
+# -- one tokenizer --------------------------------------------------------------------------------------------
 
 def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(hf):
     other = bpe_tokenizer(corpus=[text[::-1] for text in CORPUS])  # other merges, same size
@@ -144,7 +145,7 @@ def test_padded_embeddings_on_either_side_distill_over_the_real_vocabulary(hf):
     assert rows == {t_out: len(tok) + 1, s_out: len(tok) + 30}  # <image> was added to the unpadded one
 
 
-# -- 6: CLIP --------------------------------------------------------------------------------------------------------
+# -- CLIP --------------------------------------------------------------------------------------------------------
 
 def test_clip_tower_llama_lm_end_to_end(hf):
     """A CLIP tower emits 4 patches + a CLS token; the "default" strategy drops CLS, so 4 visual tokens. The Llama
@@ -173,7 +174,7 @@ def test_vision_feature_select_strategy_is_a_stage_setting(hf):
     assert VLM.from_pretrained(out).num_image_tokens == 3
 
 
-# -- 7: TAF needs the teacher's tower -------------------------------------------------------------------------------
+# -- TAF needs the teacher's tower -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tower", ["clip", "siglip_other"])
 def test_taf_on_another_tower_is_refused(hf, tower):
@@ -186,7 +187,7 @@ def test_taf_on_another_tower_is_refused(hf, tower):
         data=hf["data"], out_dir=str(hf["root"] / f"notaf_{tower}"), taf=False, **LAYERS)
 
 
-# -- 8: a run that would train on nothing --------------------------------------------------------------------------
+# -- a run that would train on nothing --------------------------------------------------------------------------
 
 def test_wrong_image_folder_stops_before_training(hf, tmp_path):
     out = str(tmp_path / "run")
@@ -198,7 +199,7 @@ def test_wrong_image_folder_stops_before_training(hf, tmp_path):
     assert not os.path.exists(out)
 
 
-# -- 9: resume only the same run -----------------------------------------------------------------------------------
+# -- resume only the same run -----------------------------------------------------------------------------------
 
 def test_rerun_into_a_finished_out_dir_with_other_settings_is_refused(hf, capsys):
     out = str(hf["root"] / "finished")
@@ -217,7 +218,7 @@ def test_rerun_into_a_finished_out_dir_with_other_settings_is_refused(hf, capsys
         run("sft", **common, eval_interval=5)
 
 
-# -- 10: compile what runs -----------------------------------------------------------------------------------------
+# -- compile what runs -----------------------------------------------------------------------------------------
 
 def test_compile_compiles_the_decoders_training_calls(hf):
     import torch._dynamo
@@ -239,16 +240,26 @@ def test_compile_compiles_the_decoders_training_calls(hf):
     assert list(ts.student.state_dict()) == list(VLM.from_pretrained(hf["dpt"]).state_dict())  # keys unchanged
 
 
-# -- 12: the TAF shortcut survives the teacher's bf16 cast ------------------------------------------------------------
+# -- the TAF shortcut survives the teacher's bf16 cast ------------------------------------------------------------
 
 def test_taf_connector_shortcut_survives_the_bf16_cast(hf):
+    """Under TAF the student's frozen connector is the teacher's: a step runs it once, for both models, also after
+    the teacher was cast to bf16 as a bf16 run starts."""
+    from data import LLaVADataset, collate
     cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0, **LAYERS)
-    ts, _ = trainer.build_model(cfg, None)
-    ts.teacher.to(torch.bfloat16)
-    assert ts.shared_vision and ts._reuses_teacher_connector()
+    ts = trainer.build(cfg, None, None, torch.bfloat16)
+    assert next(ts.teacher.connector.parameters()).dtype == torch.bfloat16
+    ds = LLaVADataset(hf["data"], None, ts.student.tokenizer, ts.student.image_processor, 4, 96)
+    batch = collate([ds[i] for i in range(4)], ts.student.tokenizer.pad_token_id)
+    calls = []
+    for who, m in (("student", ts.student.connector), ("teacher", ts.teacher.connector)):
+        m.register_forward_hook(lambda *a, who=who: calls.append(who))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ts(batch)
+    assert calls == ["teacher"] and torch.isfinite(out["total"])
 
 
-# -- 14: resume loads the optimizer state to the CPU ---------------------------------------------------------------
+# -- resume loads the optimizer state to the CPU ---------------------------------------------------------------
 
 def test_resume_loads_train_state_to_cpu(hf, monkeypatch):
     out = str(hf["root"] / "maploc")
@@ -279,7 +290,7 @@ def test_resume_on_another_number_of_processes_is_refused(hf):
     assert run("sft", **common)["step"] == 3
 
 
-# -- 17: what the data loader dropped and cut, counted once per sample ---------------------------------------------
+# -- what the data loader dropped and cut, counted once per sample ---------------------------------------------
 
 def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
     data = write_llava(hf["root"] / "drops" / "data.json", ["image", "missing", "image", "text"], seed=2)
@@ -324,8 +335,9 @@ def test_a_step_without_any_sample_does_not_update_and_the_schedule_waits(hf):
     assert last["step"] == 4 and last["skipped_steps"] == 1 and log[1]["skipped_steps"] == 1
 
 
-# -- 18: SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------
+# -- SIGTERM / Ctrl-C ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
     root = hf["root"] / f"sig{int(sig)}"
@@ -350,7 +362,7 @@ def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
 
 def test_teacher_cast_to_bf16_keeps_rotary_frequencies_float32(hf):
     """model.to(bf16) would cast the rotary inv_freq buffer too: at position 1000 the angle would be off by radians."""
-    from model import cast_weights
+    from common import cast_weights
     t = VLM.from_pretrained(hf["teacher"])
     inv = t.llm.model.rotary_emb.inv_freq.clone()
     cast_weights(t, torch.bfloat16)

@@ -1,9 +1,7 @@
-"""The three stages end to end on a tiny shapes world: hand-off, trainable sets, DDP, resume, crash safety."""
+"""The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
+(DDP against one process: tests/test_real_runs.py.)"""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ from safetensors.torch import load_file
 import shapes
 import shapes_tower
 import trainer
-from model import VLM, find_checkpoint
+from checkpoint import find_checkpoint
+from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -159,32 +158,28 @@ def test_killed_write_leaves_previous_checkpoint(world, monkeypatch):
     assert all(torch.equal(v, good[k]) for k, v in old.state_dict().items() if k in good)
 
 
-def test_ddp_two_processes_equal_one_process_with_accumulation(world):
-    """torchrun --nproc_per_node=2 (gloo) == one process with grad_accum=2; tolerance 1e-5 (reduction order)."""
-    root = world["root"]
-    common = dict(init_from=world["dpt"], teacher=world["teacher"], data=world["instruct"], max_steps=2,
-                  batch_size=2, student_layers=[0, 1], teacher_layers=[1, 2, 3], eval_interval=0,
-                  log_interval=1, save_interval=100, max_length=64, lr=1e-3, warmup_frac=0.0)
-    run_stage(DFT, out_dir=str(root / "single"), grad_accum=2, **{k: v for k, v in common.items() if k != "batch_size"},
-              batch_size=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with socket.socket() as s:  # a free port: a fixed one hangs when two suites run at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "train_dft.py"), *args({**common, "out_dir": str(root / "ddp"), "grad_accum": 1})]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = weights(root / "single"), weights(root / "ddp")
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    assert any(not torch.equal(a[k], weights(world["dpt"])[k]) for k in a)  # training really moved the weights
+def test_each_stage_script_takes_its_row_of_the_recipe():
+    """stages.STAGES is where a stage's data, losses and teacher are decided: the scripts' defaults are its rows."""
+    import train_dft
+    import train_dpt
+    import train_sft
+    assert train_dpt.STAGE_DEFAULTS == dict(stage="dpt", out_dir="out/shapes/dpt", data="out/shapes/pretrain.json",
+                                            teacher="out/shapes/teacher", kd_weight=1.0, vat_weight=0.0, taf=True)
+    assert train_dft.STAGE_DEFAULTS == dict(stage="dft", out_dir="out/shapes/dft", init_from="out/shapes/dpt",
+                                            data="out/shapes/instruct.json", teacher="out/shapes/teacher",
+                                            kd_weight=1.0, vat_weight=1.0)
+    assert train_sft.STAGE_DEFAULTS == dict(stage="sft", out_dir="out/shapes/sft", init_from="out/shapes/dft",
+                                            data="out/shapes/instruct.json", kd_weight=0.0, vat_weight=0.0)
 
 
 def test_the_presets_chain_stage_to_stage():
-    """Every preset passes the config checks; each writes its own out_dir; each init_from / teacher that is a
-    directory is another preset's out_dir (the hand-off a reader follows: teacher -> DPT -> DFT -> SFT)."""
-    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), [os.path.join(ROOT, "config", f)])
+    """Every preset passes the config checks (the hard world's layered over the default world's); each writes its own
+    out_dir; each init_from / teacher that is a directory is another preset's out_dir (the hand-off a reader follows:
+    teacher -> DPT -> DFT -> SFT)."""
+    def files(f):
+        base = f.replace("shapes_hard_", "shapes_")
+        return [os.path.join(ROOT, "config", g) for g in ([base, f] if base != f else [f])]
+    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), files(f))
             for f in sorted(os.listdir(os.path.join(ROOT, "config"))) if f.endswith(".py")}
     outs = [c["out_dir"] for c in cfgs.values()]
     assert len(set(outs)) == len(outs)

@@ -111,6 +111,11 @@ WORLDS = {
     "default": dict(image_size=48, grid=3),
     "hard": dict(image_size=48, grid=4, n_objects=(3, 5), sizes={"small": 0.36, "large": 0.46}, clutter=(1, 3),
                  patch_size=8, tower_labels="blocks+shape"),
+    # Two attempts at a world whose teacher learns relations and existence (results/README.md, "Relations and
+    # hallucination"): more relation questions, Reefknot's three formats and a tower that names each object's
+    # neighbours; the same with yes/no answers that state the evidence before the verdict.
+    "relations": dict(image_size=48, grid=3, mix="relations", tower_labels="cell+relations"),
+    "evidence": dict(image_size=48, grid=3, mix="evidence", tower_labels="cell+relations"),
 }
 
 
@@ -120,7 +125,7 @@ def position_words(grid):
             3: (["top", "middle", "bottom"], ["left", "center", "right"])}.get(grid)
 
 
-def vocabulary(grid=3):
+def vocabulary(grid=3, mix="base"):
     """Every word any generated text can contain (checked against the real texts in generate)."""
     words = set(COLORS) | set(SHAPES) | set(SIZES) | set(RELATIONS) | set(NUMBERS)
     words |= set("a the and of , ? . what color shape size is there in image how many objects object are "
@@ -129,7 +134,8 @@ def vocabulary(grid=3):
         words |= set(sum(position_words(grid), []))
     # evaluate.py's multiple-choice prompt; never in training text, but better distinct words than <unk>
     words |= set("which caption describes answer with or b ( )".split())
-    words |= set("relation between c d so".split())
+    if mix != "base":  # the relation questions' words (and the verdict's "so")
+        words |= set("relation between c d so".split())
     return sorted(words)
 
 
@@ -603,7 +609,8 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
             pos, neg = cr_item(R("cr", subset, i), subset, objects)
             cr[subset][str(i)] = {"filename": path, "caption": pos, "negative_caption": neg}
         for k, rows in reefknot_items(R("reefknot", i), objects, f"test_{i:05d}").items():
-            reefknot[k] += rows
+            if k == "YESNO" or "rel_what" in MIXES[mix]["weights"]:  # only the formats the mix trains
+                reefknot[k] += rows
         yes, no = pope_items(R("pope", i), objects, freq)
         for split in POPE_SPLITS:
             for obj, ans in ((yes, "yes"), (no[split], "no")):
@@ -617,12 +624,12 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     files = {"pretrain.json": pretrain, "instruct.json": instruct, "scenes.json": scenes, "test/vqa.jsonl": vqa,
              **{f"test/cr/{s}.json": items for s, items in cr.items()},
              **{f"test/pope_{s}.jsonl": rows for s, rows in pope.items()},
-             **{f"test/reefknot/{k}.jsonl": rows for k, rows in reefknot.items()}}
+             **{f"test/reefknot/{k}.jsonl": rows for k, rows in reefknot.items() if rows}}
     for rel_path, obj in files.items():
         _write(os.path.join(out, rel_path), obj)
 
     # The tokenizer covers the grammar's whole vocabulary; check the real texts against it.
-    vocab = vocabulary(grid)
+    vocab = vocabulary(grid, mix)
     texts = [t["value"] for s in pretrain + instruct for t in s["conversations"]]
     texts += [r["question"] + " " + r["answer"] for r in vqa + sum(pope.values(), [])]
     texts += [v[k] for items in cr.values() for v in items.values() for k in ("caption", "negative_caption")]
@@ -642,7 +649,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                             instruct=len(instruct), instruct_text_only=n_text, vqa=len(vqa),
                             **{f"cr_{s}": len(v) for s, v in cr.items()},
                             **{f"pope_{s}": len(v) for s, v in pope.items()},
-                            **{f"reefknot_{k.lower()}": len(v) for k, v in reefknot.items()}),
+                            **{f"reefknot_{k.lower()}": len(v) for k, v in reefknot.items() if v}),
                 pope_definitions=pope_items.__doc__.split("\n", 1)[1].strip(),
                 image_paths="relative to this directory (also in test/*)")
     if not default_world:  # (the default world's meta.json stays as it always was)

@@ -23,7 +23,7 @@ def _hashes(root):
 
 
 # Every test that takes `world` runs on both worlds: the hard one must keep the default one's rules and pitfalls.
-@pytest.fixture(scope="module", params=["default", "hard"])
+@pytest.fixture(scope="module", params=["default", "hard", "evidence"])
 def world(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes") / "w")
     meta = shapes.generate(out, seed=0, n_train=40, n_test=20, progress=False, **shapes.WORLDS[request.param])
@@ -40,7 +40,12 @@ def _jsonl(path):
 
 
 def _rules(meta):
-    return shapes.WORLDS["hard" if "world" in meta else "default"]
+    """The WORLDS entry a generated world's meta.json describes."""
+    rules = meta.get("world")
+    if rules is None:
+        return shapes.WORLDS["default"]
+    return next(w for w in shapes.WORLDS.values() if w.get("grid") == meta["grid"] and
+                w.get("mix", "base") == rules.get("mix", "base") and w.get("tower_labels", "cell") == rules["tower_labels"])
 
 
 def test_determinism(world, tmp_path):
@@ -48,7 +53,8 @@ def test_determinism(world, tmp_path):
     same = str(tmp_path / "same")
     shapes.generate(same, seed=0, n_train=40, n_test=20, progress=False, **_rules(meta))
     h0, h1 = _hashes(out), _hashes(same)
-    assert len(h0) == 40 + 20 + 15 + 3 + 3 and h0 == h1  # images, json(l) files, Reefknot files, tokenizer + processor
+    n_reefknot = len(os.listdir(os.path.join(out, "test", "reefknot")))
+    assert len(h0) == 40 + 20 + 15 + 3 + n_reefknot and h0 == h1  # images, json(l), Reefknot, tokenizer + processor
     other = str(tmp_path / "other")
     shapes.generate(other, seed=1, n_train=40, n_test=20, progress=False, **_rules(meta))
     h2 = _hashes(other)
@@ -69,7 +75,8 @@ def test_files_and_counts(world):
         assert os.path.isfile(os.path.join(out, s["image"]))
     for s in ins:
         turns = s["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 6
+        most = len(shapes.MIXES[meta.get("world", {}).get("mix", "base")]["turns"])
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 2 <= len(turns) <= 2 * most
         assert turns[0]["value"].startswith("<image>\n") == ("image" in s)
     vqa = _jsonl(os.path.join(out, "test", "vqa.jsonl"))
     kinds = [k for k in shapes.MIXES[meta.get("world", {}).get("mix", "base")]["weights"]
@@ -102,7 +109,7 @@ def test_default_world_unchanged(tmp_path):
             else:
                 h.update(open(path, "rb").read())
     print("default world hash:", h.hexdigest())
-    assert h.hexdigest() == "5cf73a404fe1da78f74d4c1008e2c5e29faf091cffc71a090994dea5144bd903"
+    assert h.hexdigest() == "d36046763339c1fcfd1998ee410704b86510aa6a49b479014fc83172189ee80f"
 
 
 def test_scenes_obey_rules(world):
@@ -233,15 +240,37 @@ def test_every_image_answer_is_right(world):
             t = s["conversations"]
             qa += [(t[i]["value"].replace("<image>\n", ""), t[i + 1]["value"], s["image"]) for i in range(0, len(t), 2)]
     for q, a, image in qa:
-        assert _oracle(q, scenes[image]["objects"]) == a, (q, a, image)
+        objs = scenes[image]["objects"]
+        if a.endswith((" so yes", " so no")):  # evidence first: a true statement, then the right verdict
+            evidence, verdict = a.rsplit(" , so ", 1)
+            assert _oracle(q, objs) == verdict, (q, a, image)
+            assert _evidence_true(evidence, objs), (q, a, image)
+        else:
+            assert _oracle(q, objs) == a, (q, a, image)
+
+
+def _evidence_true(text, objs):
+    """"nothing is C" / "nothing is a S", "the C one is a S", "the S is C", or "the NP is REL the NP" holds."""
+    w = text.split()
+    if w[0] == "nothing":
+        return not any(x in (o["color"], o["shape"]) for o in objs for x in w[2:])
+    if w[2] == "one":
+        return any(o["color"] == w[1] and o["shape"] == w[-1] for o in objs)
+    if len(w) == 4:
+        return any(o["shape"] == w[1] and o["color"] == w[3] for o in objs)
+    return shapes.caption_true("a " + text[len("the "):].replace(" is ", " ", 1).replace(" the ", " a "), objs)
 
 
 def test_reefknot_items_are_true_to_their_scene(world):
-    """Reefknot's layout; YESNO in pairs on one object pair (the true relation, then its opposite); Multichoice and
-    VQA on pairs with one relation; every label what an independent answerer says."""
-    out, _, scenes = world
-    rows = {k: _jsonl(os.path.join(out, "test", "reefknot", f"{k}.jsonl")) for k in shapes.REEFKNOT_FILES}
-    assert len(rows["YESNO"]) == 40 and 0 < len(rows["Multichoice"]) == len(rows["VQA"]) <= 20
+    """Reefknot's layout, in the formats the world's mix trains; YESNO in pairs on one object pair (the true
+    relation, then its opposite); Multichoice and VQA on pairs with one relation; every label what an independent
+    answerer says."""
+    out, meta, scenes = world
+    trained = "rel_what" in shapes.MIXES[meta.get("world", {}).get("mix", "base")]["weights"]
+    files = sorted(os.listdir(os.path.join(out, "test", "reefknot")))
+    assert files == (["Multichoice.jsonl", "VQA.jsonl", "YESNO.jsonl"] if trained else ["YESNO.jsonl"])
+    rows = {f[:-6]: _jsonl(os.path.join(out, "test", "reefknot", f)) for f in files}
+    assert len(rows["YESNO"]) == 40 and (not trained or 0 < len(rows["Multichoice"]) == len(rows["VQA"]) <= 20)
     for k, items in rows.items():
         for r in items:
             assert set(r) == {"image_id", "query_prompt", "label", "relation_type"} and r["relation_type"] == "perception"
@@ -252,7 +281,7 @@ def test_reefknot_items_are_true_to_their_scene(world):
         assert (pos["label"], neg["label"], pos["image_id"]) == ("yes", "no", neg["image_id"])
         p, n = pos["query_prompt"].split(), neg["query_prompt"].split()
         assert [w for w in p if w not in shapes.RELATIONS] == [w for w in n if w not in shapes.RELATIONS]
-    for r in rows["Multichoice"]:
+    for r in rows.get("Multichoice", []):
         assert r["label"] in "ABCD" and all(f"( {x} ) " in r["query_prompt"] for x in "abcd")
 
 

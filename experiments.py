@@ -306,7 +306,8 @@ def train_all(opts, size, jobs, limit, base, rows, seeds, cfgs, shared):
         walls["teacher"] = run("train_sft.py", stage_args(opts["size"], "teacher", out_dir=teacher, seed=0,
                                                           data=f"{pretrain},{instruct}", vision_model=tower),
                                teacher, os.path.join(teacher, "model.safetensors"), jobs)
-    ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=opts["cr_protocol"], limit=limit, data=data)
+    ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=opts["cr_protocol"], limit=limit, data=data,
+              batch_size=64)  # prompts per forward: on a CPU the per-op overhead dominates, so fewer, larger batches
     t_eval = os.path.join(base, "teacher_eval")
     dpt_dir = lambda variant, seed: os.path.join(base, f"seed{seed}", f"dpt_{variant}")
 

@@ -31,6 +31,6 @@ $PY train_sft.py config/shapes_sft.py --init_from=out/shapes/base_dft --out_dir=
 
 stamp "5/6 evaluation: teacher, SFT-only student, CompoDistill student"
 $PY evaluate.py --compare="teacher=out/shapes/teacher,sft_only=out/shapes/base_sft,compodistill=out/shapes/sft" \
-    --teacher=out/shapes/teacher --out=out/shapes/eval --heatmaps=4
+    --teacher=out/shapes/teacher --out=out/shapes/eval --heatmaps=4 --batch_size=64
 
 stamp "6/6 done: results in out/shapes/eval (report.md, report.json, heat maps)"

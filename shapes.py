@@ -9,10 +9,13 @@ composition beyond memorised pairs.
 
 Everything is written in the formats the real-data code reads, so one pipeline serves both:
   pretrain.json        LLaVA-Pretrain: {"id", "image", "conversations": [human prompt, gpt caption]}
-  instruct.json        LLaVA mix665K: 1-3 turn conversations, ~2 % text-only samples (no "image")
-  test/vqa.jsonl       {"question", "answer", "image", "type"} short answers
+  instruct.json        LLaVA mix665K: 1-3 turn conversations (1-4 in the relation mixes), ~2 % text-only
+  test/vqa.jsonl       {"question", "answer", "image", "type"}: one question of every kind the mix asks per test
+                       image; yes/no kinds also carry "answer_type": "yes/no" (scored on the verdict)
   test/cr/{subset}.json  SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
   test/pope_{random,popular,adversarial}.jsonl  {"question", "answer", "image", "category", "object"}
+  test/reefknot/{YESNO,Multichoice,VQA}.jsonl  Reefknot: {"image_id", "query_prompt", "label", "relation_type"},
+                       spatial relations in the formats the mix trains (the default mix: YESNO only)
   scenes.json          every image's objects (ground truth for checks and evaluation)
   tokenizer/, image_processor/  built with data.py helpers, so nothing is ever downloaded
   meta.json            settings, counts, held-out combos, vocabulary
@@ -60,6 +63,13 @@ token carries and how many tokens an object has, and keeps the grammar, the test
     64.5: replace_obj 56.0, swap_att 41.0, swap_obj 43.5), so there was no binding for anyone to distill.
   * No position words (no "top left" on a 4x4 grid): relations are the only way to talk about place.
 What it costs: 36 instead of 9 visual tokens make every step about 1.5x slower on a CPU (config/shapes_hard_*.py).
+
+Two more worlds record attempts at a teacher that learns spatial relations and existence, which the default world's
+teacher does not (results/README.md, "Relations and hallucination"): "relations" asks them far more often, in
+Reefknot's three formats too (MIXES["relations"]), on a tower that also names which colours lie left of, right of,
+above and below each object (tower_labels="cell+relations", shapes_tower.py); "evidence" answers every yes/no
+question with what the image shows before the verdict ("the red one is a square , so no"). Neither teacher learned
+relations at this project's CPU budget.
 """
 import json
 import math

@@ -59,33 +59,47 @@ def _probs(q, k, blocked, scaling):
         return s.softmax(-1)
 
 
+ROWS_PER_CHUNK = 256  # query rows whose probabilities exist at once: memory (B, H, 256, S), not (B, H, T, S)
+
+
+def _chunks(n):
+    return [(i, min(n, i + ROWS_PER_CHUNK)) for i in range(0, n, ROWS_PER_CHUNK)]
+
+
 class _ImageAttention(torch.autograd.Function):
     """
     Head-averaged attention probabilities at the key columns `cols`, normalised over all keys. Saves only
-    q, k and the mask, and recomputes the probabilities in backward (as flash attention does): autograd keeps
-    no (B, H, Nq, S) float32 tensor per captured layer (plain autograd would keep two: the softmax output and the
-    gather's input).
+    q, k and the mask, and recomputes the probabilities in backward (as flash attention does), ROWS_PER_CHUNK query
+    rows at a time in both directions: with every row queried (the paper's form) the full (B, H, T, T) float32
+    softmax would otherwise exist for each captured layer, twice in backward.
     """
 
     @staticmethod
     def forward(ctx, q, k, blocked, cols, scaling):
-        p = _probs(q, k, blocked, scaling)
         ctx.save_for_backward(q, k, blocked, cols)
         ctx.scaling = scaling
-        idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
-        return p.gather(-1, idx).nan_to_num(0.0).mean(dim=(1, 2))
+        out = []
+        for r0, r1 in _chunks(q.shape[3]):
+            p = _probs(q[:, :, :, r0:r1], k, blocked[:, r0:r1], scaling)
+            idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+            out.append(p.gather(-1, idx).nan_to_num(0.0).mean(dim=(1, 2)))
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, blocked, cols = ctx.saved_tensors
-        p = _probs(q, k, blocked, ctx.scaling).nan_to_num_(0.0)
-        idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
-        # y_c = p_c = softmax(s)_c  =>  dL/ds_j = p_j (g_j [j in cols] - sum_c g_c p_c)
-        gp = (grad / (p.shape[1] * p.shape[2]))[:, None, None] * p.gather(-1, idx)  # per head: 1/H of grad
-        ds = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, idx, gp)
-        with torch.autocast(ds.device.type, enabled=False):
-            dq = torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling
-            dk = torch.einsum("bkgqs,bkgqd->bksd", ds, q.to(ds.dtype)) * ctx.scaling
+        dq, dk = [], None
+        for r0, r1 in _chunks(q.shape[3]):
+            p = _probs(q[:, :, :, r0:r1], k, blocked[:, r0:r1], ctx.scaling).nan_to_num_(0.0)
+            idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+            # y_c = p_c = softmax(s)_c  =>  dL/ds_j = p_j (g_j [j in cols] - sum_c g_c p_c)
+            gp = (grad[:, r0:r1] / (p.shape[1] * p.shape[2]))[:, None, None] * p.gather(-1, idx)  # 1/H per head
+            ds = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, idx, gp)
+            with torch.autocast(ds.device.type, enabled=False):
+                dq.append(torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling)
+                part = torch.einsum("bkgqs,bkgqd->bksd", ds, q[:, :, :, r0:r1].to(ds.dtype)) * ctx.scaling
+            dk = part if dk is None else dk + part
+        dq = dq[0] if len(dq) == 1 else torch.cat(dq, 3)
         return dq.to(q.dtype), dk.to(k.dtype), None, None, None
 
 

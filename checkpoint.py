@@ -37,13 +37,17 @@ ACCEPTED = ("a CompoDistill checkpoint (a stage's out_dir: config.json with 'vis
 
 
 def read_json(file):
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    """A checkpoint's JSON file; a damaged one is an error that names it and says what to do."""
+    again = "the file is damaged: copy or download the checkpoint again, or rerun the stage that wrote it"
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e}); {again}") from e
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); the file is damaged: copy or download the checkpoint again, "
-                         "or rerun the stage that wrote it") from e
+        raise ValueError(f"{file}: not valid JSON ({e}); {again}") from e
 
 
 def read_config(path):

@@ -71,7 +71,8 @@ REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "v
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
 MCQ_PROMPT = "Which caption describes the image?\n(A) {a}\n(B) {b}\nAnswer with A or B."
-MAX_NEW_TOKENS = dict(vqa=20, pope=20, mcq=40, reefknot=20)  # room for an answer that explains itself; mcq: for one that repeats a caption
+# room for an answer that explains itself ("the red one is a square , so no"); mcq: for one that repeats a caption
+MAX_NEW_TOKENS = dict(vqa=20, pope=20, mcq=40, reefknot=20)
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -233,7 +234,23 @@ def _read_rows(path):
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return load_records(path) if path.endswith(".jsonl") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        if path.endswith(".jsonl"):
+            return load_records(path)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix or download the file again") from e
+    return rows
+
+
+def _field(row, key, path):
+    """row[key], or an error that names the file and the item (a benchmark file of another layout)."""
+    if not isinstance(row, dict) or key not in row:
+        raise ValueError(f"{path}: item {str(row)[:80]!r} has no {key!r}; see evaluate.py's docstring for the layouts "
+                         "it reads")
+    return row[key]
 
 
 def _read_list(path):
@@ -297,7 +314,8 @@ def load_vqa(path, folder, limit=None):
                              "(a test-dev file without answers is scored by the benchmark's own server)")
         if isinstance(answers, list):
             answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
-        items.append(dict(question=r.get("question", r.get("text")), answers=answers, image=r["image"],
+        items.append(dict(question=r.get("question", r.get("text")), answers=answers,
+                          image=_field(r, "image", path),
                           type=r.get("type", r.get("question_type", r.get("category"))),
                           yes_no=r.get("answer_type") == "yes/no"))
     return _keep_with_images(items, ["image"], folder, f"vqa ({path})")
@@ -313,8 +331,9 @@ def load_cr(cr_dir, folder, limit=None):
     for subset in cr_subsets(cr_dir):
         rows = _read_rows(os.path.join(cr_dir, subset + ".json"))
         rows = list(rows.values()) if isinstance(rows, dict) else rows
-        sub = [dict(subset=subset, image=r["filename"], pos=r["caption"], neg=r["negative_caption"])
-               for r in rows[:limit or None]]
+        where = os.path.join(cr_dir, subset + ".json")
+        sub = [dict(subset=subset, image=_field(r, "filename", where), pos=_field(r, "caption", where),
+                    neg=_field(r, "negative_caption", where)) for r in rows[:limit or None]]
         sub, k = _keep_with_images(sub, ["image"], folder, f"cr/{subset}")
         items += sub
         skipped += k
@@ -329,7 +348,7 @@ def load_pope(files, folder, limit=None):
         for r in _read_list(path):
             by_split[r.get("category", default_split)].append(
                 dict(question=r.get("question", r.get("text")), label=str(r.get("answer", r.get("label"))).strip().lower(),
-                     image=r["image"]))
+                     image=_field(r, "image", path)))
         for split, rows in by_split.items():
             sub, k = _keep_with_images(rows[:limit or None], ["image"], folder, f"pope/{split}")
             items += [dict(it, split=split) for it in sub]
@@ -514,7 +533,7 @@ def unknown_words(tok, text):
 def run_vqa(r, items, answer_suffix="", max_new_tokens=MAX_NEW_TOKENS["vqa"]):
     preds = r.generate([(it["question"] + answer_suffix, it["image"], None) for it in items], max_new_tokens, "vqa")
     # a yes/no question (VQAv2's answer_type "yes/no") is scored on the verdict, read as POPE reads it
-    scores = [float(parse_yes_no(p) == it["answers"]) if it.get("yes_no") else vqa_score(p, it["answers"])
+    scores = [vqa_score(parse_yes_no(p) or "", it["answers"]) if it.get("yes_no") else vqa_score(p, it["answers"])
               for p, it in zip(preds, items)]
     per_type = defaultdict(list)
     for s, it in zip(scores, items):
@@ -640,9 +659,13 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
     def need(task, key):
         if not files[key]:
             raise FileNotFoundError(f"task {task}: no test file under {data_dir} (looked for test/{key}...); "
-                                    f"generate the shapes world (python shapes.py) or pass its path")
+                                    f"generate the shapes world (python shapes.py), pass its path, or leave the task "
+                                    f"out of --tasks")
         return files[key]
 
+    for task in tasks:  # every test file is found before the first task runs, not after an hour of the others
+        if task != "align":
+            need(task, task)
     cache = {}
 
     def vqa_items():

@@ -12,7 +12,8 @@ start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 stamp "1/6 data: the shapes world and its pretrained vision tower"
-[ -f out/shapes/vision_tower/model.safetensors ] || $PY shapes.py
+# (also when a test file is missing: generation is deterministic, so the files already there come out the same)
+[ -f out/shapes/vision_tower/model.safetensors ] && [ -f out/shapes/test/reefknot/YESNO.jsonl ] || $PY shapes.py
 
 stamp "2/6 teacher (6x256 LM from scratch on the frozen tower, captions + instructions)"
 $PY train_sft.py config/shapes_teacher.py "${EXTRA[@]}"

@@ -627,10 +627,14 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                 pope[split].append({"question": f"is there a {obj} in the image ?", "answer": ans,
                                     "image": path, "category": split, "object": obj})
 
-    # Remove images left over from an earlier, larger run into the same directory.
+    # Remove what an earlier run into the same directory left that this one does not write: images of a larger run,
+    # Reefknot files of a world whose mix trained more formats (their labels would be scored against these images).
     for f in os.listdir(os.path.join(out, "images")):
         if f"images/{f}" not in scenes:
             os.remove(os.path.join(out, "images", f))
+    for name in REEFKNOT_FILES:
+        if not reefknot[name] and os.path.isfile(os.path.join(out, "test", "reefknot", f"{name}.jsonl")):
+            os.remove(os.path.join(out, "test", "reefknot", f"{name}.jsonl"))
     files = {"pretrain.json": pretrain, "instruct.json": instruct, "scenes.json": scenes, "test/vqa.jsonl": vqa,
              **{f"test/cr/{s}.json": items for s, items in cr.items()},
              **{f"test/pope_{s}.jsonl": rows for s, rows in pope.items()},

@@ -115,6 +115,7 @@ LOSSES = ("lm", "kd", "vat", "total")
 
 def train(cfg):
     """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    check_settings(cfg)
     amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
     if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
         check_out_dir(cfg["out_dir"])
@@ -228,6 +229,27 @@ def autocast_dtype(name):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(name, device, allowed=("auto", "float32", "bfloat16", "float16"))
     return None if dtype == torch.float32 else dtype
+
+
+def check_settings(cfg):
+    """Refuse, before anything is built, numbers that cannot work and losses the stage has no teacher for."""
+    at_least = dict(batch_size=1, grad_accum=1, max_steps=1, log_interval=1, save_interval=1, max_length=1,
+                    eval_interval=0, eval_batches=1, stop_after=0, num_workers=0, lora_rank=0)
+    for key, low in at_least.items():
+        if cfg[key] < low:
+            raise ValueError(f"{key}={cfg[key]}: must be at least {low}")
+    if not cfg["lr"] >= 0:
+        raise ValueError(f"lr={cfg['lr']}: must be at least 0")
+    if not cfg["kd_temperature"] > 0:
+        raise ValueError(f"kd_temperature={cfg['kd_temperature']}: must be above 0")
+    if not 0 <= cfg["val_frac"] < 1:
+        raise ValueError(f"val_frac={cfg['val_frac']}: the held-out fraction lies in [0, 1)")
+    if not stage(cfg["stage"])["teacher"]:
+        asked = [f"{k}={cfg[k]}" for k in ("kd_weight", "vat_weight") if cfg[k]] + (["taf=True"] if cfg["taf"] else [])
+        if asked:
+            raise ValueError(f"stage {cfg['stage']} loads no teacher, so {', '.join(asked)} cannot apply: leave "
+                             "them out (TAF comes with the checkpoint of the stage that applied it), or run a "
+                             "distilling stage (train_dpt.py / train_dft.py)")
 
 
 def resume_point(cfg):

@@ -219,8 +219,10 @@ def test_layer_presets_and_ranges():
         ad.resolve_layers([4], 4)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [256, 3])  # one chunk, or the 4 query rows in chunks of 3 and 1
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
-def test_attention_probs_gradients_match_plain_autograd(mask_kind):
+def test_attention_probs_gradients_match_plain_autograd(mask_kind, rows_per_chunk, monkeypatch):
+    monkeypatch.setattr(ad, "ROWS_PER_CHUNK", rows_per_chunk)
     torch.manual_seed(0)
     B, H, Hkv, T, D = 2, 4, 2, 7, 3
     q = torch.randn(B, H, T, D, dtype=torch.double, requires_grad=True)

@@ -424,3 +424,30 @@ def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
     r.generate([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], 2, "test")
     r.first_token_logprobs([(ev.CAPTION_PROMPT, "images/test_00000.png", None)], ["a"], "test")
     assert entered == []
+
+
+def test_yes_no_questions_are_scored_on_the_verdict_against_one_answer_or_ten():
+    """VQAv2 gives ten answers per question, our shapes files one; a yes/no question (answer_type "yes/no") is scored
+    on the answer's verdict either way, with VQA's soft accuracy."""
+    items = [dict(question="q1", answers=["yes"] * 10, image="x.png", type="yes/no", yes_no=True),
+             dict(question="q2", answers=["no"] * 2 + ["yes"] * 8, image="x.png", type="yes/no", yes_no=True),
+             dict(question="q3", answers="no", image="x.png", type="exist", yes_no=True),
+             dict(question="q4", answers="Yes", image="x.png", type="exist", yes_no=True),
+             dict(question="q5", answers="red", image="x.png", type="color", yes_no=False)]
+    r = _CannedRunner(dict(q1="Yes, it is.", q2="the red one is a square , so no", q3="nothing is red , so no",
+                           q4="yes", q5="red"))
+    rep = ev.run_vqa(r, items)
+    assert rep["per_type"] == {"yes/no": pytest.approx((1.0 + 2 / 3) / 2), "exist": 1.0, "color": 1.0}
+
+
+def test_a_missing_test_file_stops_before_any_task_runs(world, tmp_path, monkeypatch):
+    import shutil
+    data = tmp_path / "w"
+    shutil.copytree(world, data)
+    shutil.rmtree(data / "test" / "reefknot")
+    ran = []
+    monkeypatch.setattr(ev, "run_vqa", lambda *a, **k: ran.append("vqa"))
+    student = _tiny(world, layers=2, hidden=32, seed=1)
+    with pytest.raises(FileNotFoundError, match="task reefknot: no test file"):
+        ev.evaluate(student, str(data), tasks="vqa,reefknot", progress=False)
+    assert ran == []

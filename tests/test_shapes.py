@@ -433,3 +433,12 @@ def test_patch_shape_is_the_majority_objects():
     assert [k for k, v in enumerate(blocks) if v == red] == [0, 1, 2, 4, 5, 6, 8, 9, 10]
     assert 0 < blocks.count(blue) < 9 and set(blocks) == {0, red, blue}
     assert lab[16:] == (1 + shapes.SHAPES.index("square"), 1, 1)
+
+
+def test_a_world_written_over_another_keeps_none_of_its_files(tmp_path):
+    out = str(tmp_path / "w")
+    shapes.generate(out, n_train=10, n_test=6, progress=False, **shapes.WORLDS["evidence"])
+    assert len(os.listdir(os.path.join(out, "test", "reefknot"))) == 3
+    shapes.generate(out, n_train=8, n_test=4, progress=False)
+    assert os.listdir(os.path.join(out, "test", "reefknot")) == ["YESNO.jsonl"]
+    assert len(os.listdir(os.path.join(out, "images"))) == 8 + 4

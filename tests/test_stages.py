@@ -2,6 +2,7 @@
 (DDP against one process: tests/test_real_runs.py.)"""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -229,3 +230,18 @@ def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
     run_stage(SFT, init_from=world["dpt"], data=world["pretrain"], val_data=world["instruct"],
               out_dir=str(root / "val_log2"), eval_interval=2, max_steps=1)
     assert f"validation: the {sizes[1]} samples of val_data={world['instruct']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, says", [(dict(save_interval=0), "save_interval=0: must be at least 1"),
+                                       (dict(grad_accum=0), "grad_accum=0: must be at least 1"),
+                                       (dict(batch_size=-2), "batch_size=-2: must be at least 1"),
+                                       (dict(lr=-1e-3), "lr=-0.001: must be at least 0"),
+                                       (dict(val_frac=1.0), "val_frac=1.0"),
+                                       (dict(kd_weight=1.0), "stage sft loads no teacher, so kd_weight=1.0"),
+                                       (dict(taf=True), "stage sft loads no teacher, so taf=True")])
+def test_settings_that_cannot_work_are_refused_before_anything_is_built(bad, says, tmp_path, monkeypatch):
+    import trainer
+    monkeypatch.setattr(trainer, "compute_init", lambda **kw: pytest.fail("got past the settings check"))
+    cfg = dict(trainer.DEFAULTS, stage="sft", out_dir=str(tmp_path / "o"), **bad)
+    with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+        trainer.train(cfg)

@@ -19,8 +19,9 @@ Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in 
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
                      {"image", "negative_image", "caption", "negative_caption"} (BiVLC)
   reefknot/          Reefknot's layout: YESNO.jsonl, Multichoice.jsonl, VQA.jsonl, one {"image_id", "query_prompt",
-                     "label", "relation_type"} a line; the image is <image_id>.jpg or .png under --image_folder (for
-                     the shapes layout, <data>/images). --reefknot_dir points at the official download.
+                     "label", "relation_type"} a line; the image is <image_id>.jpg or .png under
+                     --reefknot_image_folder (else --image_folder; for the shapes layout, <data>/images).
+                     --reefknot_dir points at the official download.
 An item whose image is missing or is not an image is skipped, counted in the report's "skipped" and named in a
 warning; a test file none of whose images can be read stops the run.
 
@@ -39,7 +40,8 @@ training.
          answer contains the word yes, else "no"; Multichoice: the answer's first letter; VQA: the label's words
          appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and by
          relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
-  align  (needs a teacher) see alignment.py: image-query and text-query similarity in the matched layers.
+  align  (needs a teacher) see alignment.py: in the matched layers, 1 - the paper's VAT distance (all queries, the
+         training default), 1 - the reference code's (image queries), and the text queries' similarity.
 Precision: the models compute in the dtype their weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on
 the CPU), without autocast, as sample.py does; a VLM passed in from Python computes in its own dtype.
 For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
@@ -703,7 +705,8 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         elif task == "reefknot":
             # Reefknot names images by id; the shapes world keeps them in <data>/images
             shapes_images = os.path.join(data_dir, "images")
-            rk_folder = o["image_folder"] or (shapes_images if os.path.isdir(shapes_images) else data_dir)
+            rk_folder = o["reefknot_image_folder"] or o["image_folder"] or \
+                (shapes_images if os.path.isdir(shapes_images) else data_dir)
             items, report["skipped"]["reefknot"] = load_reefknot(need("reefknot", "reefknot"), rk_folder, limit)
             report["reefknot"] = run_reefknot(Runner(model, rk_folder, batch_size, progress), items)
         elif task == "align":
@@ -764,7 +767,7 @@ def compare_table(reports):
     subsets = list(dict.fromkeys(s for rep in reports.values() for s in (_get(rep, "cr", "subsets") or [])))
     head = (["model", "VQA", "CR mcq", "CR lik"] + [f"{s} (mcq/lik)" for s in subsets] +
             ["POPE F1 (gen/forced)", "Wino group", "Reefknot halluc. (yes-no / mc / vqa / mean)",
-             "align VQA (img/text q)", "align CR (img/text q)"])
+             "align VQA (all / img / text q)", "align CR (all / img / text q)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rep in reports.items():
         row = [name, _pct(_get(rep, "vqa", "accuracy")), _pct(_get(rep, "cr", "mcq", "avg")),
@@ -774,8 +777,9 @@ def compare_table(reports):
         row += [f"{_pct(_get(rep, 'pope', 'generate', 'avg', 'f1'))} / {_pct(_get(rep, 'pope', 'forced', 'avg', 'f1'))}",
                 _pct(_get(rep, "wino", "group")),
                 " / ".join(_pct(_get(rep, "reefknot", t, "hallucination_rate")) for t in (*REEFKNOT_FILES, "mean"))]
-        row += [f"{_pct(_get(rep, 'align', t, 'image_queries', 'vat_cos'), 2)} / "
-                f"{_pct(_get(rep, 'align', t, 'text_queries', 'flat_cos'), 2)}" for t in ("vqa", "cr")]
+        row += [" / ".join(_pct(_get(rep, "align", t, *form), 2) for form in
+                           (("all_queries", "vat_cos"), ("image_queries", "vat_cos"), ("text_queries", "flat_cos")))
+                for t in ("vqa", "cr")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -837,11 +841,12 @@ def report_markdown(rep):
         md.append("")
     if "align" in rep:
         md += ["## Attention alignment (student vs teacher, matched layers)", "",
-               "| task | n | img q: 1 - VAT | img q: flat cos | text q: flat cos | text q: column cos | per pair (1 - VAT) |",
-               "|---|---|---|---|---|---|---|"]
+               "| task | n | all q: 1 - paper VAT | img q: 1 - reference VAT | img q: flat cos | text q: flat cos | "
+               "text q: column cos | per pair (img q, 1 - VAT) |",
+               "|---|---|---|---|---|---|---|---|"]
         for t, a in rep["align"].items():
             pp = ", ".join(f"{k} {_pct(v['vat_cos'], 2)}" for k, v in a["image_queries"]["per_pair"].items())
-            md.append(f"| {t} | {a['n']} | {_pct(a['image_queries']['vat_cos'], 2)} | "
+            md.append(f"| {t} | {a['n']} | {_pct(a['all_queries']['vat_cos'], 2)} | {_pct(a['image_queries']['vat_cos'], 2)} | "
                       f"{_pct(a['image_queries']['flat_cos'], 2)} | {_pct(a['text_queries']['flat_cos'], 2)} | "
                       f"{_pct(a['text_queries']['column_cos'], 2)} | {pp} |")
         md.append("")
@@ -862,7 +867,7 @@ DEFAULTS = dict(
     dtype="auto",             # the models load and compute in it (no autocast): auto = bfloat16 on CUDA, float32
                               # on CPU; or float32 / bfloat16
     tasks="vqa,cr,pope,reefknot,align",  # any of vqa, cr, pope, wino, reefknot, align
-    limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file
+    limit=0,                  # >0: items per VQA file / CR subset / POPE split / Winoground file / Reefknot file
     batch_size=16,            # prompts per forward
     heatmaps=0,               # number of attention heat-map PNGs (half VQA, half CR items)
     cr_protocol="mcq,likelihood",  # CR protocols: mcq and / or likelihood
@@ -878,6 +883,8 @@ DEFAULTS = dict(
     pope_dir="",              # a folder of POPE files,
     wino_file="",             # a Winoground / BiVLC .jsonl
     reefknot_dir="",          # a folder with Reefknot's YESNO.jsonl, Multichoice.jsonl, VQA.jsonl
+    reefknot_image_folder="", # where Reefknot's <image_id>.jpg are (Visual Genome), when not image_folder (e.g. COCO
+                              # for POPE); default for the shapes layout: <data>/images
 )
 CLI_ONLY = {"model", "compare", "teacher", "data", "out", "dtype"}  # the rest are evaluate()'s settings
 

@@ -40,7 +40,7 @@ DPT = {"kd_taf": {}, "kd": dict(taf=False), "none": dict(kd_weight=0, vat_weight
        "kd_taf_vat": dict(vat_weight=1.0), "kd_vat": dict(taf=False, vat_weight=1.0)}  # last two: VAT in DPT too
 
 # (row, kind, DPT variant, DFT overrides on config/shapes_dft.py); SFT is config/shapes_sft.py for every row. A row
-# whose resolved DFT config equals an earlier row's reuses its runs: group, intermediate, cosine and the reference
+# whose resolved DFT config equals an earlier row's reuses its runs: group, intermediate, cosine and the paper's
 # form are the recipe ("compodistill"). Layer sets on the 4-layer student / 6-layer teacher are explicit: the named
 # DEPTH_RANGES give student early [0,1] (overlapping the recipe's layer 1) and intermediate [2] / teacher [2,3], not
 # the recipe's [1,2] / [2,3,4]. Group windows: early [0]<-[0,1]; late [3]<-[4,5]; all: each <- 3 consecutive.
@@ -183,8 +183,9 @@ def load(path):
 
 
 def run(script, argv, out_path, product, jobs):
-    """One stage, skipped when `product` exists and <out_path>.done.json records the same arguments (a changed
-    setting reruns it: training resumes from its checkpoint). In this process (jobs 1) or as a subprocess."""
+    """One stage, skipped when `product` exists and <out_path>.done.json records the same arguments (with a changed
+    setting the stage runs again, into the same directory, which refuses a finished run with other settings: move
+    it away first). In this process (jobs 1) or as a subprocess."""
     done = out_path + ".done.json"
     rec = load(done) if os.path.exists(done) and os.path.exists(product) else {}
     if rec.get("argv") == argv:

@@ -561,8 +561,8 @@ def _write(path, obj):
 def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True,
              n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell", mix="base"):
     """Write the whole world under `out` and return its meta dict (also saved as meta.json). The keywords after
-    `progress` are the world's rules (WORLDS holds the two presets); patch_size and tower_labels are stored for
-    pretrain_tower. The default world writes exactly what it wrote before these options existed."""
+    `progress` are the world's rules (WORLDS holds the presets); patch_size, tower_labels and mix are stored in
+    meta.json for shapes_tower.pretrain_tower and the tests. The default world's meta.json holds no rules."""
     sizes = dict(sizes or SIZES)
     if grid < 2 or image_size < 8 * grid:
         raise ValueError(f"shapes world: need grid >= 2 and image_size >= 8 * grid, got grid={grid}, image_size={image_size}")
@@ -666,7 +666,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                             **{f"reefknot_{k.lower()}": len(v) for k, v in reefknot.items() if v}),
                 pope_definitions=pope_items.__doc__.split("\n", 1)[1].strip(),
                 image_paths="relative to this directory (also in test/*)")
-    if not default_world:  # (the default world's meta.json stays as it always was)
+    if not default_world:  # the default world's meta.json has no "world" entry: no rules differ
         meta["world"] = world
     _write(os.path.join(out, "meta.json"), meta)
     return meta
@@ -674,10 +674,10 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
 
 # ----------------------------------------------------------------------------- command line
 DEFAULTS = dict(
-    world="default",          # the world's rules: a name in shapes.WORLDS (default | hard)
+    world="default",          # the world's rules: a name in shapes.WORLDS (default | hard | relations | evidence)
     out="",                   # where to write it ("": out/shapes for the default world, out/shapes_<world> else)
     seed=0,                   # every image and text draws from a stream seeded by it
-    n_train=4000,             # training images (one caption and one 1-4 turn conversation each)
+    n_train=4000,             # training images (one caption and one conversation each)
     n_test=200,               # test images (the VQA, CR, POPE and Reefknot items are about them)
     tower_steps=800,          # pretraining steps of the world's vision tower (shapes_tower.py; 0: no tower)
 )

@@ -451,3 +451,14 @@ def test_a_missing_test_file_stops_before_any_task_runs(world, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match="task reefknot: no test file"):
         ev.evaluate(student, str(data), tasks="vqa,reefknot", progress=False)
     assert ran == []
+
+
+def test_reefknot_download_with_its_own_image_folder_through_evaluate(world, tmp_path):
+    root, images = str(tmp_path / "reefknot"), str(tmp_path / "vg")
+    _official_layout(root, images)
+    student = _tiny(world, layers=2, hidden=32, seed=1)
+    with pytest.warns(UserWarning, match="999.jpg"):
+        rep = ev.evaluate(student, world, tasks="reefknot", reefknot_dir=root, reefknot_image_folder=images,
+                          progress=False)
+    assert {t: rep["reefknot"][t]["n"] for t in ev.REEFKNOT_FILES} == {"yesno": 2, "multichoice": 1, "vqa": 2}
+    assert rep["skipped"]["reefknot"] == 1 and rep["reefknot"]["mean"]["tasks"] == list(ev.REEFKNOT_FILES)

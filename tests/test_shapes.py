@@ -22,7 +22,7 @@ def _hashes(root):
     return out
 
 
-# Every test that takes `world` runs on both worlds: the hard one must keep the default one's rules and pitfalls.
+# Every test that takes `world` runs on every world preset: each must keep the default one's rules and pitfalls.
 @pytest.fixture(scope="module", params=["default", "hard", "evidence"])
 def world(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes") / "w")

@@ -26,7 +26,7 @@ Grammar. A noun phrase (NP) is "[size] [color] shape". Captions are relational,
 "a NP , a NP and a NP". All text is lower case with punctuation as separate words; the article is
 always "a" (even "a orange circle"), so no article betrays the next word.
 
-Pitfalls this world avoids (each one measured in a prototype before the project):
+Pitfalls this world avoids (each would let text alone, or a caption's length, pick the answer):
   * Relations are only stated along an axis where the two objects really differ, and both orders
     ("A left of B" and "B right of A") are sampled, so the relation word is never a text shortcut.
   * CR negatives obey the world's rules (no repeated colour or shape in a caption; replacements are
@@ -58,9 +58,9 @@ token carries and how many tokens an object has, and keeps the grammar, the test
     "red on my upper left, mostly part of a star"; an object's size, and the shape of an object that is the
     minority in its patches, need several patches gathered, which is the LM's attention's job; and every
     question about one object means finding its 2-6 tokens among 36.
-    Tried first, and dropped: `tower_labels="blocks"` (no shape label at all, so a shape is only a silhouette
-    spread over patches). At step 1000 of 1500 the teacher still had not learned shapes from it (CR likelihood
-    64.5: replace_obj 56.0, swap_att 41.0, swap_obj 43.5), so there was no binding for anyone to distill.
+    The shape label is what lets a teacher learn shapes at a CPU budget: with `tower_labels="blocks"` (none), a
+    shape is only a silhouette spread over patches, and the teacher does not bind shapes to colours in time
+    (results/README.md, "The hard world"), leaving nothing to distill.
   * No position words (no "top left" on a 4x4 grid): relations are the only way to talk about place.
 What it costs: 36 instead of 9 visual tokens make every step about 1.5x slower on a CPU (config/shapes_hard_*.py).
 

@@ -12,8 +12,8 @@ CompoDistill says they do, in how their LMs use the visual tokens. What it is tr
                   contextualised patches do, so that a spatial relation is one look at one object away
   blocks(+shape)  per patch (hard world): what covers each of its SUB x SUB blocks, the patch's row and column (and the
                   shape of the object covering most of it), never what another patch shows
-(A tower learned through the teacher's LM instead gets too little signal on a CPU budget: the teacher ignored the
-image.) Linear heads on the feature layer the VLMs read (LLaVA's second to last) do the naming; they are thrown away.
+(It is pretrained on its own because a tower learned through the teacher's LM gets too little signal at a CPU
+budget: the teacher learns to ignore the image.) Linear heads on the feature layer the VLMs read (LLaVA's second to last) do the naming; they are thrown away.
 """
 import json
 import os

@@ -2,7 +2,7 @@
 # captions and instructions mixed) on the world's pretrained vision tower (shapes_tower.py: a small
 # SigLIP that names each cell's colour, shape, size and place), frozen and shared with the students, as a
 # pretrained SigLIP is in the real recipe. 48 px images / 16 px patches: 9 visual tokens, one per grid cell.
-# (A tower learned through the LM instead left even this teacher ignoring the image at a CPU budget.)
+# (The tower is pretrained on its own: learned through this LM, it gets too little signal at a CPU budget.)
 init_from = "scratch"
 out_dir = "out/shapes/teacher"
 data = "out/shapes/pretrain.json,out/shapes/instruct.json"
@@ -12,7 +12,7 @@ llm = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidde
 max_length = 128
 batch_size = 32
 max_steps = 1000
-lr = 1e-3            # 2e-3 stalled this size in the prototype
+lr = 1e-3            # 2e-3 stalls an LM of this size
 warmup_frac = 0.15
 weight_decay = 0.01
 beta2 = 0.98

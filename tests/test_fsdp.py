@@ -160,9 +160,9 @@ def test_the_drop_breakdown_counts_every_rank(launch):
 
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes_is_refused(launch):
-    """Saved by one process, resumed by two: both ranks refuse at start-up (rank 1 once died on the RNG state of a
-    rank that did not exist). Saved by two after 2 of 4 steps, resumed by one: refused (it once re-read the samples
-    rank 1 had used, with half the batch)."""
+    """Saved by one process, resumed by two: both ranks refuse at start-up (rank 1 has no saved RNG state or data
+    position). Saved by two after 2 of 4 steps, resumed by one: refused (one process would re-read the samples rank 1
+    used, with half the batch)."""
     one = launch["runs"]["cut_by_one"]["out_dir"]
     for res in result(launch, "cut_by_one"):
         assert res["error"] == (f"{one} was saved by a run on 1 process and this one has 2: resume it on 1 (plain "
@@ -211,8 +211,7 @@ def test_fsdp_ranks_hold_their_shard_at_start_up_and_resume(memory):
     """Only rank 0 reads the checkpoints (on the CPU); every rank builds the models on the meta device, shards them
     and receives its shards tensor by tensor. Rank 1's peak before the first step is its half of the models, plus at
     resume its half of AdamW's states and of the gradients (torch initialises the optimizer state with a step on zero
-    gradients before loading it), within 10 % of the models: not the whole models, nor the whole optimizer state,
-    which every rank once held. Rank 0 holds at most one whole copy besides its shards."""
+    gradients before loading it), within 10 % of the models: not the whole models, nor the whole optimizer state. Rank 0 holds at most one whole copy besides its shards."""
     sizes, peaks = memory
     models, student, optimizer = sizes["teacher"] + sizes["student"], sizes["student"], sizes["optimizer"]
     slack = 0.1 * models

@@ -251,7 +251,7 @@ def test_our_checkpoints_shard_and_keep_tied_weights(tmp_path):
     files = os.listdir(tmp_path / "sharded")
     assert "model.safetensors.index.json" in files and "model.safetensors" not in files
     assert find_checkpoint(str(tmp_path / "sharded")) == str(tmp_path / "sharded")
-    # checkpoints written before sharding (safetensors' save_model kept the tied weight as llm.lm_head.weight)
+    # a checkpoint that stores the tied weight under the head's name (as safetensors' save_model writes it)
     (tmp_path / "old").mkdir()
     m.config.save(str(tmp_path / "old"))
     save_model(m, str(tmp_path / "old" / "model.safetensors"))

@@ -272,7 +272,7 @@ def test_resume_loads_train_state_to_cpu(hf, monkeypatch):
 
 def test_resume_on_another_number_of_processes_is_refused(hf):
     """The number of processes is part of a run: each rank's data position and RNG stream are saved. A checkpoint
-    that does not say it (written before the field) counts its RNG states; on the same number it still resumes.
+    whose train_state.pt has no world size counts its RNG states; on the same number it still resumes.
     (tests/test_fsdp.py resumes real two-process checkpoints.)"""
     out = str(hf["root"] / "worlds")
     common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3)
@@ -303,7 +303,7 @@ def test_drops_and_truncations_are_counted_per_sample(hf, capsys):
 
 def test_the_drop_breakdown_adds_up_to_the_drops_counted(hf):
     """The in-training stop names as many drops by reason as it counts: 4 micro-batches of one sample in the first
-    step, all with a missing image (the breakdown once came from the first 3 drops only)."""
+    step, all with a missing image (every drop in the breakdown, not only the first ones kept as examples)."""
     data = write_layout(hf["root"] / "breakdown" / "data.json",
                         [["missing"]] * 4 + [["image"], ["text"], ["image"], ["text"]])
     with pytest.raises(ValueError) as e:

@@ -24,6 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from common import why
+
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}}, as on the hub
 SHARD_BYTES = 5 * 2**30  # the hub's usual shard size: a 7B model in float32 becomes 6 files
@@ -121,7 +123,7 @@ def _read_safetensors(file, keep=None):
         with safe_open(file, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise ValueError(f"{file}: cannot read the weights ({why(e)}); "
                          "the file is damaged or not safetensors: copy or download the checkpoint again, or rerun the "
                          "stage that wrote it") from e
 
@@ -301,8 +303,7 @@ def load_train_state(resume_dir, out_dir):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        why = (str(e).splitlines() or [""])[0] or type(e).__name__
-        raise ValueError(f"{path}: cannot read the training state ({why}); it is missing or damaged, so the run in "
+        raise ValueError(f"{path}: cannot read the training state ({why(e)}); it is missing or damaged, so the run in "
                          f"{out_dir} cannot resume. Put back a good copy to resume; to start this stage over instead, "
                          f"move {out_dir} away") from e
 

@@ -12,6 +12,11 @@ import torch.distributed as dist
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def why(error):
+    """An exception in a few words for a one-line message: its first line, else its type."""
+    return (str(error).splitlines() or [""])[0] or type(error).__name__
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
 from checkpoint import find_checkpoint
-from common import pick_device, resolve_dtype
+from common import pick_device, resolve_dtype, why
 from data import IGNORE_INDEX, collate, decode_answer, load_image, load_records, tokenize_conversation
 from model import VLM
 
@@ -276,7 +276,7 @@ def _image_problem(path, cache):
                     im.verify()  # the file's structure, without decoding it: the evaluation decodes it once, later
                 cache[path] = None
             except (OSError, ValueError, SyntaxError) as e:  # not an image, or a damaged one
-                cache[path] = (str(e).splitlines() or [""])[0] or type(e).__name__
+                cache[path] = why(e)
     return cache[path]
 
 
@@ -440,7 +440,7 @@ class Runner:
             try:
                 img = load_image(path)
             except (OSError, ValueError, SyntaxError) as e:  # damaged past what the check before the run sees
-                raise ValueError(f"{path}: cannot be read as an image ({(str(e).splitlines() or [''])[0]}); replace "
+                raise ValueError(f"{path}: cannot be read as an image ({why(e)}); replace "
                                  "the file, or remove its items from the test file") from e
             self._cache[rel] = self.proc(images=img, return_tensors="pt").pixel_values[0]
             if len(self._cache) > self._cache_size:
@@ -824,20 +824,20 @@ def report_markdown(rep):
         md += ["## Winoground-style", "", f"text {_pct(w['text'])}, image {_pct(w['image'])}, "
                f"group {_pct(w['group'])} on {w['n']} items", ""]
     if "reefknot" in rep:
-        k = rep["reefknot"]
-        types = sorted({rt for t in REEFKNOT_FILES if t in k for rt in k[t]["by_relation_type"]})
+        rk = rep["reefknot"]
+        types = sorted({rt for t in REEFKNOT_FILES if t in rk for rt in rk[t]["by_relation_type"]})
         md += ["## Reefknot (relation hallucination)", "",
                "| task | n | accuracy | hallucination rate | " + " | ".join(f"halluc. {rt}" for rt in types) + " |",
                "|---|---|---|---|" + "---|" * len(types)]
         for t in REEFKNOT_FILES:
-            if t in k:
-                by = k[t]["by_relation_type"]
-                md.append(f"| {t} | {k[t]['n']} | {_pct(k[t]['accuracy'])} | {_pct(k[t]['hallucination_rate'])} | " +
+            if t in rk:
+                by = rk[t]["by_relation_type"]
+                md.append(f"| {t} | {rk[t]['n']} | {_pct(rk[t]['accuracy'])} | {_pct(rk[t]['hallucination_rate'])} | " +
                           " | ".join(_pct(_get(by, rt, "hallucination_rate")) for rt in types) + " |")
-        md.append(f"| **mean** | | {_pct(k['mean']['accuracy'])} | {_pct(k['mean']['hallucination_rate'])} |" +
+        md.append(f"| **mean** | | {_pct(rk['mean']['accuracy'])} | {_pct(rk['mean']['hallucination_rate'])} |" +
                   " |" * len(types))
-        if "yesno" in k:
-            md.append(f"\nYESNO yes-ratio {_pct(k['yesno']['yes_ratio'])}")
+        if "yesno" in rk:
+            md.append(f"\nYESNO yes-ratio {_pct(rk['yesno']['yes_ratio'])}")
         md.append("")
     if "align" in rep:
         md += ["## Attention alignment (student vs teacher, matched layers)", "",

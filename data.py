@@ -193,6 +193,19 @@ def load_image(path):
 # -----------------------------------------------------------------------------
 # dataset
 
+def json_lines(text, path):
+    """The objects of a JSON-lines text (blank lines skipped); a bad line is an error naming the file and line."""
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix the file, or download or regenerate "
+                                 "it") from e
+    return records
+
+
 def load_records(path):
     """Read a LLaVA .json (a list of samples) or .jsonl (one sample per line) file, with errors that say what to do."""
     if not os.path.isfile(path):
@@ -205,14 +218,7 @@ def load_records(path):
         raise ValueError(f"{path}: not UTF-8 text ({e}); LLaVA files are UTF-8 JSON: re-encode it, e.g. "
                          f"iconv -f latin1 -t utf-8 {path} > fixed.json") from e
     if path.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix or regenerate the file") from e
-        return records
+        return json_lines(text, path)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:

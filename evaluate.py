@@ -65,7 +65,7 @@ from tqdm import tqdm
 from alignment import matched_layers, run_align, write_heatmaps
 from checkpoint import find_checkpoint
 from common import pick_device, resolve_dtype, why
-from data import IGNORE_INDEX, collate, decode_answer, load_image, load_records, tokenize_conversation
+from data import IGNORE_INDEX, collate, decode_answer, json_lines, load_image, tokenize_conversation
 from model import VLM
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
@@ -236,15 +236,7 @@ def _read_rows(path):
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        if path.endswith(".jsonl"):
-            return load_records(path)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            rows.append(json.loads(line)) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e}); fix or download the file again") from e
-    return rows
+        return json_lines(text, path)
 
 
 def _field(row, key, path):

@@ -246,7 +246,7 @@ class LLaVADataset(Dataset):
     """
 
     def __init__(self, json_path, image_folder, tokenizer, image_processor, num_image_tokens, max_length,
-                 template=CHAT):
+                 template=CHAT, annotate=None):
         self.path = json_path
         self.records = load_records(json_path)
         if not self.records:
@@ -256,6 +256,9 @@ class LLaVADataset(Dataset):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
         self.num_image_tokens, self.max_length = num_image_tokens, max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # annotate(record, input_ids, labels) -> {name: (T, ...) tensor}: per-position targets that travel with the
+        # sample (privileged.SceneTargets, for the shapes teacher); collate pads them into batch["privileged"]
+        self.annotate = annotate
         self.drops = {}  # key -> reason
 
     def __len__(self):
@@ -311,9 +314,15 @@ class LLaVADataset(Dataset):
                 return drop("missing_image", f"cannot read image {path} ({e}); check image_folder")
             pixel_values = self.image_processor(images=img, return_tensors="pt").pixel_values[0]
 
-        return dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
-                    labels=torch.tensor(labels, dtype=torch.long),
-                    pixel_values=pixel_values, key=key, truncated=truncated)
+        sample = dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
+                      labels=torch.tensor(labels, dtype=torch.long),
+                      pixel_values=pixel_values, key=key, truncated=truncated)
+        if self.annotate is not None:
+            try:
+                sample["privileged"] = self.annotate(rec, input_ids, labels)
+            except ValueError as e:
+                raise ValueError(f"{self.path}, sample {sid!r}: {e}") from e
+        return sample
 
 
 def check_dataset(dataset, n=64):
@@ -370,5 +379,13 @@ def collate(samples, pad_id):
     image_mask = torch.tensor([s["pixel_values"] is not None for s in samples], dtype=torch.bool)
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     pixel_values = torch.stack(images) if images else None
+    if "privileged" in samples[0]:  # per-position targets: padded with "no target" (zeros, IGNORE_INDEX)
+        extra["privileged"] = {}
+        for name, first in samples[0]["privileged"].items():
+            fill = IGNORE_INDEX if first.dtype == torch.long else 0
+            t = torch.full((B, T, *first.shape[1:]), fill, dtype=first.dtype)
+            for b, s in enumerate(samples):
+                t[b, :len(s["input_ids"])] = s["privileged"][name]
+            extra["privileged"][name] = t
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 pixel_values=pixel_values, image_mask=image_mask, **extra)

@@ -123,7 +123,9 @@ class VLM(nn.Module):
         if config.taf:
             if config.teacher_hidden_size <= 0:
                 raise ValueError("taf=True needs teacher_hidden_size (the teacher connector's output width)")
-            self.connector = build_connector(config.connector, d_vis, config.teacher_hidden_size)
+            # the teacher's connector, frozen for good (only post_connector trains): a reloaded TAF student is built
+            # as frozen as the one that was saved, so both take the same (no-gradient) kernels
+            self.connector = build_connector(config.connector, d_vis, config.teacher_hidden_size).requires_grad_(False)
             self.post_connector = nn.Linear(config.teacher_hidden_size, d_llm)
         else:
             self.connector = build_connector(config.connector, d_vis, d_llm)
@@ -443,9 +445,12 @@ class TeacherStudent(nn.Module):
     (which layers, how they are matched, which form of the loss).
     """
 
-    def __init__(self, teacher, student, vat=None, kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0):
+    def __init__(self, teacher, student, vat=None, kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0,
+                 privileged=None):
         super().__init__()
         self.student = student
+        # privileged.Privileged: supervision only a teacher in training gets (never with a teacher of its own)
+        self.privileged = privileged
         object.__setattr__(self, "teacher", teacher)
         self.vat = vat or ad.VATSettings()
         self.kd_weight, self.vat_weight, self.kd_temperature = kd_weight, vat_weight, kd_temperature
@@ -558,7 +563,8 @@ class TeacherStudent(nn.Module):
                 with ad.capture_attention(t.llm, self.pairs.captured, rows, cols) if vat else nullcontext() as maps_t:
                     h_t = t.hidden_states(ids, mask, img_t)
                 logits_t = t.logits(h_t[:, :-1][pred]) if kd else None
-        with ad.capture_attention(s.llm, self.pairs.student, rows, cols) if vat else nullcontext() as maps_s:
+        with ad.capture_attention(s.llm, self.pairs.student, rows, cols) if vat else nullcontext() as maps_s, \
+                self.privileged.capture(s.llm) if self.privileged is not None else nullcontext() as seen:
             h_s = s.hidden_states(ids, mask, img_s)
         logits_s = s.logits(h_s[:, :-1][pred])
 
@@ -570,4 +576,9 @@ class TeacherStudent(nn.Module):
         total = lm + self.kd_weight * kd_l + self.vat_weight * vat_l
         if img_s is None:  # text only: under DDP every trainable parameter must join the backward, the connector too
             total = total + sum(p.sum() for p in s.trainable_connector.parameters() if p.requires_grad) * 0.0
-        return {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
+        out = {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
+        if self.privileged is not None:  # a teacher in training: where to look, where things are
+            p = self.privileged
+            out["look"], out["readout"] = p.losses(seen, batch, is_img, s.num_image_tokens)
+            out["total"] = total + p.look_weight * out["look"] + p.readout_weight * out["readout"]
+        return out

@@ -672,6 +672,40 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
     return meta
 
 
+def shuffled_control(src, dst, seed=0):
+    """The text-only control: a copy of the world's test sets at `src` in which every test image is replaced by
+    another test image (a fixed derangement), consistently across VQA, CR, POPE and Reefknot. A score that holds up
+    here came from the text, not the image. Images are linked, not copied."""
+    with open(os.path.join(src, "scenes.json")) as f:
+        tests = sorted(p for p, s in json.load(f).items() if s["split"] == "test")
+    rng, perm = random.Random(f"{seed}/control"), list(tests)
+    while any(a == b for a, b in zip(tests, perm)):
+        rng.shuffle(perm)
+    other = dict(zip(tests, perm))
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    other_id = {stem(a): stem(b) for a, b in other.items()}
+    os.makedirs(os.path.join(dst, "test", "cr"), exist_ok=True)
+    if not os.path.exists(os.path.join(dst, "images")):
+        os.symlink(os.path.abspath(os.path.join(src, "images")), os.path.join(dst, "images"))
+    for root, _, files in os.walk(os.path.join(src, "test")):
+        for f in files:
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, src)
+            if f.endswith(".jsonl"):
+                with open(path) as fh:
+                    rows = [json.loads(line) for line in fh if line.strip()]
+                for r in rows:
+                    if "image" in r:
+                        r["image"] = other[r["image"]]
+                    if "image_id" in r:
+                        r["image_id"] = other_id[r["image_id"]]
+                _write(os.path.join(dst, rel), rows)
+            else:
+                with open(path) as fh:
+                    items = json.load(fh)
+                _write(os.path.join(dst, rel), {k: dict(v, filename=other[v["filename"]]) for k, v in items.items()})
+
+
 # ----------------------------------------------------------------------------- command line
 DEFAULTS = dict(
     world="default",          # the world's rules: a name in shapes.WORLDS (default | hard | relations | evidence)
@@ -680,6 +714,8 @@ DEFAULTS = dict(
     n_train=4000,             # training images (one caption and one conversation each)
     n_test=200,               # test images (the VQA, CR, POPE and Reefknot items are about them)
     tower_steps=800,          # pretraining steps of the world's vision tower (shapes_tower.py; 0: no tower)
+    control_of="",            # instead: write to `out` the test sets of the world in this folder with their images
+                              # shuffled among the items (the text-only control; shuffled_control)
 )
 
 
@@ -690,6 +726,12 @@ def main(argv=None):
     if cfg["world"] not in WORLDS:
         raise ValueError(f"--world={cfg['world']}: use one of {list(WORLDS)}")
     out = cfg["out"] or ("out/shapes" if cfg["world"] == "default" else f"out/shapes_{cfg['world']}")
+    if cfg["control_of"]:
+        if not cfg["out"]:
+            raise ValueError("--control_of needs --out: the folder the shuffled test sets go to")
+        shuffled_control(cfg["control_of"], out, cfg["seed"])
+        print(f"the test sets of {cfg['control_of']} with shuffled images -> {out}")
+        return None
     meta = generate(out, seed=cfg["seed"], n_train=cfg["n_train"], n_test=cfg["n_test"], **WORLDS[cfg["world"]])
     print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {out}")
     if cfg["tower_steps"]:

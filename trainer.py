@@ -81,6 +81,11 @@ DEFAULTS = dict(
     lora_alpha=0.0,               # LoRA's alpha; 0: 2 * lora_rank (the reference's 256 for r 128)
     lora_dropout=0.05,            # dropout on the adapters' input
     lora_targets="all-linear",    # every Linear of the LM's decoder layers; or names, e.g. "q_proj,v_proj"
+    # -- privileged supervision, for training the shapes teacher only (privileged.py; never in a distilling stage) -
+    look_weight=0.0,              # weight of the attention supervision: chosen heads told where to look (0: off)
+    readout_weight=0.0,           # weight of the training-only readout of where the looked-at objects are (0: off)
+    scenes="",                    # the world's scenes.json the targets come from ("": next to the first data file)
+    privileged={},                # which layers and heads (privileged.PrivilegedSettings), e.g. dict(np_layers=[1])
     # -- optimisation -------------------------------------------------------------------------------------------
     batch_size=16,                # samples per micro-batch per process
     grad_accum=1,                 # micro-batches per step (the batch of a step: batch_size * grad_accum * processes)
@@ -110,6 +115,7 @@ DEFAULTS = dict(
 # (Not eval_interval: whether it is 0 decides whether a validation slice is held out of the training data.)
 RESUME_FREE = {"log_interval", "eval_batches", "save_interval", "stop_after", "num_workers", "compile", "grad_ckpt"}
 LOSSES = ("lm", "kd", "vat", "total")
+PRIVILEGED_LOSSES = ("look", "readout")  # logged too while a teacher trains with privileged supervision
 
 
 def train(cfg):
@@ -135,7 +141,7 @@ def train(cfg):
     ts = par.build(lambda: build(cfg, resume_dir, state, amp))
     seed_everything(cfg["seed"] + rank)
     model = par.wrap(prepare(ts, cfg), cfg, amp)
-    params = [p for p in ts.student.parameters() if p.requires_grad]
+    params = [p for p in ts.parameters() if p.requires_grad]  # the student's (and a privileged readout's)
     kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
@@ -243,6 +249,11 @@ def check_settings(cfg):
         raise ValueError(f"kd_temperature={cfg['kd_temperature']}: must be above 0")
     if not 0 <= cfg["val_frac"] < 1:
         raise ValueError(f"val_frac={cfg['val_frac']}: the held-out fraction lies in [0, 1)")
+    privileged = [f"{k}={cfg[k]}" for k in ("look_weight", "readout_weight") if cfg[k]]
+    if privileged and (stage(cfg["stage"])["teacher"] or cfg["fsdp"]):
+        raise ValueError(f"{', '.join(privileged)}: privileged supervision is for training a teacher (train_sft.py "
+                         "config/shapes_teacher.py), on one process or DDP; a distilling stage's student never gets "
+                         f"it (stage {cfg['stage']}{', fsdp=True' if cfg['fsdp'] else ''}): set them to 0")
     if not stage(cfg["stage"])["teacher"]:
         asked = [f"{k}={cfg[k]}" for k in ("kd_weight", "vat_weight") if cfg[k]] + (["taf=True"] if cfg["taf"] else [])
         if asked:
@@ -330,7 +341,8 @@ def build_model(cfg, resume_dir):
     # float32 master weights: in bf16, updates smaller than 1/256 of a weight round away. bf16 lives in autocast.
     student.float()
     ts = TeacherStudent(teacher, student, ad.VATSettings.from_config(cfg), kd_weight=cfg["kd_weight"],
-                        vat_weight=cfg["vat_weight"], kd_temperature=cfg["kd_temperature"])
+                        vat_weight=cfg["vat_weight"], kd_temperature=cfg["kd_temperature"],
+                        privileged=privileged_losses(cfg, student))
     if cfg["taf"] and not student.config.taf:
         ts.apply_taf()
     llm_trains = trains_llm(cfg["stage"], cfg["train_llm"])
@@ -344,6 +356,26 @@ def build_model(cfg, resume_dir):
         add_lora(student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
     params = set_trainable(student, cfg["stage"], cfg["train_llm"], cfg["train_vision"])
     return ts, params
+
+
+def scenes_path(cfg):
+    return cfg["scenes"] or os.path.join(os.path.dirname(os.path.abspath(cfg["data"].split(",")[0])), "scenes.json")
+
+
+def privileged_losses(cfg, student):
+    """The teacher's privileged supervision (privileged.Privileged), or None when off."""
+    if not (cfg["look_weight"] > 0 or cfg["readout_weight"] > 0):
+        return None
+    import json
+    from privileged import Privileged, PrivilegedSettings
+    meta = os.path.join(os.path.dirname(scenes_path(cfg)), "meta.json")
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"scenes={scenes_path(cfg)}: no meta.json beside it; privileged supervision reads the "
+                                "shapes world (python shapes.py), set scenes to its scenes.json")
+    with open(meta) as f:
+        grid = json.load(f)["grid"]
+    return Privileged(PrivilegedSettings.from_config(cfg["privileged"]), student.llm.config.hidden_size, grid,
+                      cfg["look_weight"], cfg["readout_weight"])
 
 
 def build(cfg, resume_dir, state, amp):
@@ -433,11 +465,16 @@ class Data(NamedTuple):
 
 def load_data(cfg, student, step, rank, world, device):
     tok, folder, placeholder = student.tokenizer, cfg["image_folder"] or None, None
+    annotate = None
+    if cfg["look_weight"] > 0 or cfg["readout_weight"] > 0:  # the teacher's privileged targets, per position
+        from privileged import PrivilegedSettings, SceneTargets
+        annotate = SceneTargets(scenes_path(cfg), tok, student.num_image_tokens,
+                                PrivilegedSettings.from_config(cfg["privileged"]).captions)
 
     def read(paths):
         nonlocal placeholder
-        parts = [LLaVADataset(p, folder, tok, student.image_processor, student.num_image_tokens, cfg["max_length"])
-                 for p in paths.split(",")]
+        parts = [LLaVADataset(p, folder, tok, student.image_processor, student.num_image_tokens, cfg["max_length"],
+                              annotate=annotate) for p in paths.split(",")]
         for d in parts:
             good, _ = check_dataset(d)
             placeholder = placeholder or good
@@ -491,7 +528,8 @@ class BatchSampler:
 
 
 def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
+                to_device(v, device) if isinstance(v, dict) else v) for k, v in batch.items()}
 
 
 def _quiet_worker(_):
@@ -596,6 +634,8 @@ def update(optimizer, scaler, params, grad_clip):
 def restore(state, par, ts, optimizer, scaler):
     """Resume from train_state.pt: the optimizer (and gradient scaler) state and this rank's RNG; returns (step,
     skipped steps, log)."""
+    if ts.privileged is not None and state.get("privileged"):
+        ts.privileged.load_state_dict(state["privileged"])
     par.load_optimizer(ts, optimizer, state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -649,7 +689,10 @@ class Checkpointer:
             save_checkpoint(cfg["out_dir"], student,
                             {"step": step, "optimizer": opt_state, "rng": rngs, "world": self.par.world,
                              "skipped": skipped, "scaler": self.scaler.state_dict() if self.scaler else None,
-                             "trainable": trainable, "config": cfg, "log": log}, log, weights=weights)
+                             "trainable": trainable, "config": cfg, "log": log,
+                             # the readout head is no part of the model: only a resume reads it
+                             "privileged": self.ts.privileged.state_dict() if self.ts.privileged else None},
+                            log, weights=weights)
         self.par.barrier()
 
 
@@ -663,7 +706,8 @@ class Logger:
         self.bar = tqdm(total=cfg["max_steps"], initial=step, disable=not par.master, desc=cfg["stage"],
                         dynamic_ncols=True)
         self.t0, self.tokens = time.time(), 0
-        self.sums, self.n_micro = torch.zeros(len(LOSSES), device=par.device), 0
+        self.names = LOSSES + (PRIVILEGED_LOSSES if cfg["look_weight"] > 0 or cfg["readout_weight"] > 0 else ())
+        self.sums, self.n_micro = torch.zeros(len(self.names), device=par.device), 0
 
     def fetched(self, batch):
         """Count a micro-batch from the loader; True when it holds a sample to train on."""
@@ -675,7 +719,7 @@ class Logger:
         return real
 
     def losses(self, out):
-        self.sums += torch.stack([out[k].detach().float() for k in LOSSES])  # on the device: no sync until logged
+        self.sums += torch.stack([out[k].detach().float() for k in self.names])  # on the device: no sync until logged
 
     def step(self, step, lr, grad_norm, skipped):
         cfg, monitor = self.cfg, self.monitor
@@ -685,9 +729,9 @@ class Logger:
         # every rank's losses, tokens and drops (one collective, one sync)
         tot = self.par.reduce([*self.sums, self.n_micro, self.tokens, monitor.fetched, monitor.dropped_fetches])
         tot = tot.tolist()
-        losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
+        losses, (n, ntok, fetched, n_drop) = tot[:len(self.names)], tot[len(self.names):]
         dt = time.time() - self.t0
-        rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
+        rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(self.names, losses)},
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tok_per_s": ntok / dt, "mem_gb": _memory_gb(self.par.device)}
         if n_drop:

@@ -19,7 +19,8 @@ sharpened, see build), and each loss (lm, kd, vat) must agree in check_dtype=flo
 (~1e-6 seen) or 1e-4 on CUDA.
 On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if it does not fit, use
 --check_dtype=bfloat16 --check_rtol=3e-2), then a bf16 check is reported for information (rtol 3e-2).
-The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`.
+The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`; each
+ratio is also given as the median of the per-step ratios (step i of both modes ran back to back).
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
   CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
@@ -349,13 +350,17 @@ def main(cfg):
             peak, delta = max(r[1] for r in rs), max(r[2] for r in rs)
         t = statistics.median(r[0] for r in rs)
         mib = lambda x: None if x is None else x / MIB  # noqa: E731
-        res["results"][m] = dict(vat=MODES[m] and dataclasses.asdict(MODES[m]), step_s=t, step_s_all=[r[0] for r in rs], tokens_per_s=B * T / t,
+        res["results"][m] = dict(vat=MODES[m] and dataclasses.asdict(MODES[m]),  # the VAT settings this row passes
+                                 step_s=t, step_s_all=[r[0] for r in rs], tokens_per_s=B * T / t,
                                  peak_mem_mib=mib(peak), step_mem_mib=mib(delta), saved_mib=mib(saved),
                                  mfu=flops / t / peak_flops if peak_flops else None, losses=rs[-1][4])
     R = res["results"]
     res["ratios"] = {f"{a}/{b}": {k: R[a][k] / R[b][k] if R[b][k] else None
                                   for k in ("step_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
                      for a, b in RATIOS if a in R and b in R}
+    for pair, ratio in res["ratios"].items():  # step i of a and of b ran back to back: drifts less with the load
+        a, b = pair.split("/")
+        ratio["step_s_paired"] = statistics.median(x / y for x, y in zip(R[a]["step_s_all"], R[b]["step_s_all"]))
     report(res)
     if cfg["json_out"]:
         os.makedirs(os.path.dirname(os.path.abspath(cfg["json_out"])), exist_ok=True)
@@ -375,13 +380,16 @@ def report(res):
         diffs = ", ".join(f"{k} {v['ours']:.7g} vs {v['reference']:.7g} (rel {v['rel_diff']:.1e})" for k, v in c["losses"].items())
         print(f"check {c['mode']} = output_attentions, VAT {form(MODES[c['mode']])}, in {c['dtype']} "
               f"(rtol {c['rtol']:g}) {verdict}: {diffs}")
-    print(f"{'mode':<10} {'VAT':<13} {'step ms':>9} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} {'saved MiB':>10} {'MFU':>6}")
+    print(f"{'mode':<10} {'VAT':<13} {'step ms':>9} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} "
+          f"{'saved MiB':>10} {'MFU':>6}")
     for m, r in res["results"].items():
-        print(f"{m:<10} {form(MODES[m]):<13} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>10.0f} {fmt(r['peak_mem_mib'], '10.1f'):>10} "
+        print(f"{m:<10} {form(MODES[m]):<13} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
+              f"{fmt(r['peak_mem_mib'], '10.1f'):>10} "
               f"{fmt(r['step_mem_mib'], '10.1f'):>10} {fmt(r['saved_mib'], '10.1f'):>10} "
               f"{fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6}")
     for k, v in res["ratios"].items():
-        print(f"{k}: time {fmt(v['step_s'], '.2f')}x, peak memory {fmt(v['peak_mem_mib'], '.2f')}x, "
+        print(f"{k}: time {fmt(v['step_s'], '.2f')}x (median of per-step ratios {v['step_s_paired']:.2f}x), "
+              f"peak memory {fmt(v['peak_mem_mib'], '.2f')}x, "
               f"step memory {fmt(v['step_mem_mib'], '.2f')}x, saved for backward {fmt(v['saved_mib'], '.2f')}x")
 
 

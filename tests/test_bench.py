@@ -75,6 +75,8 @@ def test_bench_tiny_json(tmp_path):
     for pair, ratio in res["ratios"].items():
         a, b = pair.split("/")
         assert ratio["step_s"] == R[a]["step_s"] / R[b]["step_s"]
+        (a1, a2), (b1, b2) = R[a]["step_s_all"], R[b]["step_s_all"]
+        assert ratio["step_s_paired"] == pytest.approx((a1 / b1 + a2 / b2) / 2)  # the median of two
         if res["memory_method"] is not None:
             assert ratio["step_mem_mib"] == R[a]["step_mem_mib"] / R[b]["step_mem_mib"]
     assert "ours/novat: time" in proc.stdout and "ours_ref/reference: time" in proc.stdout
@@ -86,7 +88,8 @@ def test_bench_tiny_json(tmp_path):
 def test_bench_rejects_unknown_mode():
     cmd = [sys.executable, "bench.py", "--modes=ours,fast"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "bad modes 'ours,fast': a comma-separated subset of ours,novat,ours_ref,reference" in proc.stderr
+    assert proc.returncode != 0
+    assert "bad modes 'ours,fast': a comma-separated subset of ours,novat,ours_ref,reference" in proc.stderr
 
 
 def test_memory_estimate_counts_the_models_parameters_and_shards_them():

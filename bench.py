@@ -20,7 +20,9 @@ sharpened, see build), and each loss (lm, kd, vat) must agree in check_dtype=flo
 On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if it does not fit, use
 --check_dtype=bfloat16 --check_rtol=3e-2), then a bf16 check is reported for information (rtol 3e-2).
 The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`; each
-ratio is also given as the median of the per-step ratios (step i of both modes ran back to back).
+ratio is also given as the median of the per-step ratios (step i of both modes ran back to back). On CPU the
+process's own CPU time (time.process_time) is reported too: with other jobs on the cores the wall time also counts
+the time the process waited for a core, its CPU time does not (it still feels shared caches).
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
   CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
@@ -239,8 +241,9 @@ def cpu_rss(key):
 
 
 def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
-    """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses); GPU memory is
-    measured in every step, CPU memory and saved bytes only when probing (saved: not with --compile)."""
+    """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses, this process's CPU
+    seconds); GPU memory is measured in every step, CPU memory and saved bytes only when probing (saved: not with
+    --compile)."""
     cuda, cpu_mem = dev.type == "cuda", probe and dev.type == "cpu" and cpu_memory_available()
     if cuda:
         torch.cuda.synchronize()
@@ -258,7 +261,7 @@ def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
         st = t.untyped_storage()
         saved[st.data_ptr()] = 0 if st.data_ptr() in params else st.nbytes()
         return t
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else contextlib.nullcontext():
         out = losses(ts, batch, mode)
     out["total"].backward()
@@ -266,12 +269,12 @@ def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
         opt.step()
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if cuda else cpu_rss("VmHWM") if cpu_mem else None
     for p in ts.student.parameters():
         p.grad = None
     return (dt, peak, None if peak is None else peak - base, sum(saved.values()) if count else None,
-            {k: float(out[k].detach()) for k in ("lm", "kd", "vat")})
+            {k: float(out[k].detach()) for k in ("lm", "kd", "vat")}, dc)
 
 
 def lm_flops(llm, B, T, n_sup):
@@ -345,18 +348,19 @@ def main(cfg):
                 runs[m].append(r)
     res["results"] = {}
     for m, rs in runs.items():
-        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
+        _, peak, delta, saved, _, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
         if dev.type == "cuda":
             peak, delta = max(r[1] for r in rs), max(r[2] for r in rs)
         t = statistics.median(r[0] for r in rs)
         mib = lambda x: None if x is None else x / MIB  # noqa: E731
         res["results"][m] = dict(vat=MODES[m] and dataclasses.asdict(MODES[m]),  # the VAT settings this row passes
                                  step_s=t, step_s_all=[r[0] for r in rs], tokens_per_s=B * T / t,
+                                 cpu_s=statistics.median(r[5] for r in rs) if dev.type == "cpu" else None,
                                  peak_mem_mib=mib(peak), step_mem_mib=mib(delta), saved_mib=mib(saved),
                                  mfu=flops / t / peak_flops if peak_flops else None, losses=rs[-1][4])
     R = res["results"]
     res["ratios"] = {f"{a}/{b}": {k: R[a][k] / R[b][k] if R[b][k] else None
-                                  for k in ("step_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
+                                  for k in ("step_s", "cpu_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
                      for a, b in RATIOS if a in R and b in R}
     for pair, ratio in res["ratios"].items():  # step i of a and of b ran back to back: drifts less with the load
         a, b = pair.split("/")
@@ -380,15 +384,17 @@ def report(res):
         diffs = ", ".join(f"{k} {v['ours']:.7g} vs {v['reference']:.7g} (rel {v['rel_diff']:.1e})" for k, v in c["losses"].items())
         print(f"check {c['mode']} = output_attentions, VAT {form(MODES[c['mode']])}, in {c['dtype']} "
               f"(rtol {c['rtol']:g}) {verdict}: {diffs}")
-    print(f"{'mode':<10} {'VAT':<13} {'step ms':>9} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} "
+    print(f"{'mode':<10} {'VAT':<13} {'step ms':>9} {'CPU ms':>8} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} "
           f"{'saved MiB':>10} {'MFU':>6}")
     for m, r in res["results"].items():
-        print(f"{m:<10} {form(MODES[m]):<13} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
+        cpu_ms = fmt(r["cpu_s"] and 1e3 * r["cpu_s"], "8.1f")
+        print(f"{m:<10} {form(MODES[m]):<13} {1e3 * r['step_s']:>9.1f} {cpu_ms:>8} {r['tokens_per_s']:>10.0f} "
               f"{fmt(r['peak_mem_mib'], '10.1f'):>10} "
               f"{fmt(r['step_mem_mib'], '10.1f'):>10} {fmt(r['saved_mib'], '10.1f'):>10} "
               f"{fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6}")
     for k, v in res["ratios"].items():
-        print(f"{k}: time {fmt(v['step_s'], '.2f')}x (median of per-step ratios {v['step_s_paired']:.2f}x), "
+        cpu = "" if v["cpu_s"] is None else f", CPU time {v['cpu_s']:.2f}x"
+        print(f"{k}: time {fmt(v['step_s'], '.2f')}x (median of per-step ratios {v['step_s_paired']:.2f}x){cpu}, "
               f"peak memory {fmt(v['peak_mem_mib'], '.2f')}x, "
               f"step memory {fmt(v['step_mem_mib'], '.2f')}x, saved for backward {fmt(v['saved_mib'], '.2f')}x")
 

@@ -65,6 +65,7 @@ def test_bench_tiny_json(tmp_path):
     for m, r in R.items():
         assert len(r["step_s_all"]) == 2 and r["step_s"] > 0
         assert r["tokens_per_s"] == 4 * 128 / r["step_s"]
+        assert 0 < r["cpu_s"]  # CPU: the process's own CPU time too
         assert r["mfu"] is None  # CPU: no MFU
         assert r["saved_mib"] > 0  # autograd's saved activations, counted on any device
         if res["memory_method"] is not None:
@@ -74,7 +75,7 @@ def test_bench_tiny_json(tmp_path):
     assert set(res["ratios"]) == {"ours/novat", "ours_ref/reference", "ours_ref/novat"}
     for pair, ratio in res["ratios"].items():
         a, b = pair.split("/")
-        assert ratio["step_s"] == R[a]["step_s"] / R[b]["step_s"]
+        assert ratio["step_s"] == R[a]["step_s"] / R[b]["step_s"] and ratio["cpu_s"] == R[a]["cpu_s"] / R[b]["cpu_s"]
         (a1, a2), (b1, b2) = R[a]["step_s_all"], R[b]["step_s_all"]
         assert ratio["step_s_paired"] == pytest.approx((a1 / b1 + a2 / b2) / 2)  # the median of two
         if res["memory_method"] is not None:

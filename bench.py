@@ -16,7 +16,7 @@ on the same loss), ours_ref/novat.
 First each VAT form that is timed is checked: our training path and the output_attentions way above, computing the
 same form (the paper's form too, all rows sliced from the eager maps), run on the same batch and weights (attention
 sharpened, see build), and each loss (lm, kd, vat) must agree in check_dtype=float32 to 1e-5 relative on CPU
-(~1e-6 seen) or 1e-4 on CUDA.
+(0 seen with one thread, ~1e-6 with two) or 1e-4 on CUDA.
 On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if it does not fit, use
 --check_dtype=bfloat16 --check_rtol=3e-2), then a bf16 check is reported for information (rtol 3e-2).
 The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`; each
@@ -25,7 +25,7 @@ process's own CPU time (time.process_time) is reported too: with other jobs on t
 the time the process waited for a core, its CPU time does not (it still feels shared caches).
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
-  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
+  CPU:  python bench.py --preset=tiny --steps=20 --threads=1 [--json_out=out/bench.json]   (docs/speed.md)
   GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json_out=out/bench_h100.json
   also: --modes=ours,novat  --optimizer=True (time an AdamW step too)  --compile=True (torch.compile the
         student's LM body)  --grad_ckpt=True (gradient checkpointing in the student's LM)

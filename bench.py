@@ -16,7 +16,7 @@ on the same loss), ours_ref/novat.
 First each VAT form that is timed is checked: our training path and the output_attentions way above, computing the
 same form (the paper's form too, all rows sliced from the eager maps), run on the same batch and weights (attention
 sharpened, see build), and each loss (lm, kd, vat) must agree in check_dtype=float32 to 1e-5 relative on CPU
-(0 seen with one thread, ~1e-6 with two) or 1e-4 on CUDA.
+(0 seen with one thread; ~1e-6 seen earlier with torch's default threads) or 1e-4 on CUDA.
 On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if it does not fit, use
 --check_dtype=bfloat16 --check_rtol=3e-2), then a bf16 check is reported for information (rtol 3e-2).
 The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`; each

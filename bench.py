@@ -1,22 +1,31 @@
 """
 Speed and memory of one DFT step (teacher forward; student forward + backward; LM + KD + VAT losses)
-on random weights built from configs (no downloads), three ways:
+on random weights built from configs (no downloads), four ways:
+  ours       the training path as training runs it by default: model.TeacherStudent(...)(batch) with the paper's
+             form of VAT (trainer.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
+  novat      the same with vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
+  ours_ref   the training path with the reference code's form of VAT (vat_queries=image vat_pool=column: image
+             queries, column-pooled, outliers filtered), what `reference` computes.
   reference  the reference code's way, written out only here: eager attention with output_attentions=True
              in every layer of both LMs, all maps stacked, the image block sliced at each sample's image
              positions, heads averaged, teacher windows averaged, the same attention_distill.vat_loss;
              LM and KD losses on full (B, T, V) logits and softmaxes (masked after); each model runs its
              own vision tower + connector.
-  ours       the training path: model.TeacherStudent(...)(batch) with the reference code's form of VAT (image
-             queries, column-pooled: what `reference` computes), TAF applied.
-  novat      the same with vat=False (LM + KD): what VAT costs on top.
-First `ours` and `reference` run on the same batch and weights (attention sharpened, see build) and each
-loss (lm, kd, vat) must agree in check_dtype=float32 to 1e-5 relative on CPU (~1e-6 seen) or 1e-4 on CUDA.
+The pairs compared: ours/novat (the default's cost), ours_ref/reference (our approach against the reference code's,
+on the same loss), ours_ref/novat.
+First each VAT form that is timed is checked: our training path and the output_attentions way above, computing the
+same form (the paper's form too, all rows sliced from the eager maps), run on the same batch and weights (attention
+sharpened, see build), and each loss (lm, kd, vat) must agree in check_dtype=float32 to 1e-5 relative on CPU
+(0 seen with one thread; ~1e-6 seen earlier with torch's default threads) or 1e-4 on CUDA.
 On GPU that check runs before the cast to bf16 (~60 GB at the qwen15 shapes; if it does not fit, use
 --check_dtype=bfloat16 --check_rtol=3e-2), then a bf16 check is reported for information (rtol 3e-2).
-The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`.
+The modes then alternate step by step (fair on a noisy machine): `warmup` steps, then the median of `steps`; each
+ratio is also given as the median of the per-step ratios (step i of both modes ran back to back). On CPU the
+process's own CPU time (time.process_time) is reported too: with other jobs on the cores the wall time also counts
+the time the process waited for a core, its CPU time does not (it still feels shared caches).
 On a busy CPU, --threads=1 is steadier: 2 OpenMP threads sharing 2 cores with other jobs wait at every op.
 
-  CPU:  python bench.py --preset=tiny --steps=10 [--threads=1] [--json_out=out/bench.json]
+  CPU:  python bench.py --preset=tiny --steps=20 --threads=1 [--json_out=out/bench.json]   (docs/speed.md)
   GPU:  python bench.py --preset=qwen15-1.8b-4b --steps=10 --json_out=out/bench_h100.json
   also: --modes=ours,novat  --optimizer=True (time an AdamW step too)  --compile=True (torch.compile the
         student's LM body)  --grad_ckpt=True (gradient checkpointing in the student's LM)
@@ -36,6 +45,7 @@ FLOPs F the same for every mode: F = F_vis + F_lm(teacher) + 3 * F_lm(student), 
 """
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -54,11 +64,11 @@ from configurator import cli, configure
 from data import IGNORE_INDEX
 from model import VLM, TeacherStudent, VLMConfig
 from stages import set_trainable
-from trainer import enable_checkpointing
+from trainer import DEFAULTS as TRAINING_DEFAULTS, enable_checkpointing
 
 DEFAULTS = dict(
     preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
-    modes="ours,reference,novat",  # which ways to time (module docstring), comma-separated
+    modes="ours,novat,ours_ref,reference",  # which ways to time (module docstring), comma-separated
     steps=10,                      # timed steps per mode (median reported)
     warmup=2,                      # untimed steps per mode first
     device="auto",                 # cuda if available, else cpu
@@ -74,6 +84,10 @@ DEFAULTS = dict(
     memory_table=False,            # print memory.py's per-GPU memory estimate of the preset instead (no GPU needed)
 )
 
+PAPER_FORM = ad.VATSettings.from_config(TRAINING_DEFAULTS)  # training's default: vat_queries=all vat_pool=flat
+REFERENCE_FORM = dataclasses.replace(PAPER_FORM, vat_queries="image", vat_pool="column")  # the reference code's
+MODES = {"ours": PAPER_FORM, "novat": None, "ours_ref": REFERENCE_FORM, "reference": REFERENCE_FORM}  # VAT settings
+RATIOS = [("ours", "novat"), ("ours_ref", "reference"), ("ours_ref", "novat")]
 VISION = dict(model_type="siglip_vision_model", num_channels=3)
 PRESETS = {
     "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -107,8 +121,7 @@ def build(p, dev):
         torch.manual_seed(1)
         student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=img_id),
                       vision_tower=teacher.vision_tower)
-        reference_form = ad.VATSettings(vat_queries="image", vat_pool="column")  # what reference_losses computes
-        ts = TeacherStudent(teacher, student, reference_form).apply_taf().to(dev)
+        ts = TeacherStudent(teacher, student, PAPER_FORM).apply_taf().to(dev)  # ts.vat: set per mode (losses)
     # Random init attends almost uniformly (VAT ~ 0, a vacuous check): give q/k a std of 1.5/sqrt(d),
     # so attention logits have a std of ~2 as in trained models. Speed does not depend on the values.
     with torch.no_grad():
@@ -145,22 +158,23 @@ def make_batch(p, nv, dev):
 
 
 def reference_losses(ts, batch):
-    """The reference code's way (module docstring); both LMs must be on eager attention."""
+    """The reference code's way (module docstring), for the VAT form ts.vat; both LMs must be on eager attention."""
     s, t = ts.student, ts.teacher
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
     nv = s.num_image_tokens
-    pos = ad.image_columns(is_img, nv)  # (B, Nv)
+    rows, cols, row_mask = ad.vat_positions(is_img, mask, ts.vat.vat_queries, nv)  # (B, Nq), (B, Nv), (B, Nq)
+    nq = rows.shape[1]
 
     def forward(m):
         return m.llm(inputs_embeds=m.embed(ids, m.image_embeds(px)), attention_mask=mask,
                      output_attentions=True)
 
-    def image_block(attentions):  # L x (B, H, T, T) -> (L, B, Nv, Nv), heads averaged
+    def image_block(attentions):  # L x (B, H, T, T) -> (L, B, Nq, Nv), heads averaged
         A = torch.stack(attentions)
         L, B, H, T, _ = A.shape
-        A = A.gather(3, pos[None, :, None, :, None].expand(L, B, H, nv, T))
-        return A.gather(4, pos[None, :, None, None, :].expand(L, B, H, nv, nv)).mean(2)
+        A = A.gather(3, rows[None, :, None, :, None].expand(L, B, H, nq, T))
+        return A.gather(4, cols[None, :, None, None, :].expand(L, B, H, nq, nv)).mean(2)
 
     with torch.no_grad():
         out_t = forward(t)
@@ -169,6 +183,8 @@ def reference_losses(ts, batch):
     out_s = forward(s)
     A_s = image_block(out_s.attentions)[ts.pairs.student]
     A_t = ad.window_average(A_t, ts.pairs.windows)
+    if row_mask is not None:  # rows that do not count (padding; image rows under vat_queries=text)
+        A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
     vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat.loss_kwargs())
     lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                          ignore_index=IGNORE_INDEX)
@@ -180,18 +196,34 @@ def reference_losses(ts, batch):
     return dict(lm=lm, kd=kd, vat=vat, total=lm + ts.kd_weight * kd + ts.vat_weight * vat)
 
 
-def losses(ts, batch, mode):
+def compute(ts, batch, settings, eager):
+    """The losses of one step with the VAT settings `settings` (None: no VAT): our training path, or (eager) the
+    reference code's way."""
     for m in (ts.student, ts.teacher):
-        m.llm.set_attn_implementation("eager" if mode == "reference" else ad.ATTN_IMPLEMENTATION)
-    return reference_losses(ts, batch) if mode == "reference" else ts(batch, vat=mode == "ours")
+        m.llm.set_attn_implementation("eager" if eager else ad.ATTN_IMPLEMENTATION)
+    if settings is not None:
+        ts.vat = settings
+    if eager:
+        return reference_losses(ts, batch)
+    return ts(batch, vat=settings is not None)
 
 
-def check(ts, batch, rtol, decisive=True):
-    """The losses of ours and reference on the same batch and weights, and their relative differences
-    (decisive=False: reported only, as the bf16 check after a float32 one)."""
+def losses(ts, batch, mode):
+    return compute(ts, batch, MODES[mode], eager=mode == "reference")
+
+
+def form(settings):
+    return "-" if settings is None else f"{settings.vat_queries}/{settings.vat_pool}"
+
+
+def check(ts, batch, rtol, mode, decisive=True):
+    """The losses of `mode`'s training path and of the output_attentions way computing the same VAT form, on the same
+    batch and weights, and their relative differences (decisive=False: reported only, as the bf16 check after a
+    float32 one)."""
     with torch.no_grad():
-        ours, ref = losses(ts, batch, "ours"), losses(ts, batch, "reference")
-    res = {"dtype": str(next(ts.student.parameters()).dtype)[6:], "rtol": rtol, "decisive": decisive, "losses": {}}
+        ours, ref = compute(ts, batch, MODES[mode], eager=False), compute(ts, batch, MODES[mode], eager=True)
+    res = {"mode": mode, "vat": dataclasses.asdict(MODES[mode]), "dtype": str(next(ts.student.parameters()).dtype)[6:],
+           "rtol": rtol, "decisive": decisive, "losses": {}}
     for k in ("lm", "kd", "vat"):
         a, b = float(ours[k]), float(ref[k])
         res["losses"][k] = dict(ours=a, reference=b, abs_diff=abs(a - b), rel_diff=abs(a - b) / max(abs(b), 1e-30))
@@ -209,8 +241,9 @@ def cpu_rss(key):
 
 
 def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
-    """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses); GPU memory is
-    measured in every step, CPU memory and saved bytes only when probing (saved: not with --compile)."""
+    """One step: (seconds, peak bytes, peak - start bytes, bytes saved for backward, losses, this process's CPU
+    seconds); GPU memory is measured in every step, CPU memory and saved bytes only when probing (saved: not with
+    --compile)."""
     cuda, cpu_mem = dev.type == "cuda", probe and dev.type == "cpu" and cpu_memory_available()
     if cuda:
         torch.cuda.synchronize()
@@ -228,7 +261,7 @@ def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
         st = t.untyped_storage()
         saved[st.data_ptr()] = 0 if st.data_ptr() in params else st.nbytes()
         return t
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else contextlib.nullcontext():
         out = losses(ts, batch, mode)
     out["total"].backward()
@@ -236,12 +269,12 @@ def step(ts, batch, mode, opt, dev, probe=False, compiled=False):
         opt.step()
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if cuda else cpu_rss("VmHWM") if cpu_mem else None
     for p in ts.student.parameters():
         p.grad = None
     return (dt, peak, None if peak is None else peak - base, sum(saved.values()) if count else None,
-            {k: float(out[k].detach()) for k in ("lm", "kd", "vat")})
+            {k: float(out[k].detach()) for k in ("lm", "kd", "vat")}, dc)
 
 
 def lm_flops(llm, B, T, n_sup):
@@ -271,8 +304,10 @@ def main(cfg):
         print(memory.table(preset))
         return None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    if not mode_list or set(mode_list) - {"ours", "reference", "novat"}:
-        raise ValueError(f"bad modes '{modes}': a comma-separated subset of ours,reference,novat")
+    if not mode_list or set(mode_list) - set(MODES):
+        raise ValueError(f"bad modes '{modes}': a comma-separated subset of {','.join(MODES)}")
+    # one check per VAT form timed: ours (the paper's form), ours_ref for ours_ref and reference
+    checked = list(dict.fromkeys("ours_ref" if m == "reference" else m for m in mode_list if MODES[m] is not None))
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
@@ -284,10 +319,11 @@ def main(cfg):
     res = dict(preset=preset, device=name, dtype=str(run_dtype)[6:], torch=torch.__version__, config=cfg, checks=[])
     if check_dtype:
         rtol = check_rtol or (1e-4 if dev.type == "cuda" else 1e-5)  # CUDA: SDPA and eager kernels differ more
-        res["checks"].append(check(cast(ts, getattr(torch, check_dtype)), batch, rtol))
+        cast(ts, getattr(torch, check_dtype))
+        res["checks"] += [check(ts, batch, rtol, m) for m in checked]
     cast(ts, run_dtype)
     if check_dtype and run_dtype != getattr(torch, check_dtype):
-        res["checks"].append(check(ts, batch, BF16_RTOL, decisive=False))
+        res["checks"] += [check(ts, batch, BF16_RTOL, m, decisive=False) for m in checked]
     if grad_ckpt:
         enable_checkpointing(ts.student.llm)
     if compile:
@@ -312,18 +348,23 @@ def main(cfg):
                 runs[m].append(r)
     res["results"] = {}
     for m, rs in runs.items():
-        _, peak, delta, saved, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
+        _, peak, delta, saved, _, _ = step(ts, batch, m, opt, dev, probe=True, compiled=compile)
         if dev.type == "cuda":
             peak, delta = max(r[1] for r in rs), max(r[2] for r in rs)
         t = statistics.median(r[0] for r in rs)
         mib = lambda x: None if x is None else x / MIB  # noqa: E731
-        res["results"][m] = dict(step_s=t, step_s_all=[r[0] for r in rs], tokens_per_s=B * T / t,
+        res["results"][m] = dict(vat=MODES[m] and dataclasses.asdict(MODES[m]),  # the VAT settings this row passes
+                                 step_s=t, step_s_all=[r[0] for r in rs], tokens_per_s=B * T / t,
+                                 cpu_s=statistics.median(r[5] for r in rs) if dev.type == "cpu" else None,
                                  peak_mem_mib=mib(peak), step_mem_mib=mib(delta), saved_mib=mib(saved),
                                  mfu=flops / t / peak_flops if peak_flops else None, losses=rs[-1][4])
     R = res["results"]
-    res["ratios"] = {f"ours/{o}": {k: R["ours"][k] / R[o][k] if R[o][k] else None
-                                   for k in ("step_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
-                     for o in ("reference", "novat") if "ours" in R and o in R}
+    res["ratios"] = {f"{a}/{b}": {k: R[a][k] / R[b][k] if R[b][k] else None
+                                  for k in ("step_s", "cpu_s", "peak_mem_mib", "step_mem_mib", "saved_mib")}
+                     for a, b in RATIOS if a in R and b in R}
+    for pair, ratio in res["ratios"].items():  # step i of a and of b ran back to back: drifts less with the load
+        a, b = pair.split("/")
+        ratio["step_s_paired"] = statistics.median(x / y for x, y in zip(R[a]["step_s_all"], R[b]["step_s_all"]))
     report(res)
     if cfg["json_out"]:
         os.makedirs(os.path.dirname(os.path.abspath(cfg["json_out"])), exist_ok=True)
@@ -341,18 +382,24 @@ def report(res):
     for c in res["checks"]:
         verdict = ("passed" if c["passed"] else "FAILED") + ("" if c["decisive"] else " (for information)")
         diffs = ", ".join(f"{k} {v['ours']:.7g} vs {v['reference']:.7g} (rel {v['rel_diff']:.1e})" for k, v in c["losses"].items())
-        print(f"check ours = reference in {c['dtype']} (rtol {c['rtol']:g}) {verdict}: {diffs}")
-    print(f"{'mode':<10} {'step ms':>9} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} {'saved MiB':>10} {'MFU':>6}")
+        print(f"check {c['mode']} = output_attentions, VAT {form(MODES[c['mode']])}, in {c['dtype']} "
+              f"(rtol {c['rtol']:g}) {verdict}: {diffs}")
+    print(f"{'mode':<10} {'VAT':<13} {'step ms':>9} {'CPU ms':>8} {'tokens/s':>10} {'peak MiB':>10} {'step MiB':>10} "
+          f"{'saved MiB':>10} {'MFU':>6}")
     for m, r in res["results"].items():
-        print(f"{m:<10} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>10.0f} {fmt(r['peak_mem_mib'], '10.1f'):>10} "
+        cpu_ms = fmt(r["cpu_s"] and 1e3 * r["cpu_s"], "8.1f")
+        print(f"{m:<10} {form(MODES[m]):<13} {1e3 * r['step_s']:>9.1f} {cpu_ms:>8} {r['tokens_per_s']:>10.0f} "
+              f"{fmt(r['peak_mem_mib'], '10.1f'):>10} "
               f"{fmt(r['step_mem_mib'], '10.1f'):>10} {fmt(r['saved_mib'], '10.1f'):>10} "
               f"{fmt(r['mfu'] and 100 * r['mfu'], '5.1f'):>6}")
     for k, v in res["ratios"].items():
-        print(f"{k}: time {fmt(v['step_s'], '.2f')}x, peak memory {fmt(v['peak_mem_mib'], '.2f')}x, "
+        cpu = "" if v["cpu_s"] is None else f", CPU time {v['cpu_s']:.2f}x"
+        print(f"{k}: time {fmt(v['step_s'], '.2f')}x (median of per-step ratios {v['step_s_paired']:.2f}x){cpu}, "
+              f"peak memory {fmt(v['peak_mem_mib'], '.2f')}x, "
               f"step memory {fmt(v['step_mem_mib'], '.2f')}x, saved for backward {fmt(v['saved_mib'], '.2f')}x")
 
 
 if __name__ == "__main__":
     res = cli(lambda: main(configure(dict(DEFAULTS), sys.argv[1:], __doc__, [__file__])))
     if res is not None and any(c["decisive"] and not c["passed"] for c in res["checks"]):
-        sys.exit("ours and reference disagree beyond check_rtol (see the check line)")
+        sys.exit("our training path and the output_attentions way disagree beyond check_rtol (see the check lines)")

@@ -386,10 +386,11 @@ def read_predictions(bench_path, rows, pred_dir):
     if all("question_id" in r for r in rows) and all("question_id" in a for a in lines):
         by_id = {str(a["question_id"]): t for a, t in zip(lines, texts)}
         ids = [str(r["question_id"]) for r in rows]
-        unmatched = sorted(set(by_id) - set(ids)) or sorted(set(ids) - set(by_id))
-        if unmatched:
-            raise ValueError(f"{path}: question_id {unmatched[0]!r} (and {len(unmatched) - 1} more) does not match "
-                             f"between the answers and {bench_path}; answer each question once, by its question_id")
+        extra, unanswered = sorted(set(by_id) - set(ids)), sorted(set(ids) - set(by_id))
+        if extra or unanswered:
+            raise ValueError(f"{path}: " + (f"question_id {extra[0]!r} is not a question of {bench_path}" if extra else
+                                            f"question_id {unanswered[0]!r} of {bench_path} has no answer") +
+                             f" ({len(extra)} unknown, {len(unanswered)} unanswered); answer each question once")
         return [by_id[i] for i in ids]
     return texts
 

@@ -500,3 +500,148 @@ def test_reefknot_download_with_its_own_image_folder_through_evaluate(world, tmp
                           progress=False)
     assert {t: rep["reefknot"][t]["n"] for t in ev.REEFKNOT_FILES} == {"yesno": 2, "multichoice": 1, "vqa": 2}
     assert rep["skipped"]["reefknot"] == 1 and rep["reefknot"]["mean"]["tasks"] == list(ev.REEFKNOT_FILES)
+
+
+# -----------------------------------------------------------------------------
+# answers made elsewhere (--predictions), every item counted, errors that name the file
+
+
+def _write_lines(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _answers_world(root):
+    """A benchmark folder in the official layouts (no images: --predictions needs none) and a folder of answers in
+    LLaVA's answer-file format, one file per benchmark file, of the same name."""
+    data, pred = root / "bench", root / "answers"
+    ten = lambda a, k, other: [a] * k + [other] * (10 - k)
+    _write_lines(data / "vqa.jsonl", [
+        dict(question_id=11, question="how many dogs?", answers=ten("2", 3, "3"), image="a.jpg"),
+        dict(question_id=12, question="what colour?", answers=ten("red", 10, "x"), image="b.jpg"),
+        dict(question_id=13, question="how many cats?", answers=ten("0", 4, "1"), image="c.jpg")])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="None"), dict(question_id=11, text="two"),
+                                      dict(question_id=12, text="Red.")])  # another order: matched by question_id
+    pope = [dict(question_id=i, image=f"COCO_{i}.jpg", text=f"Is there a thing {i} in the image?",
+                 label="yes" if i < 4 else "no") for i in range(8)]
+    _write_lines(data / "coco_pope_random.json", pope)
+    _write_lines(pred / "coco_pope_random.json",
+                 [dict(question_id=i, text="There is a dog." if i < 4 else "No.") for i in range(8)])
+    _write_lines(data / "reefknot" / "YESNO.jsonl", [
+        dict(image_id=1, query_prompt="Is the man riding the horse?", label="yes", relation_type="cognition"),
+        dict(image_id=2, query_prompt="Is the man looking at the sky?", label="no", relation_type="perception"),
+        dict(image_id=3, query_prompt="Is the cup on the table?", label="no", relation_type="perception")])
+    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="No, the man's eyes are closed"),
+                                        dict(text="no")])  # no question_id in Reefknot: by position
+    _write_lines(data / "reefknot" / "Multichoice.jsonl", [
+        dict(image_id=4, query_prompt="What is the cat doing? A. eating B. onto", label="B"),
+        dict(image_id=5, query_prompt="What is the man doing? A. riding B. under", label="A")])
+    _write_lines(pred / "Multichoice.jsonl", [dict(text="(B) onto"), dict(text="A")])
+    return data, pred
+
+
+def test_predictions_score_answer_files_by_the_official_readings(tmp_path):
+    """Expected numbers from the official scripts' rules (VQAv2 vqaEval.py, POPE evaluate.py, Reefknot utils.py), by
+    hand: VQA 3 of 10 -> 0.9, 10 of 10 -> 1, "None" = "0" 4 of 10 -> 1; POPE's eight answers are perfect; Reefknot
+    YESNO 2 of 3 ("eyes" holds "yes"), Multichoice 1 of 2 ("(B)" starts with "(")."""
+    data, pred = _answers_world(tmp_path)
+    rep = ev.main([f"--predictions={pred}", f"--data={data}"])
+    assert rep["tasks"] == ["vqa", "pope", "reefknot"] and rep["status"] == "complete"
+    assert any("cr, align not scored" in n for n in rep["notes"])
+    assert rep["vqa"]["n"] == 3 and rep["vqa"]["accuracy"] == pytest.approx((0.9 + 1.0 + 1.0) / 3)
+    g = rep["pope"]["generate"]["per_split"]["random"]
+    assert (g["n"], g["accuracy"], g["f1"], g["yes_ratio"], g["invalid"]) == (8, 1.0, 1.0, 0.5, 0.5)
+    assert "forced" not in rep["pope"]  # a model-only protocol
+    assert rep["reefknot"]["yesno"]["accuracy"] == pytest.approx(2 / 3) and rep["reefknot"]["yesno"]["n"] == 3
+    assert rep["reefknot"]["multichoice"]["accuracy"] == 0.5
+    assert rep["skipped"] == {"vqa": 0, "pope": 0, "reefknot": 0}
+    saved = json.load(open(f"{pred}_eval/report.json"))
+    assert saved["vqa"]["accuracy"] == rep["vqa"]["accuracy"] and saved["predictions"] == str(pred)
+    assert "| answers | vqa 3, pope 8, reefknot 5 | 96.7 |" in open(f"{pred}_eval/report.md").read()
+
+
+def test_predictions_that_do_not_match_stop_with_one_line_naming_the_file(tmp_path):
+    data, pred = _answers_world(tmp_path)
+    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="no")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'YESNO.jsonl'}: 2 answers for the 3 items of "):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=reefknot"])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
+                                      dict(question_id=99, text="red")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of .*vqa.jsonl \(1 unknown, 1 unanswered\)"):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
+                                      dict(question_id=13, response="0")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: line 3 has no \"text\""):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
+    os.remove(pred / "coco_pope_random.json")
+    with pytest.raises(FileNotFoundError, match=rf"^{pred / 'coco_pope_random.json'}: no answer file"):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=pope"])
+
+
+def test_a_pope_item_without_a_yes_no_label_is_an_error_naming_file_and_line(tmp_path):
+    rows = [dict(question_id=1, image="a.jpg", text="Is there a dog?", label="yes"),
+            dict(question_id=2, image="a.jpg", text="Is there a cat?", lable="no")]
+    _write_lines(tmp_path / "coco_pope_random.json", rows)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'coco_pope_random.json'}: line 2 has no label"):
+        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
+    rows[1] = dict(rows[1], label="none")
+    _write_lines(tmp_path / "coco_pope_random.json", rows)
+    with pytest.raises(ValueError, match=r"line 2 has label 'none'"):
+        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
+
+
+def test_image_folders_are_searched_in_order_and_ids_without_extension_found(tmp_path):
+    """Reefknot's images come as Visual Genome's two folders (VG_100K, VG_100K_2), searched in order as Reefknot's own
+    loader does; Winoground's download names its images without an extension ("ex_0_img_0")."""
+    root, vg = str(tmp_path / "reefknot"), tmp_path / "vg"
+    _official_layout(root, str(vg / "VG_100K"))
+    os.replace(vg / "VG_100K" / "4680.jpg", tmp_path / "4680.jpg")
+    os.makedirs(vg / "VG_100K_2")
+    os.replace(tmp_path / "4680.jpg", vg / "VG_100K_2" / "4680.jpg")
+    with pytest.warns(UserWarning, match="999.jpg"):
+        items, skipped = ev.load_reefknot(root, [str(vg / "VG_100K"), str(vg / "VG_100K_2")])
+    assert skipped == 1 and len(items) == 5
+    assert [os.path.relpath(it["image"], vg) for it in items] == \
+        ["VG_100K/2344270.jpg"] * 2 + ["VG_100K_2/4680.jpg"] * 3
+    # one folder only: a file whose images are all in the other one stops, saying several folders can be given
+    with pytest.warns(UserWarning, match="999.jpg"), pytest.raises(FileNotFoundError, match=(
+            r"^reefknot/Multichoice.jsonl: none of the 1 items' images exist .*several: comma-separated")):
+        ev.load_reefknot(root, [str(vg / "VG_100K")])
+    assert ev.image_folders(f" {vg}/VG_100K , {vg}/VG_100K_2", "d") == [f"{vg}/VG_100K", f"{vg}/VG_100K_2"]
+    images = tmp_path / "wino"
+    os.makedirs(images)
+    for i in (0, 1):
+        Image.new("RGB", (8, 8), (0, 90 * i, 0)).save(images / f"ex_0_img_{i}.png")
+    _write_lines(tmp_path / "winoground.jsonl", [dict(image_0="ex_0_img_0", image_1="ex_0_img_1",
+                                                      caption_0="a dog on a cat", caption_1="a cat on a dog")])
+    items, skipped = ev.load_wino(str(tmp_path / "winoground.jsonl"), str(images))
+    assert skipped == 0 and items[0]["images"] == [str(images / "ex_0_img_0.png"), str(images / "ex_0_img_1.png")]
+
+
+def test_compare_checks_every_model_before_the_first_runs(world, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(a))
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'typo'}: no such directory"):
+        ev.main([f"--compare=a={tmp_path / 'a'},b={tmp_path / 'typo'}", f"--data={world}", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(ValueError, match="the name 'm' is given twice"):
+        ev.main([f"--compare=m={tmp_path / 'a'},m={tmp_path / 'a'}", f"--data={world}", f"--out={tmp_path / 'o'}"])
+    assert ran == []
+
+
+def test_an_interrupted_evaluation_keeps_the_finished_tasks_and_says_so(world, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    os.makedirs(out)
+    (out / "report.json").write_text(json.dumps({"model": "an older run", "vqa": {"accuracy": 0.99}}))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "run_pope", interrupted)
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(m, world, tasks="cr,pope,wino", cr_protocol="likelihood", limit=1, out=str(out), progress=False)
+    saved = json.load(open(out / "report.json"))
+    assert saved["status"] == "interrupted" and "cr" in saved and "pope" not in saved and "vqa" not in saved
+    assert saved["cr"]["likelihood"]["per_subset"]["swap_obj"]["n"] == 1
+    assert "**Status: interrupted** (finished: cr; not finished: pope, wino)" in open(out / "report.md").read()

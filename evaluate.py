@@ -1,47 +1,64 @@
 """
-Evaluation: VQA, compositional reasoning (SugarCrepe-style CR, Winoground/BiVLC-style), POPE, and the paper's
+Evaluation: VQA, compositional reasoning (SugarCrepe-style CR, Winoground/BiVLC-style), POPE, Reefknot, and the paper's
 diagnosis, the teacher-student attention alignment with its heat maps (alignment.py).
 
     python evaluate.py --model=out/shapes/sft --teacher=out/shapes/teacher --data=out/shapes --heatmaps=4
     python evaluate.py --compare=teacher=out/shapes/teacher,sft=out/shapes/sft --teacher=out/shapes/teacher \
         --data=out/shapes --out=out/shapes/eval        # several models, one table
+    python evaluate.py --predictions=answers/ --data=bench/     # answers made elsewhere (vLLM, lmms-eval...): no model
 
-writes report.json (every number, fractions in [0, 1]) and report.md to --out (default <model>/eval) and prints
-the table. From Python: report = evaluate(model, "out/shapes", teacher=teacher, tasks="cr,align"), with the
-settings of DEFAULTS below as keywords.
+writes report.json (every number, fractions in [0, 1]) and report.md to --out (default <model>_eval, beside the
+checkpoint: never inside it, where the next save of a resumed run would replace it) and prints the table. The report
+is rewritten after each task: a run stopped by Ctrl-C keeps the tasks it finished and says "status": "interrupted".
+From Python: report = evaluate(model, "out/shapes", teacher=teacher, tasks="cr,align"), with the settings of DEFAULTS
+below as keywords.
 
 Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in the same formats work with
---image_folder pointing at their images):
-  vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}; with
-                     "answer_type": "yes/no" (as VQAv2 marks them) the answer's verdict is scored (parse_yes_no)
+--image_folder naming the folder(s) of their images: several comma-separated, searched in order; a name without an
+extension is also tried as .jpg / .png / .jpeg):
+  vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}, optional
+                     "question_id", "answer_type" ("yes/no" also gets the verdict figure, below)
   cr/{subset}.json   SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
-  pope_*.json[l]     {"question" | "text", "answer" | "label" ("yes"/"no"), "image", "category"}
+  pope_*.json[l]     POPE's layout (coco_pope_*.json: {"question_id", "image", "text", "label"}) or {"question",
+                     "answer", "image", "category"}; a label other than "yes" / "no" is an error naming file and line
   winoground.jsonl   {"image_0", "image_1", "caption_0", "caption_1"} (Winoground) or
                      {"image", "negative_image", "caption", "negative_caption"} (BiVLC)
   reefknot/          Reefknot's layout: YESNO.jsonl, Multichoice.jsonl, VQA.jsonl, one {"image_id", "query_prompt",
-                     "label", "relation_type"} a line; the image is <image_id>.jpg or .png under
-                     --reefknot_image_folder (else --image_folder; for the shapes layout, <data>/images).
-                     --reefknot_dir points at the official download.
-An item whose image is missing or is not an image is skipped, counted in the report's "skipped" and named in a
-warning; a test file none of whose images can be read stops the run.
+                     "label", "relation_type"} a line; the image is <image_id>.jpg (or .png) in --reefknot_image_folder
+                     (else --image_folder; for the shapes layout, <data>/images): Visual Genome's two folders as
+                     --reefknot_image_folder=VG_100K,VG_100K_2. --reefknot_dir points at the official download.
+An item whose image is missing or is not an image is skipped and counted: every table shows each task's n and the
+skipped count (report.json "skipped"), and a warning names one; a test file none of whose images can be read stops
+the run. A missing label / answer field is an error naming the file and line.
 
-Protocols. Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in
-training.
-  vqa    greedy short answer; normalised exact match (VQA soft accuracy min(1, #matches / 3) for a list).
-  cr     mcq: MCQ_PROMPT asked in both orders (positive as (A), then as (B)), greedy, accuracy per order and
+--predictions=DIR scores answers made elsewhere, with no model and no images (tasks vqa, pope, reefknot): for each
+benchmark file scored, DIR holds a file of the same name (vqa.jsonl, coco_pope_random.json, YESNO.jsonl...) with one
+JSON object a line, {"text": answer} (or "answer") plus "question_id" where the benchmark has one (LLaVA's answer
+files). Lines are matched by question_id when both files have it, else by position; a count that differs, an unknown
+or unanswered question_id stops with one line naming the file.
+
+Readings: each benchmark's answers are read as its official script reads them, and the report says so per task
+("reading"); our stricter readings are extra figures beside them, never in their place.
+  vqa    greedy short answer; VQAv2's evaluation (vqaEval.py): punctuation, articles, number words (none -> 0) and
+         contractions normalised; accuracy = the mean over the leave-one-out subsets of the annotators' answers of
+         min(1, #matches / 3) (3 of 10: 0.9). One answer: normalised exact match (ours). Extra figure, ours: "verdict",
+         a yes/no question scored on the verdict its answer states (parse_yes_no), for answers that explain themselves.
+  cr     (ours) mcq: MCQ_PROMPT asked in both orders (positive as (A), then as (B)), greedy, accuracy per order and
          averaged, per subset and the unweighted mean. likelihood: length-normalised log P(caption + <eos> |
          image, caption_prompt) of the positive vs the negative caption.
   wino   text / image / group scores from the 2x2 likelihood table.
-  pope   generate: read as POPE's own evaluation does (parse_yes_no: "no"/"not" in the first sentence, else "yes";
-         an answer with neither is invalid and counted wrong); forced: "yes" vs
-         "no" log-probability at the first answer position. Accuracy, precision, recall, F1 (positive class
-         "yes"), yes-ratio and invalid rate per split.
-  reefknot  relation hallucination, Reefknot's scoring: greedy answers to each query_prompt; YESNO: "yes" when the
-         answer contains the word yes, else "no"; Multichoice: the answer's first letter; VQA: the label's words
-         appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and by
-         relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
+  pope   generate: POPE's evaluate.py (as LLaVA's eval_pope.py): the text before the first ".", commas dropped, split
+         on spaces; "no" iff a word is exactly No / not / no, everything else "yes". Accuracy, precision, recall, F1
+         (positive class "yes"), yes-ratio per split; extra column, ours: invalid (neither yes nor no, case-folded).
+         forced (ours, a model only): "yes" vs "no" log-probability at the first answer position.
+  reefknot  relation hallucination: greedy answers to each query_prompt (at most MAX_NEW_TOKENS["reefknot"] tokens);
+         YESNO and Multichoice as Reefknot's utils.py: "yes" iff the answer holds the substring "yes" (lower-cased);
+         the answer's first character is the label. VQA: Reefknot has no scorer, so the rule is ours: the label's
+         words appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and
+         by relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
   align  (needs a teacher) see alignment.py: in the matched layers, 1 - the paper's VAT distance (all queries, the
          training default), 1 - the reference code's (image queries), and the text queries' similarity.
+Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in training.
 Precision: the models compute in the dtype their weights are loaded in (--dtype; auto = bfloat16 on CUDA, float32 on
 the CPU), without autocast, as sample.py does; a VLM passed in from Python computes in its own dtype.
 For real models set answer_suffix (e.g. LLaVA's "\nAnswer the question using a single word or phrase.") and
@@ -74,7 +91,9 @@ REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "v
 CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
 MCQ_PROMPT = "Which caption describes the image?\n(A) {a}\n(B) {b}\nAnswer with A or B."
-# room for an answer that explains itself ("the red one is a square , so no"); mcq: for one that repeats a caption
+# room for an answer that explains itself ("the red one is a square , so no"); mcq: for one that repeats a caption.
+# Reefknot's own inference scripts allow longer answers (256 new tokens with ms-swift, 30 with MiniGPT-v2): its YESNO
+# reading looks for "yes" anywhere, so a cap that cuts an answer short can change a verdict; 20 covers a short answer.
 MAX_NEW_TOKENS = dict(vqa=20, pope=20, mcq=40, reefknot=20)
 # VQAv2's answer normalisation (its evaluation's processPunctuation and processDigitArticle), rule for rule
 NUMBER_WORDS = dict(none="0", **{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine "

@@ -645,3 +645,18 @@ def test_an_interrupted_evaluation_keeps_the_finished_tasks_and_says_so(world, t
     assert saved["status"] == "interrupted" and "cr" in saved and "pope" not in saved and "vqa" not in saved
     assert saved["cr"]["likelihood"]["per_subset"]["swap_obj"]["n"] == 1
     assert "**Status: interrupted** (finished: cr; not finished: pope, wino)" in open(out / "report.md").read()
+
+
+def test_the_default_report_survives_a_resumed_run_saving_over_the_checkpoint(world, tmp_path):
+    """evaluate.py's default --out is beside the checkpoint (<model>_eval): a run stopped early, evaluated, then
+    resumed replaces its checkpoint directory at the next save, and the report stays."""
+    from conftest import run
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "init"))
+    stage = dict(init_from=str(tmp_path / "init"), data=os.path.join(world, "instruct.json"),
+                 out_dir=str(tmp_path / "run"), max_steps=2, save_interval=1)
+    run("sft", **stage, stop_after=1)
+    ev.main([f"--model={tmp_path / 'run'}", f"--data={world}", "--tasks=vqa", "--limit=1"])
+    report = (tmp_path / "run_eval" / "report.json").read_text()
+    run("sft", **stage)  # resumes, saves step 2 over the checkpoint directory
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "run_eval" / "report.json").read_text() == report

@@ -70,6 +70,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -929,8 +930,9 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
             t0 = time.time()
             report["heatmaps"] = write_heatmaps(r, teacher, pairs, specs, titles, out)
             report["seconds"]["heatmaps"] = round(time.time() - t0, 2)
-    except BaseException:  # Ctrl-C, SIGTERM or a crash: keep what finished, say that the run did not
-        report["status"] = "interrupted"
+    except BaseException as e:  # Ctrl-C, SIGTERM (main) or a crash: keep what finished, say that the run did not
+        report["status"] = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else \
+            f"failed ({type(e).__name__})"
         save()
         raise
     report["seconds"]["total"] = round(time.time() - t_start, 2)
@@ -1154,6 +1156,8 @@ def main(argv=None):
     report(s)."""
     from configurator import configure
     cfg = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv, __doc__, [__file__])
+    if argv is None:  # the command line: SIGTERM stops the run as Ctrl-C does, so the report says it was interrupted
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if sum(bool(cfg[k]) for k in ("model", "compare", "predictions")) != 1:
         raise ValueError("give one of --model=<checkpoint dir>, --compare=name=dir,name=dir with --out=<dir>, or "
                          "--predictions=<folder of answer files>")

@@ -1112,7 +1112,8 @@ DEFAULTS = dict(
     cr_protocol="mcq,likelihood",  # CR protocols: mcq and / or likelihood
     image_folder="",          # the folder(s) the files' image paths are relative to, comma-separated, searched in
                               # order (default: data)
-    predictions="",           # a folder of answer files to score instead of a model's answers (docstring)
+    predictions="",           # instead of a model: a folder of answer files named as the benchmark files (vqa.jsonl,
+                              # coco_pope_random.json, YESNO.jsonl...), one {"text", "question_id"} a line
     student_layers=None,      # the layer pairs to align (default: the student's training config, else presets)
     teacher_layers=None,      # (as student_layers)
     matching="",              # group | simple | adaptive (default: the student's training config)

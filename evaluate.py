@@ -966,7 +966,7 @@ def task_n(rep, task):
         per = _get(t, "likelihood", "per_subset") or _get(t, "mcq", "per_subset") or {}
         return sum(v["n"] for v in per.values())
     if task == "pope":
-        return _get(t, "generate", "avg", "n")
+        return sum(v["n"] for v in (_get(t, "generate", "per_split") or {}).values())
     if task == "reefknot":
         return sum(t[k]["n"] for k in REEFKNOT_FILES if k in t)
     return t.get("n")

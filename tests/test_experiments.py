@@ -48,7 +48,7 @@ def test_every_row_in_table_json_and_chart(first):
     assert [r[0] for r in rows] == names and all(len(r) == len(COLUMNS) for r in rows)
     for r in rows:
         assert r[2].startswith("1") and ("runs of compodistill" in r[2]) == (r[0] in SHARED)
-        assert r[3] == "vqa 8, cr 14, pope 12, reefknot 4"  # n per task (eval limit 2), nothing skipped
+        assert r[3] == "vqa 2, cr 14, pope 6, reefknot 2"  # --limit=2 per file / CR subset / POPE split; none skipped
         assert all(c != "-" for c in r[4:6 + len(SUBSETS)] + r[-7:-5])  # VQA, CR, subsets, POPE, Reefknot everywhere
         assert (r[-2] == "-") == (r[0] in ("teacher", "sft_only", "kd", "kd_taf"))  # VAT loss iff vat_weight > 0
         assert (r[-3] == "-") == (r[-4] == "-") == (r[-5] == "-") == (r[0] == "teacher")  # alignment needs a teacher

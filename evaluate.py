@@ -1046,7 +1046,7 @@ def report_markdown(rep):
             md.append(f"\nMCQ prompt words unknown to the tokenizer (<unk>): {' '.join(c['mcq']['unknown_words'])}")
         md.append("")
     if "pope" in rep:
-        md += ["## POPE", "", "| split | protocol | n | accuracy | precision | recall | F1 | yes-ratio | invalid |",
+        md += ["## POPE", "", "| split | protocol | n | accuracy | precision | recall | F1 | yes-ratio | invalid (ours) |",
                "|---|---|---|---|---|---|---|---|---|"]
         for proto in ("generate", "forced"):
             p = rep["pope"].get(proto)

@@ -391,6 +391,9 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     with pytest.warns(UserWarning) as w:
         rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
     assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 3}
+    md = ev.report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
+    assert "| vqa 3 (3 skipped) | " in md
+    assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (3 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)
     assert "skipping 2 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
     assert "skipping 1 items whose images are missing" in said

@@ -663,3 +663,24 @@ def test_the_default_report_survives_a_resumed_run_saving_over_the_checkpoint(wo
     run("sft", **stage)  # resumes, saves step 2 over the checkpoint directory
     assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 2
     assert (tmp_path / "run_eval" / "report.json").read_text() == report
+
+
+def test_an_interrupted_comparison_keeps_the_finished_models_and_says_so(world, tmp_path, monkeypatch):
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "a"))
+    _tiny(world, layers=2, hidden=32, seed=1).save_pretrained(str(tmp_path / "b"))
+    out = tmp_path / "cmp"
+    os.makedirs(out)
+    (out / "report.md").write_text("an older table")
+    done = dict(model="a", teacher=None, data=world, limit=None, device="cpu", tasks=["vqa"], skipped={"vqa": 1},
+                vqa=dict(n=5, accuracy=0.4, per_type={}, reading="r"))
+
+    def fake(model, *a, name=None, **k):
+        if name.endswith("b"):
+            raise KeyboardInterrupt
+        return done
+    monkeypatch.setattr(ev, "evaluate", fake)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main([f"--compare=a={tmp_path / 'a'},b={tmp_path / 'b'}", f"--data={world}", f"--out={out}"])
+    md = open(out / "report.md").read()
+    assert "**Status: interrupted** (1 of 2 models)" in md and "| a | vqa 5 (1 skipped) | 40.0 |" in md
+    assert list(json.load(open(out / "report.json"))) == ["a"]

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, ImageDraw
 
+import evaluate
 import shapes
 import shapes_tower
 from alignment import load_font
@@ -222,8 +223,8 @@ def parallel(fns, jobs):
 def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
     """The table's numbers from an evaluate.py report (and the DFT log's last training VAT loss)."""
     cr = report["cr"]["likelihood" if "likelihood" in cr_protocol else "mcq"]
-    pope = report["pope"]["generate"]  # POPE read as its own evaluation reads answers (evaluate.parse_yes_no)
-    m = dict(vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"], pope_acc=pope["avg"]["accuracy"],
+    pope = report["pope"]["generate"]  # POPE read as its own evaluate.py reads answers (evaluate.pope_reading)
+    m = dict(counts=evaluate.counts(report), vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"], pope_acc=pope["avg"]["accuracy"],
              cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()},
              pope_splits={s: v["f1"] for s, v in pope["per_split"].items()},
              vqa_types=dict(report["vqa"].get("per_type", {})))
@@ -396,17 +397,19 @@ def main(argv=None):
 
 def write_results(opts, results, subsets, header, info):
     proto = "likelihood" if "likelihood" in opts["cr_protocol"] else "mcq"
-    cols = (["row", "setting", "seeds", "VQA", f"CR avg ({proto})"] + subsets +
+    cols = (["row", "setting", "seeds", "n (skipped)", "VQA", f"CR avg ({proto})"] + subsets +
             ["POPE F1", "Reefknot halluc. (mean)", "align CR (paper VAT)", "align CR (img q)", "align CR (text q)",
              "final VAT loss (DFT)", "wall (s)"])
     prefix = SIZES[opts["size"]].get("presets", "shapes")
     world = "hard shapes world" if prefix == "shapes_hard" else "shapes world"
     seeds_of = lambda row: str(len(row["seeds"])) + (f" (runs of {row['shared_with']})" if row["shared_with"] else "")
+    # the items behind each task's figures and the skipped ones (a missing or unreadable image), per distinct seed
+    counts_of = lambda row: " / ".join(dict.fromkeys(p.get("counts", "-") for p in row["per_seed"]))
     lines = [f"# CompoDistill on the {world}, size `{opts['size']}`", "", header, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in results:
         means = row["mean"]
-        cells = ([row["name"], row["setting"], seeds_of(row), cell(means["vqa"]), cell(means["cr"])] +
+        cells = ([row["name"], row["setting"], seeds_of(row), counts_of(row), cell(means["vqa"]), cell(means["cr"])] +
                  [cell(means["cr_subsets"].get(s)) for s in subsets] +
                  [cell(means["pope_f1"]), cell(means["reefknot"].get("mean")), cell(means["align"], digits=2),
                   cell(means["align_image"], digits=2), cell(means["align_text"], digits=2),
@@ -416,7 +419,7 @@ def write_results(opts, results, subsets, header, info):
     rel_types = [t for t in ("rel_yn", "rel_query", "rel_what", "rel_choice") if t in results[0]["mean"]["vqa_types"]]
     splits = list(results[0]["mean"]["pope_splits"])
     tasks = [t for t in ("yesno", "multichoice", "vqa", "mean") if t in results[0]["mean"]["reefknot"]]
-    rcols = (["row", "seeds", "replace_rel"] + [f"VQA {t}" for t in rel_types] + [f"POPE F1 {s}" for s in splits] +
+    rcols = (["row", "seeds", "n (skipped)", "replace_rel"] + [f"VQA {t}" for t in rel_types] + [f"POPE F1 {s}" for s in splits] +
              ["POPE acc"] + [f"Reefknot halluc. {t}" for t in tasks])
     lines += ["", "## Relations and hallucination (main rows)", "", "| " + " | ".join(rcols) + " |",
               "|" + "---|" * len(rcols)]
@@ -424,16 +427,18 @@ def write_results(opts, results, subsets, header, info):
         if row["kind"] not in ("teacher", "main"):
             continue
         means = row["mean"]
-        lines.append("| " + " | ".join([row["name"], seeds_of(row), cell(means["cr_subsets"].get("replace_rel"))] +
+        lines.append("| " + " | ".join([row["name"], seeds_of(row), counts_of(row),
+                                        cell(means["cr_subsets"].get("replace_rel"))] +
                                         [cell(means["vqa_types"].get(t)) for t in rel_types] +
                                         [cell(means["pope_splits"].get(s)) for s in splits] + [cell(means["pope_acc"])] +
                                         [cell(means["reefknot"].get(t)) for t in tasks]) + " |")
     first = opts["seed_offset"]
     lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. CR: the "
-              f"SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluation reads them, F1 "
+              f"SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluate.py reads them, F1 "
               "(mean over the splits) and accuracy. Reefknot: hallucination rate (1 - accuracy) per task and their "
-              "mean (lower is better). VQA rel_*: accuracy on the test questions of that kind (yes/no ones on the "
-              "verdict). align: on the CR captions, on each row's own DFT layer sets and matching; paper VAT: 1 - the "
+              "mean (lower is better). VQA: VQAv2's reading (normalised exact match against the one answer); rel_*: "
+              "accuracy on the test questions of that kind. n (skipped): the items each task's figures rest on, and "
+              "those skipped (a missing or unreadable image). align: on the CR captions, on each row's own DFT layer sets and matching; paper VAT: 1 - the "
               "paper-form VAT distance (all queries, flattened; the training default); img q: 1 - the reference "
               "code's form (image queries, column-pooled); text q: cosine of the caption tokens' attention over the "
               "image. Final VAT loss: the DFT run's last logged training value (scales differ across vat_loss and VAT "

@@ -11,7 +11,7 @@ Everything is written in the formats the real-data code reads, so one pipeline s
   pretrain.json        LLaVA-Pretrain: {"id", "image", "conversations": [human prompt, gpt caption]}
   instruct.json        LLaVA mix665K: 1-3 turn conversations (1-4 in the relation mixes), ~2 % text-only
   test/vqa.jsonl       {"question", "answer", "image", "type"}: one question of every kind the mix asks per test
-                       image; yes/no kinds also carry "answer_type": "yes/no" (scored on the verdict)
+                       image; yes/no kinds also carry "answer_type": "yes/no" (evaluate.py's verdict figure)
   test/cr/{subset}.json  SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
   test/pope_{random,popular,adversarial}.jsonl  {"question", "answer", "image", "category", "object"}
   test/reefknot/{YESNO,Multichoice,VQA}.jsonl  Reefknot: {"image_id", "query_prompt", "label", "relation_type"},
@@ -612,7 +612,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         for kind in vqa_kinds:  # one question of every kind the mix asks, so each kind has n_test items
             q, a, _ = question(R("vqa", i, kind), objects, grid, kind, evidence=evidence)
             row = {"id": f"test_{i:05d}_{kind}", "question": q, "answer": a, "image": path, "type": kind}
-            if kind in YES_NO_KINDS:  # scored on the verdict (VQAv2's answer_type), whatever the evidence
+            if kind in YES_NO_KINDS:  # VQAv2's answer_type; evaluate.py's verdict figure reads the verdict
                 row.update(answer=a.split()[-1], answer_type="yes/no", **({"explanation": a} if evidence else {}))
             vqa.append(row)
         for subset in CR_SUBSETS:

@@ -26,21 +26,36 @@ IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 
 
 def test_pope_metrics_by_hand():
     labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no"]
-    preds = ["yes", "yes", "no", None, "yes", "no", "no", None]
+    preds = ["yes", "yes", "no", "no", "yes", "no", "no", "no"]
     m = ev.pope_metrics(preds, labels)
-    # TP=2 FP=1 TN=2; the invalid "yes" item is a false negative, the invalid "no" item just wrong
-    assert m["accuracy"] == pytest.approx(4 / 8)
+    # TP=2 FP=1 TN=3 FN=2
+    assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(2 / 4)
     assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert m["yes_ratio"] == pytest.approx(3 / 8) and m["invalid"] == pytest.approx(2 / 8) and m["n"] == 8
+    assert m["yes_ratio"] == pytest.approx(3 / 8) and m["n"] == 8
     none = ev.pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
     assert none["precision"] == 0 and none["recall"] == 0 and none["f1"] == 0 and none["accuracy"] == 0.5
-    answers = ["Yes, there is.", "no", " NO.", "there is", "", "yesterday", "No, there is not a cat.",
-               "There is not.", "the red one is a square , so no", "the red one is a circle , so yes",
-               "Yes. No cat is there.", "nothing is red , so no"]
-    assert [ev.parse_yes_no(a) for a in answers] == \
-        ["yes", "no", "no", None, None, None, "no", "no", "no", "yes", "yes", "no"]
+
+
+def test_pope_reads_answers_as_pope_evaluate_py():
+    """Expected verdicts read off AoiDragon/POPE evaluate.py (the same loop is LLaVA's llava/eval/eval_pope.py): keep
+    the text before the first ".", drop ",", split on single spaces; "no" iff the words hold "No", "not" or "no";
+    everything else is "yes"."""
+    cases = {"There is a dog.": "yes", "No.": "no", "No": "no", "no, there is none": "no", "Not at all": "yes",
+             "NO": "yes", "No!": "yes", "(no)": "yes", "Yes, there is no dog": "no", "I see a cat. No dog.": "yes",
+             "": "yes", "not": "no", "nothing": "yes", "yes": "yes", "the red one is a square , so no": "no",
+             "2.5 no": "yes"}  # "2.5 no": the text before the first "." is "2"
+    assert {a: ev.pope_reading(a) for a in cases} == cases
+    # four "yes" items answered "There is a dog.", four "no" items "No.": perfect by POPE's reading
+    answers = ["There is a dog."] * 4 + ["No."] * 4
+    labels = ["yes"] * 4 + ["no"] * 4
+    m = ev.pope_metrics([ev.pope_reading(a) for a in answers], labels)
+    assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["yes_ratio"]) == (1.0, 1.0, 1.0, 1.0, 0.5)
+    # our stricter reading, an extra column only: an answer that says neither yes nor no is invalid
+    assert ev.invalid_rate(answers) == 0.5
+    assert [ev.parse_yes_no(a) for a in ["Yes, there is.", " NO.", "there is", "Not at all", "yesterday"]] == \
+        ["yes", "no", None, "no", None]
 
 
 def test_mcq_parsing():
@@ -78,17 +93,25 @@ def test_winoground_scores():
 
 
 def test_vqa_normalisation_and_soft_accuracy():
-    assert ev.normalize_answer("Two.") == "2" == ev.normalize_answer("2")
-    assert ev.normalize_answer("The Red  Circle!") == "red circle"
-    assert ev.normalize_answer("an apple, please") == "apple please"
-    assert ev.normalize_answer("1.5") == "1.5" and ev.normalize_answer("1,000") == "1000"
-    assert ev.vqa_score("two", "2") == 1.0 and ev.vqa_score("a square", "square") == 1.0
+    """Expected values read off VQAv2's evaluation, GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py:
+    processPunctuation (the listed marks dropped next to a space or in a text with a digit,digit comma, else a space;
+    a "." not before a digit dropped), then processDigitArticle (lower case, number words incl. none -> digits,
+    articles dropped, contractions restored); accuracy = mean over the 10 leave-one-out subsets of min(1, matches/3)."""
+    norm = ev.normalize_answer
+    assert norm("Two.") == "2" == norm("2") and norm("None") == "0"
+    assert norm("The Red  Circle!") == "red circle" and norm("an apple, please") == "apple please"
+    assert norm("1.5") == "1.5" and norm("1,000") == "1000" and norm("u.s.a") == "usa"
+    assert norm("red-white") == "red white" and norm("red - white") == "red white"
+    assert norm("dont") == "don't" and norm("it's") == "it's" and norm("yes\n") == "yes"
+    assert ev.vqa_score("two", "2") == 1.0 and ev.vqa_score("a square", "square") == 1.0  # one answer: exact match
     assert ev.vqa_score("circle", "square") == 0.0
-    answers = ["2", "two", "3", "2 ", "three", "4", "2", "3", "3", "3"]
-    assert ev.vqa_score("Two", answers) == 1.0            # 4 matches -> min(1, 4/3)
-    assert ev.vqa_score("4", answers) == pytest.approx(1 / 3)
-    assert ev.vqa_score("three", ["3", "three", "x"]) == pytest.approx(2 / 3)
-    assert ev.vqa_score("five", answers) == 0.0
+    ten = lambda k, a="2": [a] * k + ["x%d" % i for i in range(10 - k)]
+    # k of 10 annotators agree: (k * min(1, (k-1)/3) + (10-k) * min(1, k/3)) / 10
+    assert ev.vqa_score("Two", ten(3)) == pytest.approx(0.9)
+    assert ev.vqa_score("two", ten(1)) == pytest.approx(0.3)
+    assert ev.vqa_score("2", ten(2)) == pytest.approx(0.6)
+    assert ev.vqa_score("2", ten(4)) == 1.0 and ev.vqa_score("5", ten(4)) == 0.0
+    assert ev.vqa_score("none", ten(3, "0")) == pytest.approx(0.9)
 
 
 # -----------------------------------------------------------------------------
@@ -227,14 +250,18 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
         assert im.size == alignment.heatmap_size(n_pairs=2, n_rows=4) == \
             (H["label_w"] + 3 * 128, H["title_h"] + H["header_h"] + 4 * (128 + H["caption_h"]) + H["bar_h"])
     md = open(os.path.join(out, "report.md")).read()
-    assert "| model | VQA | CR mcq | CR lik |" in md and "heatmap_000.png" in md
+    assert "| model | n (skipped) | VQA | CR mcq | CR lik |" in md and "heatmap_000.png" in md
+    assert f"| student | vqa {saved['vqa']['n']}, cr 70, pope 60, wino 3, reefknot 20 | " in md
+    assert "| split | protocol | n | accuracy |" in md and "| random | generate | 20 | " in md
+    assert saved["status"] == "complete" and saved["pope"]["generate"]["reading"].startswith("POPE's evaluate.py")
 
     # the same checkpoint from the command line: no teacher, so align is skipped with a note
     rep2 = ev.main([f"--model={tmp_path / 'student'}", f"--data={world}", "--tasks=vqa,cr,align", "--limit=3",
                     "--cr_protocol=likelihood", "--batch_size=4"])
     printed = capsys.readouterr().out
-    assert "| model | VQA |" in printed
-    assert os.path.isfile(tmp_path / "student" / "eval" / "report.json")
+    assert "| model | n (skipped) | VQA |" in printed
+    # the default report goes beside the checkpoint, never inside it (a resumed run's next save replaces the dir)
+    assert os.path.isfile(tmp_path / "student_eval" / "report.json") and not (tmp_path / "student" / "eval").exists()
     assert rep2["vqa"]["n"] == 3 and "mcq" not in rep2["cr"] and "align" not in rep2
     assert any("align skipped" in n for n in rep2["notes"])
 
@@ -251,7 +278,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
 
     table = ev.compare_table({"a": saved, "b": rep2})
     lines = table.strip().splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | ")
+    assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | vqa 3, cr 21 | ")
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
 
 
@@ -260,16 +287,22 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
 
 
 def test_reefknot_scoring_by_hand():
+    """Expected verdicts read off JackChen-seu/Reefknot RLC-bench/neok_code/utils.py: calculate_yes_no_accuracy says
+    "yes" iff 'yes' is a substring of the stripped, lower-cased response; calculate_multichoice_accuracy compares the
+    response's first character, upper-cased, with the upper-cased label. Reefknot has no VQA scorer: that rule is
+    ours (the label's words, in order and next to each other, among the answer's)."""
     ok = ev.reefknot_correct
-    assert [ok("yesno", a, "yes") for a in ["Yes", "yes, it is", "Yes.", "no", "I think so", ""]] == \
-        [True, True, True, False, False, False]
-    assert [ok("yesno", a, "no") for a in ["No", "not really", "", "yes", "Yes, no doubt"]] == \
-        [True, True, True, False, False]
-    assert [ok("multichoice", a, "C") for a in ["C", "c", "(c)", "C. behind", " c ) above", "B", "", "cat"]] == \
-        [True, True, True, True, True, False, False, True]  # Reefknot reads the first letter, "cat" included
+    assert [ok("yesno", a, "yes") for a in ["Yes", "yes, it is", "YES.", "yesterday", "no", "I think so", ""]] == \
+        [True, True, True, True, False, False, False]
+    assert [ok("yesno", a, "no") for a in ["No", "not really", "", "yes", "No, the man's eyes are closed"]] == \
+        [True, True, True, False, False]  # "eyes" holds "yes"
+    assert [ok("multichoice", a, "C") for a in ["C", "c", "(c)", "C. behind", " c", "B", "", "cat"]] == \
+        [True, True, False, True, False, False, False, True]
+    assert not ok("multichoice", "(B) onto", "B") and ok("multichoice", "b) onto", "B")
     assert [ok("vqa", a, "left of") for a in ["left of", "It is left of it.", "Left Of", "left", "of left",
                                              "right of"]] == [True, True, True, False, False, False]
     assert ok("vqa", "eating", "eating") and not ok("vqa", "beating", "eating")
+    assert ev.reefknot_metrics([True], ["yesno"], ["perception"], ["No, the eyes are shut"])["yesno"]["yes_ratio"] == 1
     # 4 YESNO items (2 perception, 2 cognition), 2 multichoice, 1 vqa
     tasks = ["yesno"] * 4 + ["multichoice"] * 2 + ["vqa"]
     types = ["perception", "perception", "cognition", "cognition", "perception", "cognition", "perception"]
@@ -330,7 +363,7 @@ def test_reefknot_reads_the_official_layout_and_scores_it(tmp_path):
     with pytest.warns(UserWarning, match="999.jpg"):
         items, skipped = ev.load_reefknot(root, images)
     assert skipped == 1 and [it["task"] for it in items] == ["yesno", "yesno", "multichoice", "vqa", "vqa"]
-    assert items[0]["image"] == "2344270.jpg" and items[2]["relation_type"] == "unspecified"
+    assert items[0]["image"] == os.path.join(images, "2344270.jpg") and items[2]["relation_type"] == "unspecified"
     r = _CannedRunner({it["query"]: a for it, a in zip(items, ["Yes, it is.", "Yes", "A", "riding", "behind it"])})
     rep = ev.run_reefknot(r, items)
     assert [q for q, _, _ in r.asked] == [it["query"] for it in items]  # the prompts go in as they are
@@ -358,6 +391,9 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     with pytest.warns(UserWarning) as w:
         rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
     assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 3}
+    md = ev.report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
+    assert "| vqa 3 (3 skipped) | " in md
+    assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (3 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)
     assert "skipping 2 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
     assert "skipping 1 items whose images are missing" in said
@@ -426,9 +462,9 @@ def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
     assert entered == []
 
 
-def test_yes_no_questions_are_scored_on_the_verdict_against_one_answer_or_ten():
-    """VQAv2 gives ten answers per question, our shapes files one; a yes/no question (answer_type "yes/no") is scored
-    on the answer's verdict either way, with VQA's soft accuracy."""
+def test_vqa_headline_is_vqav2s_reading_and_the_verdict_an_extra_figure():
+    """VQAv2's evaluation scores a yes/no question like any other (normalised answer vs the annotators'); the shapes
+    files' yes/no kinds (answer_type "yes/no") also get our verdict reading, as an extra figure only."""
     items = [dict(question="q1", answers=["yes"] * 10, image="x.png", type="yes/no", yes_no=True),
              dict(question="q2", answers=["no"] * 2 + ["yes"] * 8, image="x.png", type="yes/no", yes_no=True),
              dict(question="q3", answers="no", image="x.png", type="exist", yes_no=True),
@@ -437,7 +473,12 @@ def test_yes_no_questions_are_scored_on_the_verdict_against_one_answer_or_ten():
     r = _CannedRunner(dict(q1="Yes, it is.", q2="the red one is a square , so no", q3="nothing is red , so no",
                            q4="yes", q5="red"))
     rep = ev.run_vqa(r, items)
-    assert rep["per_type"] == {"yes/no": pytest.approx((1.0 + 2 / 3) / 2), "exist": 1.0, "color": 1.0}
+    # official: "yes it is" matches none of the ten; q2's answer matches nothing; q3 no; q4, q5 exact
+    assert rep["per_type"] == {"yes/no": 0.0, "exist": 0.5, "color": 1.0} and rep["accuracy"] == pytest.approx(2 / 5)
+    assert rep["reading"].startswith("VQAv2's evaluation")
+    # the verdict: q1 yes (10 of 10: 1.0), q2 no (2 of 10: 0.6), q3 no, q4 yes
+    assert rep["verdict"]["per_type"] == {"yes/no": pytest.approx((1.0 + 0.6) / 2), "exist": 1.0, "color": 1.0}
+    assert rep["verdict"]["reading"].startswith("ours")
 
 
 def test_a_missing_test_file_stops_before_any_task_runs(world, tmp_path, monkeypatch):
@@ -462,3 +503,184 @@ def test_reefknot_download_with_its_own_image_folder_through_evaluate(world, tmp
                           progress=False)
     assert {t: rep["reefknot"][t]["n"] for t in ev.REEFKNOT_FILES} == {"yesno": 2, "multichoice": 1, "vqa": 2}
     assert rep["skipped"]["reefknot"] == 1 and rep["reefknot"]["mean"]["tasks"] == list(ev.REEFKNOT_FILES)
+
+
+# -----------------------------------------------------------------------------
+# answers made elsewhere (--predictions), every item counted, errors that name the file
+
+
+def _write_lines(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _answers_world(root):
+    """A benchmark folder in the official layouts (no images: --predictions needs none) and a folder of answers in
+    LLaVA's answer-file format, one file per benchmark file, of the same name."""
+    data, pred = root / "bench", root / "answers"
+    ten = lambda a, k, other: [a] * k + [other] * (10 - k)
+    _write_lines(data / "vqa.jsonl", [
+        dict(question_id=11, question="how many dogs?", answers=ten("2", 3, "3"), image="a.jpg"),
+        dict(question_id=12, question="what colour?", answers=ten("red", 10, "x"), image="b.jpg"),
+        dict(question_id=13, question="how many cats?", answers=ten("0", 4, "1"), image="c.jpg")])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="None"), dict(question_id=11, text="two"),
+                                      dict(question_id=12, text="Red.")])  # another order: matched by question_id
+    pope = [dict(question_id=i, image=f"COCO_{i}.jpg", text=f"Is there a thing {i} in the image?",
+                 label="yes" if i < 4 else "no") for i in range(8)]
+    _write_lines(data / "coco_pope_random.json", pope)
+    _write_lines(pred / "coco_pope_random.json",
+                 [dict(question_id=i, text="There is a dog." if i < 4 else "No.") for i in range(8)])
+    _write_lines(data / "reefknot" / "YESNO.jsonl", [
+        dict(image_id=1, query_prompt="Is the man riding the horse?", label="yes", relation_type="cognition"),
+        dict(image_id=2, query_prompt="Is the man looking at the sky?", label="no", relation_type="perception"),
+        dict(image_id=3, query_prompt="Is the cup on the table?", label="no", relation_type="perception")])
+    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="No, the man's eyes are closed"),
+                                        dict(text="no")])  # no question_id in Reefknot: by position
+    _write_lines(data / "reefknot" / "Multichoice.jsonl", [
+        dict(image_id=4, query_prompt="What is the cat doing? A. eating B. onto", label="B"),
+        dict(image_id=5, query_prompt="What is the man doing? A. riding B. under", label="A")])
+    _write_lines(pred / "Multichoice.jsonl", [dict(text="(B) onto"), dict(text="A")])
+    return data, pred
+
+
+def test_predictions_score_answer_files_by_the_official_readings(tmp_path):
+    """Expected numbers from the official scripts' rules (VQAv2 vqaEval.py, POPE evaluate.py, Reefknot utils.py), by
+    hand: VQA 3 of 10 -> 0.9, 10 of 10 -> 1, "None" = "0" 4 of 10 -> 1; POPE's eight answers are perfect; Reefknot
+    YESNO 2 of 3 ("eyes" holds "yes"), Multichoice 1 of 2 ("(B)" starts with "(")."""
+    data, pred = _answers_world(tmp_path)
+    rep = ev.main([f"--predictions={pred}", f"--data={data}"])
+    assert rep["tasks"] == ["vqa", "pope", "reefknot"] and rep["status"] == "complete"
+    assert any("cr, align not scored" in n for n in rep["notes"])
+    assert rep["vqa"]["n"] == 3 and rep["vqa"]["accuracy"] == pytest.approx((0.9 + 1.0 + 1.0) / 3)
+    g = rep["pope"]["generate"]["per_split"]["random"]
+    assert (g["n"], g["accuracy"], g["f1"], g["yes_ratio"], g["invalid"]) == (8, 1.0, 1.0, 0.5, 0.5)
+    assert "forced" not in rep["pope"]  # a model-only protocol
+    assert rep["reefknot"]["yesno"]["accuracy"] == pytest.approx(2 / 3) and rep["reefknot"]["yesno"]["n"] == 3
+    assert rep["reefknot"]["multichoice"]["accuracy"] == 0.5
+    assert rep["skipped"] == {"vqa": 0, "pope": 0, "reefknot": 0}
+    saved = json.load(open(f"{pred}_eval/report.json"))
+    assert saved["vqa"]["accuracy"] == rep["vqa"]["accuracy"] and saved["predictions"] == str(pred)
+    assert "| answers | vqa 3, pope 8, reefknot 5 | 96.7 |" in open(f"{pred}_eval/report.md").read()
+
+
+def test_predictions_that_do_not_match_stop_with_one_line_naming_the_file(tmp_path):
+    data, pred = _answers_world(tmp_path)
+    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="no")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'YESNO.jsonl'}: 2 answers for the 3 items of "):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=reefknot"])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
+                                      dict(question_id=99, text="red")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of .*vqa.jsonl \(1 unknown, 1 unanswered\)"):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
+    _write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
+                                      dict(question_id=13, response="0")])
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: line 3 has no \"text\""):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
+    os.remove(pred / "coco_pope_random.json")
+    with pytest.raises(FileNotFoundError, match=rf"^{pred / 'coco_pope_random.json'}: no answer file"):
+        ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=pope"])
+
+
+def test_a_pope_item_without_a_yes_no_label_is_an_error_naming_file_and_line(tmp_path):
+    rows = [dict(question_id=1, image="a.jpg", text="Is there a dog?", label="yes"),
+            dict(question_id=2, image="a.jpg", text="Is there a cat?", lable="no")]
+    _write_lines(tmp_path / "coco_pope_random.json", rows)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'coco_pope_random.json'}: line 2 has no label"):
+        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
+    rows[1] = dict(rows[1], label="none")
+    _write_lines(tmp_path / "coco_pope_random.json", rows)
+    with pytest.raises(ValueError, match=r"line 2 has label 'none'"):
+        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
+
+
+def test_image_folders_are_searched_in_order_and_ids_without_extension_found(tmp_path):
+    """Reefknot's images come as Visual Genome's two folders (VG_100K, VG_100K_2), searched in order as Reefknot's own
+    loader does; Winoground's download names its images without an extension ("ex_0_img_0")."""
+    root, vg = str(tmp_path / "reefknot"), tmp_path / "vg"
+    _official_layout(root, str(vg / "VG_100K"))
+    os.replace(vg / "VG_100K" / "4680.jpg", tmp_path / "4680.jpg")
+    os.makedirs(vg / "VG_100K_2")
+    os.replace(tmp_path / "4680.jpg", vg / "VG_100K_2" / "4680.jpg")
+    with pytest.warns(UserWarning, match="999.jpg"):
+        items, skipped = ev.load_reefknot(root, [str(vg / "VG_100K"), str(vg / "VG_100K_2")])
+    assert skipped == 1 and len(items) == 5
+    assert [os.path.relpath(it["image"], vg) for it in items] == \
+        ["VG_100K/2344270.jpg"] * 2 + ["VG_100K_2/4680.jpg"] * 3
+    # one folder only: a file whose images are all in the other one stops, saying several folders can be given
+    with pytest.warns(UserWarning, match="999.jpg"), pytest.raises(FileNotFoundError, match=(
+            r"^reefknot/Multichoice.jsonl: none of the 1 items' images exist .*several: comma-separated")):
+        ev.load_reefknot(root, [str(vg / "VG_100K")])
+    assert ev.image_folders(f" {vg}/VG_100K , {vg}/VG_100K_2", "d") == [f"{vg}/VG_100K", f"{vg}/VG_100K_2"]
+    images = tmp_path / "wino"
+    os.makedirs(images)
+    for i in (0, 1):
+        Image.new("RGB", (8, 8), (0, 90 * i, 0)).save(images / f"ex_0_img_{i}.png")
+    _write_lines(tmp_path / "winoground.jsonl", [dict(image_0="ex_0_img_0", image_1="ex_0_img_1",
+                                                      caption_0="a dog on a cat", caption_1="a cat on a dog")])
+    items, skipped = ev.load_wino(str(tmp_path / "winoground.jsonl"), str(images))
+    assert skipped == 0 and items[0]["images"] == [str(images / "ex_0_img_0.png"), str(images / "ex_0_img_1.png")]
+
+
+def test_compare_checks_every_model_before_the_first_runs(world, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(a))
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'typo'}: no such directory"):
+        ev.main([f"--compare=a={tmp_path / 'a'},b={tmp_path / 'typo'}", f"--data={world}", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(ValueError, match="the name 'm' is given twice"):
+        ev.main([f"--compare=m={tmp_path / 'a'},m={tmp_path / 'a'}", f"--data={world}", f"--out={tmp_path / 'o'}"])
+    assert ran == []
+
+
+def test_an_interrupted_evaluation_keeps_the_finished_tasks_and_says_so(world, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    os.makedirs(out)
+    (out / "report.json").write_text(json.dumps({"model": "an older run", "vqa": {"accuracy": 0.99}}))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "run_pope", interrupted)
+    m = _tiny(world, layers=2, hidden=32, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(m, world, tasks="cr,pope,wino", cr_protocol="likelihood", limit=1, out=str(out), progress=False)
+    saved = json.load(open(out / "report.json"))
+    assert saved["status"] == "interrupted" and "cr" in saved and "pope" not in saved and "vqa" not in saved
+    assert saved["cr"]["likelihood"]["per_subset"]["swap_obj"]["n"] == 1
+    assert "**Status: interrupted** (finished: cr; not finished: pope, wino)" in open(out / "report.md").read()
+
+
+def test_the_default_report_survives_a_resumed_run_saving_over_the_checkpoint(world, tmp_path):
+    """evaluate.py's default --out is beside the checkpoint (<model>_eval): a run stopped early, evaluated, then
+    resumed replaces its checkpoint directory at the next save, and the report stays."""
+    from conftest import run
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "init"))
+    stage = dict(init_from=str(tmp_path / "init"), data=os.path.join(world, "instruct.json"),
+                 out_dir=str(tmp_path / "run"), max_steps=2, save_interval=1)
+    run("sft", **stage, stop_after=1)
+    ev.main([f"--model={tmp_path / 'run'}", f"--data={world}", "--tasks=vqa", "--limit=1"])
+    report = (tmp_path / "run_eval" / "report.json").read_text()
+    run("sft", **stage)  # resumes, saves step 2 over the checkpoint directory
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "run_eval" / "report.json").read_text() == report
+
+
+def test_an_interrupted_comparison_keeps_the_finished_models_and_says_so(world, tmp_path, monkeypatch):
+    _tiny(world, layers=2, hidden=32, seed=0).save_pretrained(str(tmp_path / "a"))
+    _tiny(world, layers=2, hidden=32, seed=1).save_pretrained(str(tmp_path / "b"))
+    out = tmp_path / "cmp"
+    os.makedirs(out)
+    (out / "report.md").write_text("an older table")
+    done = dict(model="a", teacher=None, data=world, limit=None, device="cpu", tasks=["vqa"], skipped={"vqa": 1},
+                vqa=dict(n=5, accuracy=0.4, per_type={}, reading="r"))
+
+    def fake(model, *a, name=None, **k):
+        if name.endswith("b"):
+            raise KeyboardInterrupt
+        return done
+    monkeypatch.setattr(ev, "evaluate", fake)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main([f"--compare=a={tmp_path / 'a'},b={tmp_path / 'b'}", f"--data={world}", f"--out={out}"])
+    md = open(out / "report.md").read()
+    assert "**Status: interrupted** (1 of 2 models)" in md and "| a | vqa 5 (1 skipped) | 40.0 |" in md
+    assert list(json.load(open(out / "report.json"))) == ["a"]

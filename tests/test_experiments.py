@@ -12,7 +12,7 @@ import experiments
 import trainer
 
 SUBSETS = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
-COLUMNS = (["row", "setting", "seeds", "VQA", "CR avg (likelihood)"] + SUBSETS +
+COLUMNS = (["row", "setting", "seeds", "n (skipped)", "VQA", "CR avg (likelihood)"] + SUBSETS +
            ["POPE F1", "Reefknot halluc. (mean)", "align CR (paper VAT)", "align CR (img q)", "align CR (text q)",
             "final VAT loss (DFT)", "wall (s)"])
 SHARED = {"match_group", "layers_intermediate", "vat_cosine", "vat_paper_form"}  # = compodistill's runs
@@ -48,13 +48,14 @@ def test_every_row_in_table_json_and_chart(first):
     assert [r[0] for r in rows] == names and all(len(r) == len(COLUMNS) for r in rows)
     for r in rows:
         assert r[2].startswith("1") and ("runs of compodistill" in r[2]) == (r[0] in SHARED)
-        assert all(c != "-" for c in r[3:5 + len(SUBSETS)] + r[-7:-5])  # VQA, CR, subsets, POPE, Reefknot everywhere
+        assert r[3] == "vqa 2, cr 14, pope 6, reefknot 2"  # --limit=2 per file / CR subset / POPE split; none skipped
+        assert all(c != "-" for c in r[4:6 + len(SUBSETS)] + r[-7:-5])  # VQA, CR, subsets, POPE, Reefknot everywhere
         assert (r[-2] == "-") == (r[0] in ("teacher", "sft_only", "kd", "kd_taf"))  # VAT loss iff vat_weight > 0
         assert (r[-3] == "-") == (r[-4] == "-") == (r[-5] == "-") == (r[0] == "teacher")  # alignment needs a teacher
     head, _, rel = table_rows(root / "results" / "shapes_table.md", 1)
     assert [r[0] for r in rel] == ["teacher"] + [r[0] for r in experiments.ROWS if r[1] == "main"]
-    assert head[:3] == ["row", "seeds", "replace_rel"] and head[-1] == "Reefknot halluc. mean"
-    assert all(c != "-" for r in rel for c in r[2:3] + r[-4:])  # replace_rel and every Reefknot task, every row
+    assert head[:4] == ["row", "seeds", "n (skipped)", "replace_rel"] and head[-1] == "Reefknot halluc. mean"
+    assert all(c != "-" for r in rel for c in r[2:4] + r[-4:])  # n, replace_rel and every Reefknot task, every row
 
     saved = json.load(open(root / "results" / "shapes_results.json"))
     assert [r["name"] for r in saved["rows"]] == names
@@ -200,3 +201,28 @@ def test_hard_size_end_to_end(tmp_path):
     assert head == COLUMNS and [r[0] for r in rows] == ["teacher", "kd_vat_text_form"]
     assert rows[1][COLUMNS.index("align CR (text q)")] != "-"
     assert (tmp_path / "res" / "shapes_hard_chart.png").stat().st_size > 0
+
+
+def test_tables_show_n_and_skipped_items(tmp_path):
+    """Both tables carry each task's n and the items skipped (a missing or unreadable image), from the reports."""
+    def report(skipped):
+        per = lambda n: dict(n=n, acc=0.5)
+        pope = dict(n=6, accuracy=0.5, precision=0.5, recall=0.5, f1=0.5, yes_ratio=0.5)
+        return dict(vqa=dict(n=4, accuracy=0.25, per_type={}),
+                    cr=dict(subsets=["swap_obj"], likelihood=dict(avg=0.5, per_subset={"swap_obj": per(3)})),
+                    pope=dict(generate=dict(per_split={"random": pope}, avg=dict(pope, n=6))),
+                    reefknot=dict(yesno=dict(n=2, accuracy=1.0, hallucination_rate=0.0),
+                                  mean=dict(accuracy=1.0, hallucination_rate=0.0, tasks=["yesno"])),
+                    skipped=skipped)
+    rows = []
+    for name, kind, skipped in (("teacher", "teacher", {}), ("kd", "main", {"pope": 2})):
+        per = [dict(seed=0, wall_s=1.0, **experiments.metrics(report(skipped), "likelihood"))]
+        mean = {k: experiments.summary(per, k) for k in experiments.SCORES + ["vat_final", "wall_s"]}
+        mean.update({k: {n: experiments.summary(per, k, n) for n in per[0].get(k, {})} for k in experiments.NESTED})
+        rows.append(dict(name=name, kind=kind, setting="s", shared_with=None, seeds=[0], per_seed=per, mean=mean))
+    opts = dict(experiments.DEFAULTS, size="test", results=str(tmp_path))
+    experiments.write_results(opts, rows, ["swap_obj"], "header", {})
+    for table in (0, 1):
+        head, _, got = table_rows(tmp_path / "shapes_table.md", table)
+        col = head.index("n (skipped)")
+        assert [r[col] for r in got] == ["vqa 4, cr 3, pope 6, reefknot 2", "vqa 4, cr 3, pope 6 (2 skipped), reefknot 2"]

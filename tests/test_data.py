@@ -295,3 +295,17 @@ def test_16_bit_images_are_scaled_to_8_bits_everywhere_images_are_read(tmp_path,
     monkeypatch.setattr(sample.VLM, "from_pretrained", lambda *a, **k: torch.nn.Linear(1, 1))
     sample.main(["--model=any", f"--image={tmp_path / 'grey16.png'}"])
     assert seen[0].shape == (12, 20, 3) and (seen[0] == 128).all()
+
+
+def test_json_lines_keeps_line_separators_inside_json_strings(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped inside strings (str.splitlines() splits at them): a record is
+    one '\\n'-terminated line, a trailing '\\r' (a Windows file) dropped."""
+    from data import json_lines
+    recs = [{"id": "a", "conversations": [{"from": "human", "value": "x\u2028y\u2029z\u0085w\x1c\x1d\x1e\x0b\x0c"},
+                                          {"from": "gpt", "value": "v"}]},
+            {"id": "b", "conversations": TEXT_ONLY}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n\n"
+    (tmp_path / "d.jsonl").write_bytes(text.encode("utf-8"))
+    assert load_records(str(tmp_path / "d.jsonl")) == recs
+    with pytest.raises(ValueError, match="e.jsonl, line 3: not valid JSON"):  # line numbers count '\n' only
+        json_lines(json.dumps(recs[0], ensure_ascii=False) + "\n\n{oops\n", "e.jsonl")

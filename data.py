@@ -180,12 +180,15 @@ def image_processor(image_size):
 def load_image(path):
     """The image at `path` as an 8-bit RGB PIL image, decoded now (so a damaged file fails here, not later). 16-bit
     images (PNG mode "I;16", as scans and microscopy often come) keep their high byte: convert("RGB") would clip
-    every value above 255, turning mid-grey into white."""
+    every value above 255, turning mid-grey into white. Mode "I" (32-bit integers) does not say how deep its values
+    are: all within 0..255, they are 8-bit values and stay as they are; above, they are read as 16-bit."""
     import numpy as np
     from PIL import Image
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            a = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+            a = np.asarray(im).astype(np.int64).clip(0, 65535)
+            if im.mode != "I" or a.max(initial=0) > 255:
+                a = a >> 8
             return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
         return im.convert("RGB")
 

@@ -309,3 +309,17 @@ def test_json_lines_keeps_line_separators_inside_json_strings(tmp_path):
     assert load_records(str(tmp_path / "d.jsonl")) == recs
     with pytest.raises(ValueError, match="e.jsonl, line 3: not valid JSON"):  # line numbers count '\n' only
         json_lines(json.dumps(recs[0], ensure_ascii=False) + "\n\n{oops\n", "e.jsonl")
+
+
+def test_32_bit_integer_images_are_read_by_their_value_range(tmp_path):
+    """Mode "I" (32-bit integers, as TIFF and some PNG readers give) says nothing about the values' depth: holding
+    8-bit values (max <= 255) it is read as 8-bit, not shifted down to black; above 255 as 16-bit (the high byte)."""
+    import numpy as np
+    from data import load_image
+    Image.fromarray(np.array([[0, 100, 200, 255]] * 3, dtype=np.int32)).save(tmp_path / "i8.tif")
+    Image.fromarray(np.array([[0, 256, 32768, 65535]] * 3, dtype=np.int32)).save(tmp_path / "i16.tif")
+    Image.fromarray(np.array([[-5, 0, 70000, 1000]] * 3, dtype=np.int32)).save(tmp_path / "out_of_range.tif")
+    assert Image.open(tmp_path / "i8.tif").mode == "I"
+    for name, row in [("i8", (0, 100, 200, 255)), ("i16", (0, 1, 128, 255)), ("out_of_range", (0, 0, 255, 3))]:
+        im = load_image(tmp_path / f"{name}.tif")
+        assert im.mode == "RGB" and np.asarray(im).tolist() == [[[v] * 3 for v in row]] * 3, name

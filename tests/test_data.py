@@ -187,7 +187,7 @@ def test_missing_or_corrupt_image_is_dropped_and_counted(tmp_path):
     assert not isinstance(ds[3], Dropped)
     for _ in range(3):  # fetched again (a second epoch): still one drop per sample
         ds[0]
-    assert ds.dropped == {"missing_image": 2, "bad_sample": 1}
+    assert ds.dropped == {"missing_image": 1, "unreadable_image": 1, "bad_sample": 1}
 
 
 def test_load_records_formats_and_errors(tmp_path):
@@ -323,3 +323,55 @@ def test_32_bit_integer_images_are_read_by_their_value_range(tmp_path):
     for name, row in [("i8", (0, 100, 200, 255)), ("i16", (0, 1, 128, 255)), ("out_of_range", (0, 0, 255, 3))]:
         im = load_image(tmp_path / f"{name}.tif")
         assert im.mode == "RGB" and np.asarray(im).tolist() == [[[v] * 3 for v in row]] * 3, name
+
+
+def write_huge_png(path, width=20000, height=10000):
+    """A PNG whose header declares width x height pixels (200 M here: past PIL's limit of about 179 M), a few bytes
+    on disk: PIL refuses it when it opens it, before reading any pixel."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
+                                struct.pack(">I", zlib.crc32(kind + data)))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_pils_pixel_limit_is_an_unreadable_image_everywhere(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError is no OSError: it crashed training at the same sample on every resume, and
+    sample.py, with a traceback naming neither. It is now read as any unreadable image: dropped and counted in
+    training, one line in sample.py naming the file."""
+    import sample
+    from data import load_image
+    write_huge_png(tmp_path / "huge.png")
+    with pytest.raises(OSError, match=r"huge.png.*200000000 pixels.*limit"):
+        load_image(tmp_path / "huge.png")
+    write_png(tmp_path / "ok.png", "red")
+    recs = [{"id": "h", "image": "huge.png", "conversations": TEXT_ONLY},
+            {"id": "ok", "image": "ok.png", "conversations": TEXT_ONLY}]
+    ds = make_dataset(tmp_path, recs)
+    d = ds[0]
+    assert isinstance(d, Dropped) and d.reason == "unreadable_image" and "huge.png" in d.message
+    assert not isinstance(ds[1], Dropped) and ds.dropped == {"unreadable_image": 1}
+    monkeypatch.setattr(sample.VLM, "from_pretrained", lambda *a, **k: torch.nn.Linear(1, 1))
+    with pytest.raises(FileNotFoundError) as e:
+        sample.main(["--model=any", f"--image={tmp_path / 'huge.png'}"])
+    msg = str(e.value)
+    assert msg.startswith(f"--image={tmp_path / 'huge.png'}: ") and "200000000 pixels" in msg
+    assert len(msg.splitlines()) == 1
+
+
+def test_an_image_file_that_is_not_an_image_is_not_called_missing(tmp_path):
+    """A zero-byte file, or text named .jpg, exists: the drop says it is not an image (not "check image_folder")."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html>404 Not Found</html>")
+    recs = [{"id": i, "image": f, "conversations": TEXT_ONLY}
+            for i, f in enumerate(["empty.jpg", "page.jpg", "nope.jpg"])]
+    ds = make_dataset(tmp_path, recs)
+    empty, page, nope = ds[0], ds[1], ds[2]
+    assert (empty.reason, page.reason, nope.reason) == ("unreadable_image", "unreadable_image", "missing_image")
+    assert empty.message.startswith(f"{ds.path}, sample 0: image {tmp_path / 'empty.jpg'} is empty (0 bytes)")
+    assert page.message.startswith(f"{ds.path}, sample 1: image {tmp_path / 'page.jpg'} exists but cannot be read as an image")
+    assert "image_folder" not in empty.message + page.message
+    assert nope.message == f"{ds.path}, sample 2: image {tmp_path / 'nope.jpg'} not found; check image_folder"
+    assert ds.dropped == {"unreadable_image": 2, "missing_image": 1}

@@ -171,5 +171,15 @@ def cli(main):
             raise
         rank = os.environ.get("RANK", "0")  # under torchrun every rank says it: it may be one rank's error alone
         where = "" if os.environ.get("WORLD_SIZE", "1") == "1" else f" [rank {rank}]"
-        print(f"{os.path.basename(sys.argv[0])}{where}: {e}", file=sys.stderr)
+        # One write, so that two ranks' messages on the shared stderr cannot interleave, starting on a line of its
+        # own where a progress bar (this process's, or rank 0's under torchrun) may have left the cursor mid-line
+        fresh = "\n" if where or _bar_open() else ""
+        sys.stderr.write(f"{fresh}{os.path.basename(sys.argv[0])}{where}: {e}\n")
+        sys.stderr.flush()
         raise SystemExit(2)
+
+
+def _bar_open():
+    """True when this process shows a tqdm progress bar (one that an error ended is never closed)."""
+    tqdm = sys.modules.get("tqdm")
+    return bool(tqdm and getattr(tqdm.tqdm, "_instances", None))

@@ -654,7 +654,8 @@ class Checkpointer:
 
 
 class Logger:
-    """The log: every log_interval steps one record with each loss term (the mean over the steps and over all ranks),
+    """The log: every log_interval steps one record with each loss term (the mean over the steps and over all ranks;
+    None when none of them had a sample),
     the learning rate, the gradient norm, tokens/s and memory; the validation losses; the progress bar. It also stops
     a run in which most samples read so far were dropped."""
 
@@ -687,7 +688,8 @@ class Logger:
         tot = tot.tolist()
         losses, (n, ntok, fetched, n_drop) = tot[:len(LOSSES)], tot[len(LOSSES):]
         dt = time.time() - self.t0
-        rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(LOSSES, losses)},
+        # steps in which no rank had a sample have no loss: None, not 0 (a loss curve must not dip to zero)
+        rec = {"step": step, "lr": lr, **{k: v / n if n else None for k, v in zip(LOSSES, losses)},
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tok_per_s": ntok / dt, "mem_gb": _memory_gb(self.par.device)}
         if n_drop:
@@ -695,7 +697,8 @@ class Logger:
         if skipped:
             rec["skipped_steps"] = skipped
         self.log.append(rec)
-        self.bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
+        if n:
+            self.bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
         if self.par.master:
             self.bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                        if k != "step" and v is not None))

@@ -411,3 +411,18 @@ def test_a_new_students_start_depends_on_its_seed_alone(hf):
             starts.append(trainer.build_student(cfg, None, None).state_dict())
         assert starts[0].keys() == starts[1].keys()
         assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), case["init_from"]
+
+
+def test_a_step_without_any_sample_logs_no_losses(hf):
+    """A skipped step has no loss: its log record leaves the loss terms out (None), where it logged 0 and loss curves
+    dipped to zero; a record over steps with samples averages theirs alone."""
+    root = hf["root"] / "skip_log"
+    data = write_layout(root / "data.json", [["image"], ["missing"], ["image"], ["missing"]])
+    run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, out_dir=str(root / "every"))
+    log = torch.load(root / "every" / "train_state.pt", weights_only=False)["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [[r[k] is None for k in trainer.LOSSES] for r in log] == [[False] * 4, [True] * 4] * 2
+    assert all(r["lm"] > 0 for r in log[::2])
+    run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, log_interval=2, out_dir=str(root / "two"))
+    pairs = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
+    assert [r["step"] for r in pairs] == [2, 4] and pairs[0]["lm"] == pytest.approx(log[0]["lm"], rel=1e-6)

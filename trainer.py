@@ -10,6 +10,7 @@ which a rerun resumes bit for bit (Checkpointer).
 """
 
 import bisect
+import fcntl
 import math
 import os
 import random
@@ -113,11 +114,19 @@ LOSSES = ("lm", "kd", "vat", "total")
 
 
 def train(cfg):
-    """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    """Run one stage with the resolved config dict `cfg`; returns the last log record. The process that writes
+    (rank 0) holds out_dir's lock for the whole run (out_dir_lock): one writer per out_dir."""
     check_settings(cfg)
-    amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
-    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
+    writer = int(os.environ.get("RANK", 0)) == 0  # the one that writes
+    if writer:
         check_out_dir(cfg["out_dir"])
+    with out_dir_lock(cfg["out_dir"]) if writer else nullcontext():
+        return run_stage(cfg)
+
+
+def run_stage(cfg):
+    """The stage itself, from the resume point to the last step (train() checks and locks out_dir first)."""
+    amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
     distributed, rank, world, device = compute_init(single_group=cfg["fsdp"])
     par = (Sharded if cfg["fsdp"] else Replicated)(distributed, rank, world, device)
     out_dir, resume_dir, state = cfg["out_dir"], *resume_point(cfg)
@@ -278,6 +287,29 @@ def check_out_dir(out_dir):
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
                          "you can write")
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """Hold <out_dir>.lock (an flock) while the run lives: a second run writing the same out_dir (the same command
+    twice) is refused at start; the two would replace each other's checkpoint swap. The OS drops the lock when the
+    process ends, however it ends, so a crashed or killed run leaves nothing stuck (the empty file stays)."""
+    path = os.path.abspath(out_dir) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise ValueError(f"out_dir={out_dir}: cannot open the lock file {path} ({e.strerror}); move it away") from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"out_dir={out_dir}: another run is writing it now (it holds {out_dir}.lock); wait for it to "
+                         "end, or choose another out_dir") from None
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def check_resume(saved, cfg, out_dir):

@@ -426,3 +426,54 @@ def test_a_step_without_any_sample_logs_no_losses(hf):
     run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, log_interval=2, out_dir=str(root / "two"))
     pairs = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
     assert [r["step"] for r in pairs] == [2, 4] and pairs[0]["lm"] == pytest.approx(log[0]["lm"], rel=1e-6)
+
+
+# -- one writer per out_dir ------------------------------------------------------------------------------------------
+
+def test_a_second_run_on_a_live_out_dir_is_refused_and_a_finished_one_leaves_no_lock(hf, tmp_path, monkeypatch):
+    """While a run writes out_dir it holds <out_dir>.lock (flock): a second writer is refused at start, before any
+    model is built, with one line. The lock goes with the run (returned, failed, or killed: the OS drops it), so the
+    lock file left behind blocks nothing."""
+    import fcntl
+    out = tmp_path / "run"
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=str(out))
+    holder = open(str(out) + ".lock", "w")  # what a live run holds (another open file: flock sees two owners)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def built(*a, **k):
+        raise AssertionError("a model was built on a live out_dir")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build_model", built)
+        with pytest.raises(ValueError) as e:
+            run("sft", **common)
+    assert str(e.value) == (f"out_dir={out}: another run is writing it now (it holds {out}.lock); wait for it to "
+                            "end, or choose another out_dir")
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
+    holder.close()  # that run ends
+    assert run("sft", stop_after=1, **common)["step"] == 1
+    with open(str(out) + ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: released when train() returned
+    with monkeypatch.context() as m:  # and when it failed
+        m.setattr(trainer, "build_model", built)
+        with pytest.raises(AssertionError):
+            run("sft", **common)
+    assert run("sft", **common)["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_stuck_lock(hf, tmp_path):
+    """A process that holds the lock blocks the out_dir while it lives; killed (SIGKILL: nothing of ours runs), it
+    blocks nothing."""
+    out = tmp_path / "run"
+    code = ("import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True);"
+            " sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(out) + ".lock"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match="another run is writing it now"):
+            run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(out))
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(out))["step"] == 2

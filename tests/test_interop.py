@@ -511,3 +511,21 @@ def test_export_refuses_a_taf_student_of_a_wider_teacher(tmp_path):
                                          r"export refuses.*evaluate\.py, sample\.py.*at least as wide.*taf=False"):
         export_hf.main([f"--model={path}", f"--out={tmp_path / 'hf'}"])
     assert not os.path.exists(tmp_path / "hf")  # nothing written
+
+
+def test_export_refuses_to_write_over_a_checkpoint(tmp_path):
+    """--out=<the checkpoint itself> replaced its weights with the LLaVA ones in place: refused, nothing written; so is
+    a folder inside it (a later save of its run replaces the directory) and another of our checkpoints."""
+    import export_hf
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    other = tiny_checkpoint(tmp_path / "other")
+    before = {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+    for out, why in [(d, "is the checkpoint being exported"), (d + "/", "is the checkpoint being exported"),
+                     (os.path.join(d, "hf"), "lies inside the checkpoint being exported"),
+                     (other, "holds a CompoDistill checkpoint")]:
+        with pytest.raises(ValueError) as e:
+            export_hf.main([f"--model={d}", f"--out={out}"])
+        assert str(e.value).startswith(f"--out={out} {why}") and "\n" not in str(e.value)
+        assert str(e.value).endswith(f"choose another --out (the default is {d}_hf)")
+    assert {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))} == before
+    assert not os.path.exists(os.path.join(d, "hf")) and VLM.from_pretrained(other) is not None

@@ -182,9 +182,9 @@ def image_processor(image_size):
 def load_image(path):
     """The image at `path` as an 8-bit RGB PIL image, decoded now (so a damaged file fails here, not later). 16-bit
     images (PNG mode "I;16", as scans and microscopy often come) keep their high byte: convert("RGB") would clip
-    every value above 255, turning mid-grey into white. An image over PIL's pixel limit (about 179 M pixels) raises
-    OSError, as any unreadable image does. Mode "I" (32-bit integers) does not say how deep its values
-    are: all within 0..255, they are 8-bit values and stay as they are; above, they are read as 16-bit."""
+    every value above 255, turning mid-grey into white. Mode "I" (32-bit integers) does not say how deep its values
+    are: all within 0..255, they are 8-bit values and stay as they are; above, they are read as 16-bit. An image over
+    PIL's pixel limit (about 179 M pixels) raises OSError, as any unreadable image does."""
     import numpy as np
     from PIL import Image
     try:

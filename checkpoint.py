@@ -11,6 +11,7 @@ Here: weights in and out (one file or shards; strict loading into a model built 
 tied; LoRA adapters merged into plain weights), the atomic checkpoint swap a training stage saves with, train_state.pt,
 and the LLaVA key table in both directions (model.VLM.from_pretrained imports with it, export_hf.py exports with it).
 """
+import errno
 import json
 import os
 import pickle
@@ -280,18 +281,84 @@ def save_checkpoint(out_dir, model, train_state, log, weights=None):
     """Write `model` (its save_pretrained, with `weights` in place of its own when given), train_state.pt and
     train_log.jsonl to out_dir.tmp, then swap it in: out_dir -> out_dir.old, out_dir.tmp -> out_dir. A run killed at
     any point leaves a whole checkpoint under out_dir or, between the two renames, under out_dir.old
-    (find_checkpoint looks there)."""
+    (find_checkpoint looks there). A write that fails removes out_dir.tmp; a full disk is an error (ValueError) that
+    says so and names the room a save needs: two checkpoints, as the new one is written before the old one goes."""
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
+    try:
+        model.save_pretrained(tmp, state_dict=weights)
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        full = disk_full(e, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint: its space back, nothing half-written left
+        if not full:
+            raise
+        size = max(_dir_bytes(out_dir), _tensor_bytes([model.state_dict() if weights is None else weights,
+                                                       train_state]))
+        prev = find_checkpoint(out_dir)
+        raise ValueError(f"out_dir={out_dir}: the disk is full: the checkpoint could not be written to {tmp} "
+                         f"({why(e)}); {_human(shutil.disk_usage(_existing(out_dir)).free)} free there; a save needs "
+                         "room for two checkpoints (the new one is written before the old one is removed), about "
+                         f"{_human(2 * size)} here. Free some space, or choose an out_dir on a disk with room; " +
+                         (f"the previous checkpoint in {prev} is intact" if prev else "no checkpoint was written "
+                          "before this one")) from e
     if os.path.isdir(out_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)  # the only moment the new checkpoint becomes visible
     shutil.rmtree(old, ignore_errors=True)
+
+
+FULL_BYTES = 16 * 2**20  # less free than this after a failed write: the disk is full, whatever the writer said
+
+
+def disk_full(error, path):
+    """Whether a failed write at `path` failed for want of space: ENOSPC / EDQUOT anywhere in the error's chain, or
+    its text (safetensors reports the OS error in words), or a disk left with almost nothing free (torch.save says
+    only "unexpected pos" or "iostream error")."""
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded", "StorageFull")):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(_existing(path)).free < FULL_BYTES
+    except OSError:
+        return False
+
+
+def _existing(path):
+    """`path`, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _tensor_bytes(obj):
+    """The bytes of every tensor in nested dicts / lists / tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _human(n):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def load_train_state(resume_dir, out_dir):

@@ -15,10 +15,11 @@ transformers) is a real crash and keeps its traceback.
 """
 import ast
 import difflib
+import io
 import os
-import re
 import sys
 import textwrap
+import tokenize
 
 PLAIN_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,21 +43,60 @@ def _check(key, value, defaults, source):
 
 
 def comments(sources, keys):
-    """{key: the comment on the line that sets it (and the comment-only lines right below)} from source files."""
+    """{key: its comment} from source files: the comment on the line that sets it, and the comment-only lines right
+    below, indented past the key (its continuation). Only what sets a setting counts: a top-level `key = value` (a
+    config file) or a key=value of the top-level DEFAULTS = dict(...) (a script's settings); a line elsewhere that
+    assigns a name like a key (a local `lr = ...` in a function) does not. A later file's comment wins."""
     found = {}
     for path in sources:
         with open(path) as f:
-            lines = f.read().splitlines()
-        key, col = None, 0
-        for line in lines:
-            m = re.match(r"\s*(\w+)\s*=.*?(#\s?(.*))$", line)
-            if m and m.group(1) in keys:
-                key, col = m.group(1), len(line) - len(line.lstrip())
-                found[key] = m.group(3).strip()
-            elif key and line.strip().startswith("#") and line.index("#") > col + 4:  # a continuation, indented
-                found[key] += " " + line.strip().lstrip("#").strip()
-            else:
-                key = None
+            text = f.read()
+        notes, code_lines = {}, set()  # line -> (column, comment text); lines holding code
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type == tokenize.COMMENT:
+                notes[t.start[0]] = (t.start[1], t.string.lstrip("#").strip())
+            elif t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                code_lines.update(range(t.start[0], t.end[0] + 1))
+        for key, (first, last, col) in _settings_in(ast.parse(text), keys).items():
+            if first not in notes:
+                continue
+            parts, n = [notes[first][1]], last + 1
+            while n in notes and n not in code_lines and notes[n][0] > col:
+                parts.append(notes[n][1])
+                n += 1
+            found[key] = " ".join(p for p in parts if p)
+    return found
+
+
+def _settings_in(tree, keys):
+    """{key: (first line, last line, column)} of each setting a module sets: `key = value` at its top level (not in a
+    function or class), or key=value in DEFAULTS = dict(...) / {...}. The last one of a key wins, as when it runs."""
+    found = {}
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id in keys:
+                        found[target.id] = (node.lineno, node.end_lineno, node.col_offset)
+                    if isinstance(target, ast.Name) and target.id == "DEFAULTS":
+                        v = node.value
+                        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "dict":
+                            pairs = [(kw.arg, kw, kw.value) for kw in v.keywords]
+                        elif isinstance(v, ast.Dict):
+                            pairs = [(k.value, k, val) for k, val in zip(v.keys, v.values)
+                                     if isinstance(k, ast.Constant)]
+                        else:
+                            pairs = []
+                        for name, at, value in pairs:
+                            if name in keys:
+                                found[name] = (at.lineno, value.end_lineno, at.col_offset)
+            elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                for field in ("body", "orelse", "finalbody"):  # if / for / while / with / try blocks run at top level
+                    visit(getattr(node, field, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+    visit(tree.body)
     return found
 
 
@@ -131,5 +171,15 @@ def cli(main):
             raise
         rank = os.environ.get("RANK", "0")  # under torchrun every rank says it: it may be one rank's error alone
         where = "" if os.environ.get("WORLD_SIZE", "1") == "1" else f" [rank {rank}]"
-        print(f"{os.path.basename(sys.argv[0])}{where}: {e}", file=sys.stderr)
+        # One write, so that two ranks' messages on the shared stderr cannot interleave, starting on a line of its
+        # own where a progress bar (this process's, or rank 0's under torchrun) may have left the cursor mid-line
+        fresh = "\n" if where or _bar_open() else ""
+        sys.stderr.write(f"{fresh}{os.path.basename(sys.argv[0])}{where}: {e}\n")
+        sys.stderr.flush()
         raise SystemExit(2)
+
+
+def _bar_open():
+    """True when this process shows a tqdm progress bar (one that an error ended is never closed)."""
+    tqdm = sys.modules.get("tqdm")
+    return bool(tqdm and getattr(tqdm.tqdm, "_instances", None))

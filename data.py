@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
+from common import why
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", IMAGE_TOKEN]  # ids 0..3 in word-level tokenizers
 IGNORE_INDEX = -100  # the label value HF losses (and ours) skip
@@ -180,23 +182,33 @@ def image_processor(image_size):
 def load_image(path):
     """The image at `path` as an 8-bit RGB PIL image, decoded now (so a damaged file fails here, not later). 16-bit
     images (PNG mode "I;16", as scans and microscopy often come) keep their high byte: convert("RGB") would clip
-    every value above 255, turning mid-grey into white."""
+    every value above 255, turning mid-grey into white. Mode "I" (32-bit integers) does not say how deep its values
+    are: all within 0..255, they are 8-bit values and stay as they are; above, they are read as 16-bit. An image over
+    PIL's pixel limit (about 179 M pixels) raises OSError, as any unreadable image does."""
     import numpy as np
     from PIL import Image
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            a = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
-            return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                a = np.asarray(im).astype(np.int64).clip(0, 65535)
+                if im.mode != "I" or a.max(initial=0) > 255:
+                    a = a >> 8
+                return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # not an OSError: it would crash where an unreadable image is dropped
+        raise OSError(f"{path}: {e} Downscale the image (or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)") from e
 
 
 # -----------------------------------------------------------------------------
 # dataset
 
 def json_lines(text, path):
-    """The objects of a JSON-lines text (blank lines skipped); a bad line is an error naming the file and line."""
+    """The objects of a JSON-lines text (blank lines skipped); a bad line is an error naming the file and line.
+    Lines end at '\n' only (a '\r' before it is dropped): str.splitlines() would also split at U+2028, U+2029 and
+    U+0085, which JSON allows unescaped inside strings."""
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -232,7 +244,7 @@ def load_records(path):
 class Dropped(NamedTuple):
     """What LLaVADataset returns for a sample it cannot use; collate() moves it into batch["dropped"]."""
     key: tuple      # (data file, index in it): a sample is counted once, however often it is fetched
-    reason: str     # bad_sample | missing_image | image_truncated | no_supervised_tokens
+    reason: str     # bad_sample | missing_image | unreadable_image | image_truncated | no_supervised_tokens
     message: str    # names the file, the sample and what is wrong
 
 
@@ -311,7 +323,11 @@ class LLaVADataset(Dataset):
             try:
                 img = load_image(path)
             except (OSError, ValueError) as e:  # missing, unreadable or not an image
-                return drop("missing_image", f"cannot read image {path} ({e}); check image_folder")
+                if not os.path.isfile(path):
+                    return drop("missing_image", f"image {path} not found; check image_folder")
+                what = "is empty (0 bytes)" if os.path.getsize(path) == 0 else \
+                    f"exists but cannot be read as an image ({why(e)})"
+                return drop("unreadable_image", f"image {path} {what}; replace the file, or remove the sample")
             pixel_values = self.image_processor(images=img, return_tensors="pt").pixel_values[0]
 
         sample = dict(input_ids=torch.tensor(input_ids, dtype=torch.long),

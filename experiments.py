@@ -237,7 +237,7 @@ def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
         m["align_text"] = report["align"]["cr"]["text_queries"]["flat_cos"]
     if dft_dir and vat_on:
         with open(os.path.join(dft_dir, "train_log.jsonl")) as f:
-            m["vat_final"] = [r for r in map(json.loads, f) if "vat" in r][-1]["vat"]
+            m["vat_final"] = [r for r in map(json.loads, f) if r.get("vat") is not None][-1]["vat"]  # skipped: None
     return m
 
 

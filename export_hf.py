@@ -30,6 +30,9 @@ b1 give GELU(0) = 0, and their columns in the folded W2 are zero): the same func
 than the student, as the paper's 4B -> 2B pair) no LLaVA projector holds the student, and export refuses, saying
 why, instead of writing an approximation of the model that was evaluated.
 
+It refuses an --out that is a checkpoint (the one exported, a folder inside it, or another of ours) before writing
+anything: the export would overwrite it.
+
 Checks before it returns: the exported processor, on a probe question and image, must give the exact token ids of our
 training prompt (data.tokenize_conversation), image-token count included.
 """
@@ -42,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import ours_to_llava_key, unique_state_dict, write_weights
+from checkpoint import ours_to_llava_key, read_json, unique_state_dict, write_weights
 from common import resolve_dtype
 from data import CHAT, IMAGE_TOKEN, tokenize_conversation
 from model import VLM, tower_tokens
@@ -187,8 +190,34 @@ def check_prompt(vlm, out, question=PROBE):
     return got
 
 
+def check_out(model, out):
+    """Refuse an `out` that would overwrite a checkpoint: the one being exported (its weights would become the LLaVA
+    ones), a folder inside it (its run's next save replaces the directory) or another of our checkpoints."""
+    default = f" (the default is {os.path.normpath(model)}_hf)" if isinstance(model, str) else ""
+    real = os.path.realpath(out)
+    if isinstance(model, str):
+        src = os.path.realpath(model)
+        where = "is" if real == src else "lies inside" if real.startswith(src + os.sep) else None
+        if where:
+            raise ValueError(f"--out={out} {where} the checkpoint being exported (--model={model}): the export would "
+                             f"overwrite it; choose another --out{default}")
+    if os.path.isfile(os.path.join(out, "train_state.pt")) or _is_ours(out):
+        raise ValueError(f"--out={out} holds a CompoDistill checkpoint, which the export would overwrite; choose "
+                         f"another --out{default}")
+
+
+def _is_ours(path):
+    try:
+        cfg = read_json(os.path.join(path, "config.json"))
+    except (OSError, ValueError):  # none there, or not ours to judge
+        return False
+    return isinstance(cfg, dict) and "vision" in cfg and "llm" in cfg
+
+
 def export(model, out, dtype=torch.float32, max_shard_bytes=None):
-    """Write `model` (a VLM or a checkpoint directory) to `out` as a Hugging Face LLaVA directory; returns `out`."""
+    """Write `model` (a VLM or a checkpoint directory) to `out` as a Hugging Face LLaVA directory; returns `out`.
+    `out` may not be a checkpoint (check_out)."""
+    check_out(model, out)
     vlm = VLM.from_pretrained(model) if isinstance(model, str) else model
     tensors = hf_tensors(vlm, dtype, model if isinstance(model, str) else "the model")  # a refusal writes nothing
     os.makedirs(out, exist_ok=True)

@@ -10,6 +10,7 @@ which a rerun resumes bit for bit (Checkpointer).
 """
 
 import bisect
+import fcntl
 import math
 import os
 import random
@@ -119,11 +120,19 @@ PRIVILEGED_LOSSES = ("look", "readout")  # logged too while a teacher trains wit
 
 
 def train(cfg):
-    """Run one stage with the resolved config dict `cfg`; returns the last log record."""
+    """Run one stage with the resolved config dict `cfg`; returns the last log record. The process that writes
+    (rank 0) holds out_dir's lock for the whole run (out_dir_lock): one writer per out_dir."""
     check_settings(cfg)
-    amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
-    if int(os.environ.get("RANK", 0)) == 0:  # the one that writes
+    writer = int(os.environ.get("RANK", 0)) == 0  # the one that writes
+    if writer:
         check_out_dir(cfg["out_dir"])
+    with out_dir_lock(cfg["out_dir"]) if writer else nullcontext():
+        return run_stage(cfg)
+
+
+def run_stage(cfg):
+    """The stage itself, from the resume point to the last step (train() checks and locks out_dir first)."""
+    amp = autocast_dtype(cfg["dtype"])  # None: float32 throughout
     distributed, rank, world, device = compute_init(single_group=cfg["fsdp"])
     par = (Sharded if cfg["fsdp"] else Replicated)(distributed, rank, world, device)
     out_dir, resume_dir, state = cfg["out_dir"], *resume_point(cfg)
@@ -289,6 +298,29 @@ def check_out_dir(out_dir):
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir={out_dir}: cannot write in {parent} (no permission); choose an out_dir where "
                          "you can write")
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """Hold <out_dir>.lock (an flock) while the run lives: a second run writing the same out_dir (the same command
+    twice) is refused at start; the two would replace each other's checkpoint swap. The OS drops the lock when the
+    process ends, however it ends, so a crashed or killed run leaves nothing stuck (the empty file stays)."""
+    path = os.path.abspath(out_dir) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise ValueError(f"out_dir={out_dir}: cannot open the lock file {path} ({e.strerror}); move it away") from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"out_dir={out_dir}: another run is writing it now (it holds {out_dir}.lock); wait for it to "
+                         "end, or choose another out_dir") from None
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def check_resume(saved, cfg, out_dir):
@@ -697,7 +729,8 @@ class Checkpointer:
 
 
 class Logger:
-    """The log: every log_interval steps one record with each loss term (the mean over the steps and over all ranks),
+    """The log: every log_interval steps one record with each loss term (the mean over the steps and over all ranks;
+    None when none of them had a sample),
     the learning rate, the gradient norm, tokens/s and memory; the validation losses; the progress bar. It also stops
     a run in which most samples read so far were dropped."""
 
@@ -731,7 +764,8 @@ class Logger:
         tot = tot.tolist()
         losses, (n, ntok, fetched, n_drop) = tot[:len(self.names)], tot[len(self.names):]
         dt = time.time() - self.t0
-        rec = {"step": step, "lr": lr, **{k: v / max(1, n) for k, v in zip(self.names, losses)},
+        # steps in which no rank had a sample have no loss: None, not 0 (a loss curve must not dip to zero)
+        rec = {"step": step, "lr": lr, **{k: v / n if n else None for k, v in zip(self.names, losses)},
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tok_per_s": ntok / dt, "mem_gb": _memory_gb(self.par.device)}
         if n_drop:
@@ -739,7 +773,8 @@ class Logger:
         if skipped:
             rec["skipped_steps"] = skipped
         self.log.append(rec)
-        self.bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
+        if n:
+            self.bar.set_postfix(lm=f"{rec['lm']:.3f}", kd=f"{rec['kd']:.3f}", vat=f"{rec['vat']:.3f}")
         if self.par.master:
             self.bar.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                        if k != "step" and v is not None))

@@ -51,7 +51,57 @@ def test_under_torchrun_every_rank_names_itself(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # an error of rank 1 alone must not go unsaid
     with pytest.raises(SystemExit):
         configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
-    assert capsys.readouterr().err.startswith(f"{os.path.basename(sys.argv[0])} [rank 1]: config key 'lr'")
+    # on a line of its own (see test_an_error_is_one_write_on_a_line_of_its_own)
+    assert capsys.readouterr().err.startswith(f"\n{os.path.basename(sys.argv[0])} [rank 1]: config key 'lr'")
+
+
+class Recorder:
+    """A stderr that keeps each write() call apart."""
+    def __init__(self):
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+def test_an_error_is_one_write_on_a_line_of_its_own(monkeypatch):
+    """Under torchrun the ranks share one stderr, and rank 0's progress bar leaves the cursor mid-line: each error is
+    one write (two ranks' messages cannot interleave) that starts on a new line and ends with a newline. One process
+    without a progress bar open prints just the message."""
+    from tqdm import tqdm
+    script = os.path.basename(sys.argv[0])
+    err = Recorder()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(configurator, "raised_here", lambda e: True)  # as if one of our checks raised it
+
+    def fail():
+        raise ValueError("data.json: 3 of 4 samples read cannot be used\n  first one\n  second one")
+    with pytest.raises(SystemExit):
+        configurator.cli(fail)
+    assert err.writes == [f"{script}: data.json: 3 of 4 samples read cannot be used\n  first one\n  second one\n"]
+
+    err.writes.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        configurator.cli(fail)
+    assert err.writes == [f"\n{script} [rank 1]: data.json: 3 of 4 samples read cannot be used\n  first one\n"
+                          "  second one\n"]
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    bar = tqdm(total=10, desc="dft", file=err)  # one process: its own bar is mid-line when the error comes
+    bar.update(3)
+    err.writes.clear()
+    with pytest.raises(SystemExit):
+        configurator.cli(fail)
+    said = list(err.writes)
+    bar.close()
+    assert len(said) == 1 and said[0].startswith(f"\n{script}: data.json: ") and said[0].endswith("second one\n")
 
 
 def test_real_crashes_keep_their_traceback():

@@ -79,3 +79,58 @@ def test_help_after_a_config_file_shows_its_values_and_comments(tmp_path, capsys
     # the preset's value and comment; a setting it leaves uncommented keeps the script's comment; --key=value is not
     # applied to what --help shows
     assert rows == [["lr=2e-05", "full fine-tuning's rate"], ["batch_size=4", "samples per batch"]]
+
+
+def test_help_comments_come_from_the_settings_alone(tmp_path):
+    """Each key's comment is the one beside it in the settings (the DEFAULTS dict, or a config file's top-level
+    assignments) with the comment-only lines indented under it; a line elsewhere in the file that assigns a name
+    like a key (`lr = lr_at(...)  # ...` in a function) is not the key's comment."""
+    from configurator import comments
+    src = tmp_path / "script.py"
+    src.write_text(
+        "DEFAULTS = dict(\n"
+        "    # -- optimisation --------\n"
+        "    lr=2e-4,          # peak learning rate\n"
+        "    out_dir='out/#1', # where it writes:\n"
+        "                      # a directory\n"
+        "    seed=0,\n"
+        "                      # not seed's: seed has no comment of its own\n"
+        "    batch_size=dict(a=1,  # per step\n"
+        "                    b=2),\n"
+        "                      # (and per rank)\n"
+        "    # -- bookkeeping --------\n"
+        "    log_interval=10,  # steps between log lines\n"
+        ")\n"
+        "OTHER = dict(lr=1)    # not a setting\n"
+        "\n"
+        "def train(cfg):\n"
+        "    lr = cfg['lr']    # skipped: steps in which no rank had a sample\n"
+        "    seed = 3          # a local\n"
+        "    return lr\n")
+    keys = ["lr", "out_dir", "seed", "batch_size", "log_interval", "max_steps"]
+    assert comments([str(src)], keys) == {"lr": "peak learning rate", "out_dir": "where it writes: a directory",
+                                          "batch_size": "per step (and per rank)",
+                                          "log_interval": "steps between log lines"}
+    preset = tmp_path / "preset.py"
+    preset.write_text("max_steps = 100   # short\n"
+                      "                  # for a test\n"
+                      "# lr = 1e-3       (commented out: not lr's)\n"
+                      "seed = 1\n"
+                      "if True:\n"
+                      "    lr = 3e-4     # inside a block: still a top-level setting of the file\n")
+    assert comments([str(src), str(preset)], keys) == {
+        "lr": "inside a block: still a top-level setting of the file", "out_dir": "where it writes: a directory",
+        "batch_size": "per step (and per rank)", "log_interval": "steps between log lines",
+        "max_steps": "short for a test"}
+
+
+def test_train_dft_help_shows_each_keys_own_comment(capsys):
+    import trainer
+    from stages import stage_defaults
+    with pytest.raises(SystemExit):
+        trainer.main(stage_defaults("dft"), ["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(None, 1)[1] for l in lines if l.startswith("  lr=")] == ["peak learning rate (AdamW)"]
+    init = lines.index(next(l for l in lines if l.startswith("  init_from=")))
+    assert " ".join(l.strip() for l in lines[init:init + 3]).endswith(
+        "LLaVA one), \"backbones\" (vision_model + llm_model) or \"scratch\" (llm / vision)")

@@ -187,7 +187,7 @@ def test_missing_or_corrupt_image_is_dropped_and_counted(tmp_path):
     assert not isinstance(ds[3], Dropped)
     for _ in range(3):  # fetched again (a second epoch): still one drop per sample
         ds[0]
-    assert ds.dropped == {"missing_image": 2, "bad_sample": 1}
+    assert ds.dropped == {"missing_image": 1, "unreadable_image": 1, "bad_sample": 1}
 
 
 def test_load_records_formats_and_errors(tmp_path):
@@ -295,3 +295,83 @@ def test_16_bit_images_are_scaled_to_8_bits_everywhere_images_are_read(tmp_path,
     monkeypatch.setattr(sample.VLM, "from_pretrained", lambda *a, **k: torch.nn.Linear(1, 1))
     sample.main(["--model=any", f"--image={tmp_path / 'grey16.png'}"])
     assert seen[0].shape == (12, 20, 3) and (seen[0] == 128).all()
+
+
+def test_json_lines_keeps_line_separators_inside_json_strings(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped inside strings (str.splitlines() splits at them): a record is
+    one '\\n'-terminated line, a trailing '\\r' (a Windows file) dropped."""
+    from data import json_lines
+    recs = [{"id": "a", "conversations": [{"from": "human", "value": "x\u2028y\u2029z\u0085w\x1c\x1d\x1e\x0b\x0c"},
+                                          {"from": "gpt", "value": "v"}]},
+            {"id": "b", "conversations": TEXT_ONLY}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n\n"
+    (tmp_path / "d.jsonl").write_bytes(text.encode("utf-8"))
+    assert load_records(str(tmp_path / "d.jsonl")) == recs
+    with pytest.raises(ValueError, match="e.jsonl, line 3: not valid JSON"):  # line numbers count '\n' only
+        json_lines(json.dumps(recs[0], ensure_ascii=False) + "\n\n{oops\n", "e.jsonl")
+
+
+def test_32_bit_integer_images_are_read_by_their_value_range(tmp_path):
+    """Mode "I" (32-bit integers, as TIFF and some PNG readers give) says nothing about the values' depth: holding
+    8-bit values (max <= 255) it is read as 8-bit, not shifted down to black; above 255 as 16-bit (the high byte)."""
+    import numpy as np
+    from data import load_image
+    Image.fromarray(np.array([[0, 100, 200, 255]] * 3, dtype=np.int32)).save(tmp_path / "i8.tif")
+    Image.fromarray(np.array([[0, 256, 32768, 65535]] * 3, dtype=np.int32)).save(tmp_path / "i16.tif")
+    Image.fromarray(np.array([[-5, 0, 70000, 1000]] * 3, dtype=np.int32)).save(tmp_path / "out_of_range.tif")
+    assert Image.open(tmp_path / "i8.tif").mode == "I"
+    for name, row in [("i8", (0, 100, 200, 255)), ("i16", (0, 1, 128, 255)), ("out_of_range", (0, 0, 255, 3))]:
+        im = load_image(tmp_path / f"{name}.tif")
+        assert im.mode == "RGB" and np.asarray(im).tolist() == [[[v] * 3 for v in row]] * 3, name
+
+
+def write_huge_png(path, width=20000, height=10000):
+    """A PNG whose header declares width x height pixels (200 M here: past PIL's limit of about 179 M), a few bytes
+    on disk: PIL refuses it when it opens it, before reading any pixel."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
+                                struct.pack(">I", zlib.crc32(kind + data)))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_pils_pixel_limit_is_an_unreadable_image_everywhere(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError is no OSError: it crashed training at the same sample on every resume, and
+    sample.py, with a traceback naming neither. It is now read as any unreadable image: dropped and counted in
+    training, one line in sample.py naming the file."""
+    import sample
+    from data import load_image
+    write_huge_png(tmp_path / "huge.png")
+    with pytest.raises(OSError, match=r"huge.png.*200000000 pixels.*limit"):
+        load_image(tmp_path / "huge.png")
+    write_png(tmp_path / "ok.png", "red")
+    recs = [{"id": "h", "image": "huge.png", "conversations": TEXT_ONLY},
+            {"id": "ok", "image": "ok.png", "conversations": TEXT_ONLY}]
+    ds = make_dataset(tmp_path, recs)
+    d = ds[0]
+    assert isinstance(d, Dropped) and d.reason == "unreadable_image" and "huge.png" in d.message
+    assert not isinstance(ds[1], Dropped) and ds.dropped == {"unreadable_image": 1}
+    monkeypatch.setattr(sample.VLM, "from_pretrained", lambda *a, **k: torch.nn.Linear(1, 1))
+    with pytest.raises(FileNotFoundError) as e:
+        sample.main(["--model=any", f"--image={tmp_path / 'huge.png'}"])
+    msg = str(e.value)
+    assert msg.startswith(f"--image={tmp_path / 'huge.png'}: ") and "200000000 pixels" in msg
+    assert len(msg.splitlines()) == 1
+
+
+def test_an_image_file_that_is_not_an_image_is_not_called_missing(tmp_path):
+    """A zero-byte file, or text named .jpg, exists: the drop says it is not an image (not "check image_folder")."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html>404 Not Found</html>")
+    recs = [{"id": i, "image": f, "conversations": TEXT_ONLY}
+            for i, f in enumerate(["empty.jpg", "page.jpg", "nope.jpg"])]
+    ds = make_dataset(tmp_path, recs)
+    empty, page, nope = ds[0], ds[1], ds[2]
+    assert (empty.reason, page.reason, nope.reason) == ("unreadable_image", "unreadable_image", "missing_image")
+    assert empty.message.startswith(f"{ds.path}, sample 0: image {tmp_path / 'empty.jpg'} is empty (0 bytes)")
+    assert page.message.startswith(f"{ds.path}, sample 1: image {tmp_path / 'page.jpg'} exists but cannot be read as an image")
+    assert "image_folder" not in empty.message + page.message
+    assert nope.message == f"{ds.path}, sample 2: image {tmp_path / 'nope.jpg'} not found; check image_folder"
+    assert ds.dropped == {"unreadable_image": 2, "missing_image": 1}

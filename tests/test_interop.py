@@ -312,6 +312,71 @@ def test_a_damaged_train_state_names_the_file(how, tmp_path):
     assert msg.endswith(f"to start this stage over instead, move {out} away")
 
 
+def _fill_disk(monkeypatch, where, error, free=10 * 2**20):
+    """Make the writer `where` ("weights": safetensors, "state": torch.save) write half its file and fail with
+    `error`, as a full disk makes it; the disk then reports `free` bytes left."""
+    import checkpoint
+    real = {"weights": checkpoint.save_file, "state": torch.save}[where]
+
+    def half_then_fail(obj, path, *a, **k):
+        real(obj, path, *a, **k)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise error
+    if where == "weights":
+        monkeypatch.setattr(checkpoint, "save_file", half_then_fail)
+    else:
+        monkeypatch.setattr(torch, "save", half_then_fail)
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=free))
+
+
+@pytest.mark.parametrize("where, error", [
+    ("weights", OSError(28, "No space left on device")),
+    ("state", OSError(28, "No space left on device")),
+    # what torch.save says on a full disk: nothing about the disk (then the free space tells)
+    ("state", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1472")),
+    ("weights", __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on "
+                                                          "device (os error 28)")),
+])
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(where, error, tmp_path, monkeypatch):
+    """The save stops with one line that says the disk is full, where, and the room a save needs (two checkpoints:
+    the new one is written before the old one goes); the partial <out_dir>.tmp is removed (its space back); the
+    previous checkpoint stays whole and loads."""
+    from checkpoint import save_checkpoint
+    from conftest import tiny_vlm
+    out = str(tmp_path / "run")
+    model = tiny_vlm()
+    state = {"step": 1, "optimizer": {"m": torch.ones(1000)}}
+    save_checkpoint(out, model, state, [{"step": 1}])
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    _fill_disk(monkeypatch, where, error, free=0 if isinstance(error, RuntimeError) else 10 * 2**20)
+    with pytest.raises(ValueError) as e:
+        save_checkpoint(out, model, dict(state, step=2), [{"step": 1}, {"step": 2}])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"out_dir={out}: the disk is full: the checkpoint could not be written to "
+                                              f"{out}.tmp (")
+    free = "0 B" if isinstance(error, RuntimeError) else "10.0 MiB"
+    need = f"{2 * size / 2**20:.1f} MiB" if 2 * size >= 2**20 else f"{2 * size / 2**10:.1f} KiB"
+    assert msg.endswith(f"{free} free there; a save needs room for two checkpoints (the new one is written before "
+                        f"the old one is removed), about {need} here. Free some space, or choose an out_dir on a "
+                        f"disk with room; the previous checkpoint in {out} is intact"), msg
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+    monkeypatch.undo()
+    assert torch.load(os.path.join(out, "train_state.pt"), weights_only=False)["step"] == 1
+    assert VLM.from_pretrained(out) is not None
+
+
+def test_another_write_error_during_a_save_keeps_its_traceback_and_cleans_up(tmp_path, monkeypatch):
+    from checkpoint import save_checkpoint
+    from conftest import tiny_vlm
+    out = str(tmp_path / "run")
+    _fill_disk(monkeypatch, "state", RuntimeError("something else"), free=2**40)
+    with pytest.raises(RuntimeError, match="something else"):
+        save_checkpoint(out, tiny_vlm(), {"step": 1}, [])
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out)
+
+
 @pytest.mark.slow
 def test_damaged_files_through_the_command_line(tmp_path):
     """The real scripts: exit 2 and one line on stderr, no traceback."""
@@ -446,3 +511,21 @@ def test_export_refuses_a_taf_student_of_a_wider_teacher(tmp_path):
                                          r"export refuses.*evaluate\.py, sample\.py.*at least as wide.*taf=False"):
         export_hf.main([f"--model={path}", f"--out={tmp_path / 'hf'}"])
     assert not os.path.exists(tmp_path / "hf")  # nothing written
+
+
+def test_export_refuses_to_write_over_a_checkpoint(tmp_path):
+    """--out=<the checkpoint itself> replaced its weights with the LLaVA ones in place: refused, nothing written; so is
+    a folder inside it (a later save of its run replaces the directory) and another of our checkpoints."""
+    import export_hf
+    d = tiny_checkpoint(tmp_path / "ckpt")
+    other = tiny_checkpoint(tmp_path / "other")
+    before = {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+    for out, why in [(d, "is the checkpoint being exported"), (d + "/", "is the checkpoint being exported"),
+                     (os.path.join(d, "hf"), "lies inside the checkpoint being exported"),
+                     (other, "holds a CompoDistill checkpoint")]:
+        with pytest.raises(ValueError) as e:
+            export_hf.main([f"--model={d}", f"--out={out}"])
+        assert str(e.value).startswith(f"--out={out} {why}") and "\n" not in str(e.value)
+        assert str(e.value).endswith(f"choose another --out (the default is {d}_hf)")
+    assert {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))} == before
+    assert not os.path.exists(os.path.join(d, "hf")) and VLM.from_pretrained(other) is not None

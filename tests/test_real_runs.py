@@ -411,3 +411,69 @@ def test_a_new_students_start_depends_on_its_seed_alone(hf):
             starts.append(trainer.build_student(cfg, None, None).state_dict())
         assert starts[0].keys() == starts[1].keys()
         assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), case["init_from"]
+
+
+def test_a_step_without_any_sample_logs_no_losses(hf):
+    """A skipped step has no loss: its log record leaves the loss terms out (None), where it logged 0 and loss curves
+    dipped to zero; a record over steps with samples averages theirs alone."""
+    root = hf["root"] / "skip_log"
+    data = write_layout(root / "data.json", [["image"], ["missing"], ["image"], ["missing"]])
+    run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, out_dir=str(root / "every"))
+    log = torch.load(root / "every" / "train_state.pt", weights_only=False)["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [[r[k] is None for k in trainer.LOSSES] for r in log] == [[False] * 4, [True] * 4] * 2
+    assert all(r["lm"] > 0 for r in log[::2])
+    run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, log_interval=2, out_dir=str(root / "two"))
+    pairs = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
+    assert [r["step"] for r in pairs] == [2, 4] and pairs[0]["lm"] == pytest.approx(log[0]["lm"], rel=1e-6)
+
+
+# -- one writer per out_dir ------------------------------------------------------------------------------------------
+
+def test_a_second_run_on_a_live_out_dir_is_refused_and_a_finished_one_leaves_no_lock(hf, tmp_path, monkeypatch):
+    """While a run writes out_dir it holds <out_dir>.lock (flock): a second writer is refused at start, before any
+    model is built, with one line. The lock goes with the run (returned, failed, or killed: the OS drops it), so the
+    lock file left behind blocks nothing."""
+    import fcntl
+    out = tmp_path / "run"
+    common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=str(out))
+    holder = open(str(out) + ".lock", "w")  # what a live run holds (another open file: flock sees two owners)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def built(*a, **k):
+        raise AssertionError("a model was built on a live out_dir")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build_model", built)
+        with pytest.raises(ValueError) as e:
+            run("sft", **common)
+    assert str(e.value) == (f"out_dir={out}: another run is writing it now (it holds {out}.lock); wait for it to "
+                            "end, or choose another out_dir")
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".tmp")
+    holder.close()  # that run ends
+    assert run("sft", stop_after=1, **common)["step"] == 1
+    with open(str(out) + ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: released when train() returned
+    with monkeypatch.context() as m:  # and when it failed
+        m.setattr(trainer, "build_model", built)
+        with pytest.raises(AssertionError):
+            run("sft", **common)
+    assert run("sft", **common)["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_stuck_lock(hf, tmp_path):
+    """A process that holds the lock blocks the out_dir while it lives; killed (SIGKILL: nothing of ours runs), it
+    blocks nothing."""
+    out = tmp_path / "run"
+    code = ("import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True);"
+            " sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(out) + ".lock"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match="another run is writing it now"):
+            run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(out))
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(out))["step"] == 2

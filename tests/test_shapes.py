@@ -442,3 +442,59 @@ def test_a_world_written_over_another_keeps_none_of_its_files(tmp_path):
     shapes.generate(out, n_train=8, n_test=4, progress=False)
     assert os.listdir(os.path.join(out, "test", "reefknot")) == ["YESNO.jsonl"]
     assert len(os.listdir(os.path.join(out, "images"))) == 8 + 4
+
+
+def _run_shapes_calls(tmp_path, extra, env=None):
+    """The commands run_shapes.sh runs with `extra` arguments, each as (script, the settings it resolves): the script
+    runs from a copy in tmp_path with a stand-in python that only records its arguments."""
+    import subprocess
+    import trainer
+    from configurator import configure
+    from stages import stage_defaults
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "repo"
+    work.mkdir(parents=True)
+    (work / "run_shapes.sh").write_text(open(os.path.join(root, "run_shapes.sh")).read())
+    log = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python"
+    stub.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + "
+                    "'\\n')\n")
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(work / "run_shapes.sh"), *extra], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=str(stub), **(env or {})))
+    assert r.returncode == 0, r.stderr
+    calls = []
+    for argv in map(json.loads, open(log)):
+        script, rest = argv[0], argv[1:]
+        if script.startswith("train_"):
+            stage = script.removeprefix("train_").removesuffix(".py")
+            files = [os.path.join(root, a) if a.startswith("config/") else a for a in rest]
+            calls.append((script, configure(dict(trainer.DEFAULTS, **stage_defaults(stage)), files)))
+        elif script == "evaluate.py":
+            calls.append((script, dict(a[2:].split("=", 1) for a in rest)))
+    return calls
+
+
+@pytest.mark.slow
+def test_run_shapes_smoke_test_writes_where_it_blocks_nothing(tmp_path):
+    """bash run_shapes.sh --max_steps=50 (its own smoke-test line) wrote seven checkpoints into out/shapes, which the
+    real run then refused to resume ("other settings"). Extra arguments now get a root of their own; without them,
+    every stage resolves exactly the paths of config/shapes_*.py (so existing runs there stay the same runs)."""
+    default = _run_shapes_calls(tmp_path / "a", [])
+    smoke = _run_shapes_calls(tmp_path / "b", ["--max_steps=50"])
+    named = _run_shapes_calls(tmp_path / "c", ["--max_steps=50"], env=dict(OUT="out/mine"))
+    outs = ["teacher", "dpt", "dft", "sft", "base_dpt", "base_dft", "base_sft"]
+    assert [cfg["out_dir"] for _, cfg in default[:-1]] == [f"out/shapes/{d}" for d in outs]
+    assert [(cfg["init_from"], cfg["teacher"]) for _, cfg in default[1:-1]] == [
+        ("scratch", "out/shapes/teacher"), ("out/shapes/dpt", "out/shapes/teacher"), ("out/shapes/dft", ""),
+        ("scratch", "out/shapes/teacher"), ("out/shapes/base_dpt", "out/shapes/teacher"), ("out/shapes/base_dft", "")]
+    for calls, root in ((smoke, "out/shapes_max_steps_50"), (named, "out/mine")):
+        assert [cfg["out_dir"] for _, cfg in calls[:-1]] == [f"{root}/{d}" for d in outs]
+        assert all(cfg["max_steps"] == 50 for _, cfg in calls[:-1])
+        assert [cfg["init_from"] for _, cfg in calls[2:-1]] == [f"{root}/dpt", f"{root}/dft", "scratch",
+                                                                f"{root}/base_dpt", f"{root}/base_dft"]
+        assert all(cfg["teacher"] in ("", f"{root}/teacher") for _, cfg in calls[:-1])
+        assert calls[-1] == ("evaluate.py", {
+            "compare": f"teacher={root}/teacher,sft_only={root}/base_sft,compodistill={root}/sft",
+            "teacher": f"{root}/teacher", "out": f"{root}/eval", "heatmaps": "4", "batch_size": "64"})
+    assert default[-1][1]["out"] == "out/shapes/eval"

@@ -345,7 +345,8 @@ def _image_problem(path, cache):
                 with Image.open(path) as im:
                     im.verify()  # the file's structure, without decoding it: the evaluation decodes it once, later
                 cache[path] = None
-            except (OSError, ValueError, SyntaxError) as e:  # not an image, or a damaged one
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # not an image, a damaged
+                # one, or one over PIL's pixel limit (its error is no OSError)
                 cache[path] = why(e)
     return cache[path]
 

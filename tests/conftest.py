@@ -251,3 +251,15 @@ def hf(tmp_path_factory):
     run("dpt", init_from="backbones", vision_model=d["siglip"], llm_model=d["student_lm"], teacher=d["teacher"],
         data=d["data"], out_dir=d["dpt"], **LAYERS)
     return d
+
+
+def write_huge_png(path, width=20000, height=10000):
+    """A PNG whose header declares width x height pixels (200 M here: past PIL's limit of about 179 M), a few bytes
+    on disk: PIL refuses it when it opens it, before reading any pixel."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
+                                struct.pack(">I", zlib.crc32(kind + data)))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))

@@ -4,6 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_huge_png
+
 from data import (CHAT, IGNORE_INDEX, ChatTemplate, Dropped, LLaVADataset, check_dataset, collate,  # noqa: E402
                   image_processor, load_records, tokenize_conversation, word_tokenizer)
 
@@ -323,18 +325,6 @@ def test_32_bit_integer_images_are_read_by_their_value_range(tmp_path):
     for name, row in [("i8", (0, 100, 200, 255)), ("i16", (0, 1, 128, 255)), ("out_of_range", (0, 0, 255, 3))]:
         im = load_image(tmp_path / f"{name}.tif")
         assert im.mode == "RGB" and np.asarray(im).tolist() == [[[v] * 3 for v in row]] * 3, name
-
-
-def write_huge_png(path, width=20000, height=10000):
-    """A PNG whose header declares width x height pixels (200 M here: past PIL's limit of about 179 M), a few bytes
-    on disk: PIL refuses it when it opens it, before reading any pixel."""
-    import struct
-    import zlib
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
-                                struct.pack(">I", zlib.crc32(kind + data)))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
 
 
 def test_an_image_over_pils_pixel_limit_is_an_unreadable_image_everywhere(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from PIL import Image
 import alignment
 import evaluate as ev
 import shapes
-from conftest import llm_cfg, vision_cfg
+from conftest import llm_cfg, vision_cfg, write_huge_png
 from data import collate
 from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
@@ -383,19 +383,21 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     for i in range(3):
         shutil.copy(os.path.join(world, "images", f"test_0000{i}.png"), tmp_path / f"{i}.png")
     (tmp_path / "page.png").write_text("<html>404 not found</html>")
+    write_huge_png(tmp_path / "huge.png")  # over PIL's pixel limit: PIL raises no OSError for it
     rows = [dict(question="what shape is red ?", answer="star", image=f) for f in
-            ("0.png", "page.png", "1.png", "gone.png", "2.png", "page.png")]
+            ("0.png", "page.png", "1.png", "gone.png", "2.png", "page.png", "huge.png")]
     with open(tmp_path / "vqa.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     m = _tiny(world, layers=2, hidden=32, seed=0)
     with pytest.warns(UserWarning) as w:
         rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
-    assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 3}
+    assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 4}
     md = ev.report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
-    assert "| vqa 3 (3 skipped) | " in md
-    assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (3 skipped); reading: VQAv2's" in md
+    assert "| vqa 3 (4 skipped) | " in md
+    assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (4 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)
-    assert "skipping 2 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
+    assert "skipping 3 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
+    assert "200000000 pixels" in ev._image_problem(str(tmp_path / "huge.png"), {})
     assert "skipping 1 items whose images are missing" in said
 
     with open(tmp_path / "vqa.jsonl", "w") as f:

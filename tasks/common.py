@@ -19,6 +19,7 @@ CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain s
 
 
 def mean(xs):
+    """The mean of xs; nan for none (a figure with no items is not 0)."""
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
 

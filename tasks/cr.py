@@ -73,6 +73,7 @@ def subset_names(cr_dir):
 
 
 def load(cr_dir, folders, limit=None):
+    """(items, skipped): every subset file in cr_dir (CR_ORDER first), `limit` items each, images checked."""
     items, skipped = [], 0
     for subset in subset_names(cr_dir):
         rows = read_rows(os.path.join(cr_dir, subset + ".json"))
@@ -87,6 +88,7 @@ def load(cr_dir, folders, limit=None):
 
 
 def run(r, items, protocols, mcq_prompt=MCQ_PROMPT, caption_prompt=CAPTION_PROMPT):
+    """The CR report: per subset and averaged, MCQ in both orders and / or the caption likelihood (`protocols`)."""
     subsets = list(dict.fromkeys(it["subset"] for it in items))
     report = dict(subsets=subsets)
     if "mcq" in protocols:

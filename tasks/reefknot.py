@@ -92,6 +92,7 @@ def load(reefknot_dir, folders, limit=None, predictions=""):
 
 
 def run(r, items, answer_suffix=""):
+    """The Reefknot report: each answer read as Reefknot's utils.py reads it, per task and relation type."""
     said = answers_for(r, items, [(it["query"] + answer_suffix, it["image"], None) for it in items],
                    MAX_NEW_TOKENS, "reefknot")
     correct = [reefknot_correct(it["task"], a, it["label"]) for it, a in zip(items, said)]

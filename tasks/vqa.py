@@ -67,6 +67,7 @@ def vqa_score(prediction, answers):
 
 
 def load(path, folders, limit=None, predictions=""):
+    """(items, skipped) of a VQA file, with their answers from the file of the same name in `predictions`."""
     items = []
     rows = read_list(path)
     for k, r in enumerate(rows, 1):
@@ -87,6 +88,7 @@ def load(path, folders, limit=None, predictions=""):
 
 
 def run(r, items, answer_suffix="", max_new_tokens=MAX_NEW_TOKENS):
+    """The VQA report: VQAv2's accuracy overall and per question type, and the verdict figure for yes/no items."""
     preds = answers_for(r, items, [(it["question"] + answer_suffix, it["image"], None) for it in items], max_new_tokens,
                     "vqa")
     scores = [vqa_score(p, it["answers"]) for p, it in zip(preds, items)]

@@ -20,6 +20,7 @@ def winoground_scores(S):
 
 
 def load(path, folders, limit=None):
+    """(items, skipped) of a Winoground or BiVLC file, both images of each item checked."""
     items = []
     for r in read_list(path)[:limit or None]:
         if "image_0" in r:
@@ -35,6 +36,7 @@ def load(path, folders, limit=None):
 
 
 def run(r, items, caption_prompt=CAPTION_PROMPT):
+    """The Winoground report: text, image and group scores, averaged over the items."""
     specs = [(caption_prompt, it["images"][j], it["captions"][i]) for it in items for i in (0, 1) for j in (0, 1)]
     lp = r.loglik(specs, "wino")
     per = [winoground_scores([[lp[4 * k], lp[4 * k + 1]], [lp[4 * k + 2], lp[4 * k + 3]]]) for k in range(len(items))]

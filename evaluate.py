@@ -17,7 +17,7 @@ Inputs (shapes.py writes the first three under <data>/test/; real benchmarks in 
 --image_folder naming the folder(s) of their images: several comma-separated, searched in order; a name without an
 extension is also tried as .jpg / .png / .jpeg):
   vqa.jsonl          {"question" | "text", "answer" (str) | "answers" (list of str or {"answer"}), "image"}, optional
-                     "question_id", "answer_type" ("yes/no" also gets the verdict figure, below)
+                     "question_id", "answer_type" ("yes/no" also gets the verdict figure, tasks/vqa.py)
   cr/{subset}.json   SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
   pope_*.json[l]     POPE's layout (coco_pope_*.json: {"question_id", "image", "text", "label"}) or {"question",
                      "answer", "image", "category"}; a label other than "yes" / "no" is an error naming file and line
@@ -37,25 +37,10 @@ JSON object a line, {"text": answer} (or "answer") plus "question_id" where the 
 files). Lines are matched by question_id when both files have it, else by position; a count that differs, an unknown
 or unanswered question_id stops with one line naming the file.
 
-Readings: each benchmark's answers are read as its official script reads them, and the report says so per task
-("reading"); our stricter readings are extra figures beside them, never in their place.
-  vqa    greedy short answer; VQAv2's evaluation (vqaEval.py): punctuation, articles, number words (none -> 0) and
-         contractions normalised; accuracy = the mean over the leave-one-out subsets of the annotators' answers of
-         min(1, #matches / 3) (3 of 10: 0.9). One answer: normalised exact match (ours). Extra figure, ours: "verdict",
-         a yes/no question scored on the verdict its answer states (parse_yes_no), for answers that explain themselves.
-  cr     (ours) mcq: MCQ_PROMPT asked in both orders (positive as (A), then as (B)), greedy, accuracy per order and
-         averaged, per subset and the unweighted mean. likelihood: length-normalised log P(caption + <eos> |
-         image, caption_prompt) of the positive vs the negative caption.
-  wino   text / image / group scores from the 2x2 likelihood table.
-  pope   generate: POPE's evaluate.py (as LLaVA's eval_pope.py): the text before the first ".", commas dropped, split
-         on spaces; "no" iff a word is exactly No / not / no, everything else "yes". Accuracy, precision, recall, F1
-         (positive class "yes"), yes-ratio per split; extra column, ours: invalid (neither yes nor no, case-folded).
-         forced (ours, a model only): "yes" vs "no" log-probability at the first answer position.
-  reefknot  relation hallucination: greedy answers to each query_prompt (at most MAX_NEW_TOKENS["reefknot"] tokens);
-         YESNO and Multichoice as Reefknot's utils.py: "yes" iff the answer holds the substring "yes" (lower-cased);
-         the answer's first character is the label. VQA: Reefknot has no scorer, so the rule is ours: the label's
-         words appear, in order, in the answer. Per task: accuracy and hallucination rate (1 - accuracy), overall and
-         by relation_type (perception / cognition); their mean over the tasks (1 - it is Reefknot's R-score).
+Each benchmark is a file of its own in tasks/ (vqa.py, cr.py (SugarCrepe), pope.py, winoground.py, reefknot.py) with
+its reader, its scorer and its metric; its docstring says how its answers are read. Where a benchmark has an official
+script, its answers are read as that script reads them, and the report says so per task ("reading"); our stricter
+readings are extra figures beside them, never in their place (docs/evaluation.md).
   align  (needs a teacher) see alignment.py: in the matched layers, 1 - the paper's VAT distance (all queries, the
          training default), 1 - the reference code's (image queries), and the text queries' similarity.
 Every prompt goes through data.tokenize_conversation with a last human turn, so it ends exactly as in training.
@@ -67,479 +52,45 @@ MCQ scores sit near chance; the likelihood protocol is the informative one there
 """
 
 import json
-import math
 import os
-import re
 import signal
 import sys
 import time
-import warnings
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
 from checkpoint import checkpoint_kind, find_checkpoint
 from common import pick_device, resolve_dtype, why
-from data import IGNORE_INDEX, collate, decode_answer, json_lines, load_image, tokenize_conversation
+from data import IGNORE_INDEX, collate, decode_answer, load_image, tokenize_conversation
 from model import VLM
+from tasks import cr, pope, reefknot, vqa, winoground
+from tasks.common import CAPTION_PROMPT, get, image_folders, pct
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
 ANSWER_TASKS = ["vqa", "pope", "reefknot"]  # the tasks --predictions scores from answer files
-REEFKNOT_FILES = {"yesno": "YESNO.jsonl", "multichoice": "Multichoice.jsonl", "vqa": "VQA.jsonl"}
-CR_ORDER = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
-CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
-MCQ_PROMPT = "Which caption describes the image?\n(A) {a}\n(B) {b}\nAnswer with A or B."
-# room for an answer that explains itself ("the red one is a square , so no"); mcq: for one that repeats a caption.
-# Reefknot's own inference scripts allow longer answers (256 new tokens with ms-swift, 30 with MiniGPT-v2): its YESNO
-# reading looks for "yes" anywhere, so a cap that cuts an answer short can change a verdict; 20 covers a short answer.
-MAX_NEW_TOKENS = dict(vqa=20, pope=20, mcq=40, reefknot=20)
-# VQAv2's answer normalisation (its evaluation's processPunctuation and processDigitArticle), rule for rule
-NUMBER_WORDS = dict(none="0", **{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine "
-                                                                 "ten".split())})
-ARTICLES = {"a", "an", "the"}
-VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-CONTRACTIONS = {w.replace("'", ""): w for w in (
-    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
-    "I'm I've isn't it'd it'll ma'am mightn't might've mustn't must've needn't o'clock shan't should've shouldn't "
-    "somebody's someone'd someone'll someone's something'd something'll that's there'd there're there's they'd "
-    "they'll they're they've wasn't we've weren't what'll what're what's what've when's where'd where's where've "
-    "who'd who'll who's who've why'll why're why's won't would've wouldn't y'all you'd you'll you're you've").split()}
-CONTRACTIONS.update({  # the forms with two apostrophes, as VQAv2's table spells them
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
-    "hed've": "he'd've", "he'dve": "he'd've", "Id've": "I'd've", "I'dve": "I'd've", "itd've": "it'd've",
-    "it'dve": "it'd've", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "notve": "not've",
-    "shed've": "she'd've", "she'dve": "she'd've", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "somethingd've": "something'd've", "something'dve": "something'd've",
-    "thered've": "there'd've", "there'dve": "there'd've", "theyd've": "they'd've", "they'dve": "they'd've",
-    "wed've": "we'd've", "we'dve": "we'd've", "whod've": "who'd've", "who'dve": "who'd've",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd've": "you'd've",
-    "you'dve": "you'd've", "twas": "'twas", "somebody'd": "somebodyd"})
+BENCHMARKS = dict(vqa=vqa, cr=cr, pope=pope, wino=winoground, reefknot=reefknot)  # task -> its file in tasks/
 
 
 # -----------------------------------------------------------------------------
-# metrics: pure functions on answers and scores; each benchmark is read as its own evaluation script reads it
-
-
-def normalize_answer(text):
-    """VQAv2's normalisation: each listed punctuation mark dropped (next to a space, or anywhere in a text with a
-    digit,digit comma) or else made a space; a "." not before a digit dropped; then lower case, number words (none
-    included) as digits, no articles, contractions with their apostrophe."""
-    s = str(text).replace("\n", " ").replace("\t", " ").strip()
-    out = s
-    for p in VQA_PUNCT:
-        out = out.replace(p, "" if p + " " in s or " " + p in s or re.search(r"\d,\d", s) else " ")
-    words = [NUMBER_WORDS.get(w, w) for w in re.sub(r"\.(?!\d)", "", out).lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def vqa_score(prediction, answers):
-    """VQAv2's accuracy against a list of answers: the mean, over the subsets that leave one answer out, of
-    min(1, #matches / 3) (3 of 10 matching: 0.9). One answer (a string, or a list of one): normalised exact match
-    (our rule: with one answer there is no annotator to leave out)."""
-    p = normalize_answer(prediction)
-    if isinstance(answers, str) or len(answers) == 1:
-        return float(p == normalize_answer(answers if isinstance(answers, str) else answers[0]))
-    hits = [normalize_answer(a) == p for a in answers]
-    return sum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
-
-
-def _words(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
-
-
-def parse_choice(answer, captions):
-    """
-    The option (0 = A, 1 = B) a free-form MCQ answer picks, or -1 (invalid). "(B)", "B.", "b", "B" are
-    B; a bare leading "a" followed by more words is the article ("a red circle"), not option A; an answer
-    that repeats one caption's text picks that option.
-    """
-    s = answer.strip().lower()
-    s = re.sub(r"^(the\s+)?(correct\s+)?(answer|option|choice)(\s+is)?\s*[:\-]?\s*", "", s)
-    m = re.match(r"^(\()?([ab])(?!\w)(.*)$", s, re.S)
-    if m:
-        paren, letter, rest = m.group(1), m.group(2), m.group(3)
-        marked = paren is not None or re.match(r"^\s*[).:,]", rest) is not None
-        if marked or letter == "b" or not re.search(r"\w", rest):
-            return "ab".index(letter)
-    padded = f" {_words(answer)} "
-    hits = [i for i, c in enumerate(captions) if _words(c) and f" {_words(c)} " in padded]
-    if len(hits) == 2:  # one caption inside the other (e.g. an added object): the longer one was said
-        la, lb = (len(_words(c)) for c in captions)
-        hits = [] if la == lb else [0 if la > lb else 1]
-    return hits[0] if len(hits) == 1 else -1
-
-
-def mcq_accuracy(choices_pos_first, choices_pos_second):
-    """Both-order MCQ: the positive is (A) in the first list and (B) in the second (items aligned)."""
-    first = [c == 0 for c in choices_pos_first]
-    second = [c == 1 for c in choices_pos_second]
-    n = len(first)
-    if n == 0 or len(second) != n:
-        raise ValueError(f"both orders need the same, non-zero number of items ({n} vs {len(second)})")
-    invalid = sum(c == -1 for c in choices_pos_first) + sum(c == -1 for c in choices_pos_second)
-    a1, a2 = sum(first) / n, sum(second) / n
-    return dict(n=n, acc_pos_first=a1, acc_pos_second=a2, acc=(a1 + a2) / 2,
-                both=sum(x and y for x, y in zip(first, second)) / n, invalid=invalid / (2 * n))
-
-
-def pope_reading(answer):
-    """'yes' / 'no' as POPE's own evaluate.py reads an answer: the text before its first ".", commas dropped, split on
-    single spaces; "no" iff one word is exactly "No", "not" or "no"; everything else is "yes" ("Not at all", "NO", "No!"
-    included)."""
-    words = answer.split(".")[0].replace(",", "").split(" ")
-    return "no" if {"No", "not", "no"} & set(words) else "yes"
-
-
-def parse_yes_no(answer):
-    """Our stricter reading of a yes/no answer, for the "invalid" column only: its first sentence, case-folded, says
-    no when it holds the word "no" or "not", else yes when it holds "yes"; an answer with neither is None."""
-    words = re.findall(r"[a-z]+", re.split(r"(?<!\d)\.(?!\d)", answer.lower(), maxsplit=1)[0])
-    if "no" in words or "not" in words:
-        return "no"
-    return "yes" if "yes" in words else None
-
-
-def invalid_rate(answers):
-    """The share of answers that say neither yes nor no by our stricter reading (parse_yes_no)."""
-    return _mean(parse_yes_no(a) is None for a in answers)
-
-
-def pope_metrics(predictions, labels):
-    """POPE's metrics from "yes" / "no" predictions, "yes" the positive class (a precision or recall with nothing to
-    divide is 0)."""
-    n = len(labels)
-    if n == 0 or len(predictions) != n:
-        raise ValueError(f"POPE needs as many predictions as labels ({len(predictions)} vs {n}), and some")
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(predictions, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(predictions, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(predictions, labels))
-    n_pos = sum(l == "yes" for l in labels)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / n_pos if n_pos else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return dict(n=n, accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1,
-                yes_ratio=sum(p == "yes" for p in predictions) / n)
-
-
-def reefknot_says_yes(answer):
-    """Reefknot's YESNO reading (its utils.py, calculate_yes_no_accuracy): "yes" iff 'yes' is a substring of the
-    stripped, lower-cased answer ("No, the man's eyes are closed" holds it)."""
-    return "yes" in answer.strip().lower()
-
-
-def reefknot_correct(task, answer, label):
-    """Is an answer right? yesno and multichoice as Reefknot's utils.py scores them: yesno, reefknot_says_yes against
-    the label; multichoice, the answer's first character, upper-cased, equals the upper-cased label ("(B) onto" is not
-    B). vqa: Reefknot has no scorer, so the rule is ours: the label's words occur in the answer's words, in order and
-    next to each other."""
-    if task == "yesno":
-        return ("yes" if reefknot_says_yes(answer) else "no") == str(label).strip().lower()
-    if task == "multichoice":
-        return answer[:1].upper() == str(label).upper() != ""
-    if task == "vqa":
-        words, want = _words(answer).split(), _words(label).split()
-        return bool(want) and any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
-    raise ValueError(f"unknown Reefknot task {task!r}: use {list(REEFKNOT_FILES)}")
-
-
-def reefknot_metrics(correct, tasks, relation_types, answers=None):
-    """Accuracy and hallucination rate (1 - accuracy) per task, overall and per relation type, and their mean over
-    the tasks present (Reefknot's R-score is 1 - that mean hallucination rate, i.e. the mean accuracy)."""
-    def score(ok):
-        acc = _mean(ok)
-        return dict(n=len(ok), accuracy=acc, hallucination_rate=1.0 - acc)
-    report = {}
-    for task in REEFKNOT_FILES:
-        idx = [i for i, t in enumerate(tasks) if t == task]
-        if not idx:
-            continue
-        rep = score([correct[i] for i in idx])
-        rep["by_relation_type"] = {rt: score([correct[i] for i in idx if relation_types[i] == rt])
-                                   for rt in sorted({relation_types[i] for i in idx})}
-        if task == "yesno" and answers is not None:
-            rep["yes_ratio"] = _mean(reefknot_says_yes(answers[i]) for i in idx)
-        report[task] = rep
-    present = [t for t in REEFKNOT_FILES if t in report]
-    report["mean"] = dict(accuracy=_mean(report[t]["accuracy"] for t in present),
-                          hallucination_rate=_mean(report[t]["hallucination_rate"] for t in present), tasks=present)
-    return report
-
-
-def winoground_scores(S):
-    """
-    S[i][j] = score(caption_i, image_j), caption_i belongs to image_i. text: for each image its own
-    caption scores higher; image: for each caption its own image scores higher; group: both. Ties fail.
-    """
-    (s00, s01), (s10, s11) = [[float(x) for x in row] for row in S]
-    text = s00 > s10 and s11 > s01
-    image = s00 > s01 and s11 > s10
-    return dict(text=float(text), image=float(image), group=float(text and image))
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-# -----------------------------------------------------------------------------
-# data: the test files, with image paths checked up front (or answers read from --predictions)
-
-
-def _read_rows(path):
-    """A JSON list/dict file or JSON lines (real POPE files are JSON lines named *.json)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return json_lines(text, path)
-
-
-def _field(row, key, path, line=None):
-    """row[key], or an error that names the file and the item (a benchmark file of another layout)."""
-    if not isinstance(row, dict) or key not in row:
-        where = f"line {line}" if line else f"item {str(row)[:80]!r}"
-        raise ValueError(f"{path}: {where} has no {key!r}; see evaluate.py's docstring for the layouts it reads")
-    return row[key]
-
-
-def _read_list(path):
-    rows = _read_rows(path)
-    return [rows] if isinstance(rows, dict) else rows  # a one-line JSON-lines file parses as one object
+# where the test files are
 
 
 def _first_existing(*paths):
     return next((p for p in paths if p and os.path.exists(p)), None)
 
 
-def image_folders(setting, default):
-    """The folders a comma-separated --image_folder names, searched in order (Visual Genome's VG_100K,VG_100K_2)."""
-    return [f.strip() for f in str(setting).split(",") if f.strip()] or [default]
-
-
-def find_image(name, folders):
-    """The path of image `name` in the first folder that has it; a name without an extension (Reefknot's image ids,
-    Winoground's "ex_0_img_0") also as .jpg / .png / .jpeg. Not found: its path under the first folder."""
-    name = str(name)
-    tries = [name] + ([] if os.path.splitext(name)[1] else [name + e for e in (".jpg", ".png", ".jpeg")])
-    for folder in folders:
-        for t in tries:
-            if os.path.isfile(os.path.join(folder, t)):
-                return os.path.abspath(os.path.join(folder, t))
-    return os.path.abspath(os.path.join(folders[0], tries[min(1, len(tries) - 1)]))
-
-
-def _image_problem(path, cache):
-    """Why the image at `path` cannot be used ("missing", or what reading it said), or None; cached per path (many
-    items share an image)."""
-    if path not in cache:
-        if not os.path.isfile(path):
-            cache[path] = "missing"
-        else:
-            try:
-                with Image.open(path) as im:
-                    im.verify()  # the file's structure, without decoding it: the evaluation decodes it once, later
-                cache[path] = None
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # not an image, a damaged
-                # one, or one over PIL's pixel limit (its error is no OSError)
-                cache[path] = why(e)
-    return cache[path]
-
-
-def _keep_with_images(items, keys, folders, task):
-    """Each item's image names (`keys`) resolved to files in `folders`; items whose images are missing or are not
-    images dropped and counted: a few bad rows must not stop a long run; none left is an error. folders None: answers
-    come from --predictions, no image is read."""
-    if folders is None:
-        return items, 0
-    folders = image_folders(folders, ".") if isinstance(folders, str) else folders
-    kept, missing, unreadable, cache = [], [], [], {}
-    for it in items:
-        it = dict(it, **{k: find_image(it[k], folders) for k in keys})
-        bad = [(p, why) for p in (it[k] for k in keys) if (why := _image_problem(p, cache))]
-        if not bad:
-            kept.append(it)
-        elif bad[0][1] == "missing":
-            missing.append(bad[0][0])
-        else:
-            unreadable.append(bad[0])
-    where = ",".join(folders)
-    if (missing or unreadable) and not kept:
-        if not unreadable:
-            raise FileNotFoundError(f"{task}: none of the {len(missing)} items' images exist (e.g. {missing[0]}); "
-                                    f"set --image_folder to the folder(s) the test file's image names are in "
-                                    f"(several: comma-separated, searched in order; now {where})")
-        raise ValueError(f"{task}: none of the {len(missing) + len(unreadable)} items' images can be read "
-                         f"({len(unreadable)} not images, e.g. {unreadable[0][0]} ({unreadable[0][1]}); "
-                         f"{len(missing)} missing); check the test file's images and --image_folder (now {where})")
-    if missing:
-        warnings.warn(f"{task}: skipping {len(missing)} items whose images are missing from {where} "
-                      f"(e.g. {missing[0]})")
-    if unreadable:
-        warnings.warn(f"{task}: skipping {len(unreadable)} items whose images cannot be read (e.g. "
-                      f"{unreadable[0][0]}: {unreadable[0][1]})")
-    return kept, len(missing) + len(unreadable)
-
-
-def read_predictions(bench_path, rows, pred_dir):
-    """The answers to `rows` (the benchmark file's items, in order) from the file of the same name in pred_dir: one
-    JSON object a line, {"text": answer} (or "answer") plus "question_id" where the benchmark has one (LLaVA's answer
-    files). Matched by question_id when both sides have it, else by position."""
-    path = os.path.join(pred_dir, os.path.basename(bench_path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no answer file for {bench_path}; --predictions needs a file of the same name "
-                                "for every benchmark file it scores (or leave the task out of --tasks)")
-    lines = _read_list(path)
-    texts = []
-    for k, a in enumerate(lines, 1):
-        if not isinstance(a, dict) or not isinstance(a.get("text", a.get("answer")), str):
-            raise ValueError(f"{path}: line {k} has no \"text\" (the answer as a string); answer files hold one "
-                             "{\"text\": ..., \"question_id\": ...} a line")
-        texts.append(a.get("text", a.get("answer")))
-    if len(lines) != len(rows):
-        raise ValueError(f"{path}: {len(lines)} answers for the {len(rows)} items of {bench_path}; give one answer "
-                         "per item")
-    if all("question_id" in r for r in rows) and all("question_id" in a for a in lines):
-        by_id = {str(a["question_id"]): t for a, t in zip(lines, texts)}
-        ids = [str(r["question_id"]) for r in rows]
-        extra, unanswered = sorted(set(by_id) - set(ids)), sorted(set(ids) - set(by_id))
-        if extra or unanswered:
-            raise ValueError(f"{path}: " + (f"question_id {extra[0]!r} is not a question of {bench_path}" if extra else
-                                            f"question_id {unanswered[0]!r} of {bench_path} has no answer") +
-                             f" ({len(extra)} unknown, {len(unanswered)} unanswered); answer each question once")
-        return [by_id[i] for i in ids]
-    return texts
-
-
-def _with_answers(items, path, rows, pred_dir):
-    """items (parsed from the benchmark file's `rows`) with their "prediction" from pred_dir, when given."""
-    if not pred_dir:
-        return items
-    return [dict(it, prediction=t) for it, t in zip(items, read_predictions(path, rows, pred_dir))]
-
-
-def load_vqa(path, folders, limit=None, predictions=""):
-    items = []
-    rows = _read_list(path)
-    for k, r in enumerate(rows, 1):
-        answers = r.get("answers", r.get("answer")) if isinstance(r, dict) else None
-        if answers is None:
-            raise ValueError(f"{path}: line {k} has no 'answer' / 'answers' (a test-dev file without answers is "
-                             "scored by the benchmark's own server)")
-        if isinstance(answers, list):
-            answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
-        question = r.get("question", r.get("text"))
-        if question is None:
-            raise ValueError(f"{path}: line {k} has no 'question' / 'text'")
-        items.append(dict(question=question, answers=answers, image=_field(r, "image", path, k),
-                          type=r.get("type", r.get("question_type", r.get("category"))),
-                          yes_no=r.get("answer_type") == "yes/no"))
-    items = _with_answers(items, path, rows, predictions)
-    return _keep_with_images(items[:limit or None], ["image"], folders, f"vqa ({path})")
-
-
-def cr_subsets(cr_dir):
-    names = [f[:-5] for f in os.listdir(cr_dir) if f.endswith(".json")]
-    return [s for s in CR_ORDER if s in names] + sorted(s for s in names if s not in CR_ORDER)
-
-
-def load_cr(cr_dir, folders, limit=None):
-    items, skipped = [], 0
-    for subset in cr_subsets(cr_dir):
-        rows = _read_rows(os.path.join(cr_dir, subset + ".json"))
-        rows = list(rows.values()) if isinstance(rows, dict) else rows
-        where = os.path.join(cr_dir, subset + ".json")
-        sub = [dict(subset=subset, image=_field(r, "filename", where), pos=_field(r, "caption", where),
-                    neg=_field(r, "negative_caption", where)) for r in rows[:limit or None]]
-        sub, k = _keep_with_images(sub, ["image"], folders, f"cr/{subset}")
-        items += sub
-        skipped += k
-    return items, skipped
-
-
-def load_pope(files, folders, limit=None, predictions=""):
-    """POPE files (POPE's own layout: question_id, image, text, label; or question / answer), one split per category
-    (default: the file name after "pope_"). A label other than yes / no is an error naming the file and line."""
-    items, skipped = [], 0
-    for path in files:
-        default_split = re.sub(r"^.*pope_", "", os.path.basename(path)).split(".")[0]
-        rows, parsed = _read_list(path), []
-        for k, r in enumerate(rows, 1):
-            label = r.get("label", r.get("answer")) if isinstance(r, dict) else None
-            if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
-                raise ValueError(f"{path}: line {k} has {'label ' + repr(label) if label is not None else 'no label'}; "
-                                 "POPE items need \"label\" (or \"answer\"): \"yes\" or \"no\"")
-            question = r.get("text", r.get("question"))
-            if question is None:
-                raise ValueError(f"{path}: line {k} has no 'text' / 'question'")
-            parsed.append(dict(question=question, label=label.strip().lower(), image=_field(r, "image", path, k),
-                               split=r.get("category", default_split)))
-        parsed = _with_answers(parsed, path, rows, predictions)
-        by_split = defaultdict(list)
-        for it in parsed:
-            by_split[it["split"]].append(it)
-        for split, sub in by_split.items():
-            sub, k = _keep_with_images(sub[:limit or None], ["image"], folders, f"pope/{split}")
-            items += sub
-            skipped += k
-    return items, skipped
-
-
-def load_wino(path, folders, limit=None):
-    items = []
-    for r in _read_list(path)[:limit or None]:
-        if "image_0" in r:
-            items.append(dict(images=[r["image_0"], r["image_1"]], captions=[r["caption_0"], r["caption_1"]]))
-        else:
-            items.append(dict(images=[r["image"], r["negative_image"]], captions=[r["caption"], r["negative_caption"]]))
-    for it in items:
-        it["image_0"], it["image_1"] = it["images"]
-    items, skipped = _keep_with_images(items, ["image_0", "image_1"], folders, f"wino ({path})")
-    for it in items:
-        it["images"] = [it["image_0"], it["image_1"]]
-    return items, skipped
-
-
-def load_reefknot(reefknot_dir, folders, limit=None, predictions=""):
-    """Items of the Reefknot files present in reefknot_dir (at least one of REEFKNOT_FILES); an item's image is
-    <image_id>.jpg (or .png) in the first of `folders` that has it, as Reefknot's own loader searches VG's two."""
-    found = {t: os.path.join(reefknot_dir, f) for t, f in REEFKNOT_FILES.items()
-             if os.path.isfile(os.path.join(reefknot_dir, f))}
-    if not found:
-        raise FileNotFoundError(f"reefknot: none of {list(REEFKNOT_FILES.values())} in {reefknot_dir}; point "
-                                "--reefknot_dir at the folder of the Reefknot download (or generate the shapes world)")
-    items, skipped = [], 0
-    for task, path in found.items():
-        rows = []
-        raw = _read_list(path)
-        for k, r in enumerate(raw, 1):
-            missing = [f for f in ("image_id", "query_prompt", "label") if f not in r]
-            if missing:
-                raise ValueError(f"{path}: line {k} has no {missing}; Reefknot items hold image_id, query_prompt, "
-                                 "label (and relation_type)")
-            rows.append(dict(task=task, image=str(r["image_id"]), query=r["query_prompt"],
-                             label=str(r["label"]), relation_type=r.get("relation_type") or "unspecified"))
-        rows = _with_answers(rows, path, raw, predictions)
-        rows, k = _keep_with_images(rows[:limit or None], ["image"], folders, f"reefknot/{REEFKNOT_FILES[task]}")
-        items += rows
-        skipped += k
-    return items, skipped
-
-
 def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reefknot_dir=""):
     """The test files under data_dir (shapes layout <data>/test/..., or directly in <data>), or the overrides."""
     t = os.path.join(data_dir, "test")
     pope_dir = pope_dir or _first_existing(t, data_dir) or data_dir
-    pope = sorted(os.path.join(pope_dir, f) for f in os.listdir(pope_dir)
-                  if "pope_" in f and f.endswith((".json", ".jsonl"))) if os.path.isdir(pope_dir) else []
+    pope_files = sorted(os.path.join(pope_dir, f) for f in os.listdir(pope_dir)
+                        if "pope_" in f and f.endswith((".json", ".jsonl"))) if os.path.isdir(pope_dir) else []
     return dict(vqa=vqa_file or _first_existing(os.path.join(t, "vqa.jsonl"), os.path.join(data_dir, "vqa.jsonl")),
                 cr=cr_dir or _first_existing(os.path.join(t, "cr"), os.path.join(data_dir, "cr")),
-                pope=pope,
+                pope=pope_files,
                 wino=wino_file or _first_existing(os.path.join(t, "winoground.jsonl"),
                                                   os.path.join(data_dir, "winoground.jsonl")),
                 reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"), os.path.join(data_dir, "reefknot")))
@@ -642,138 +193,6 @@ class Runner:
         return torch.cat(out).tolist()
 
 
-def unknown_words(tok, text):
-    """Words of `text` the tokenizer maps to <unk> (word-level tokenizers only ever do this)."""
-    if tok.unk_token_id is None:
-        return []
-    unk = []
-    for w in text.split():
-        ids = tok(w, add_special_tokens=False).input_ids
-        pieces = tok.convert_ids_to_tokens(ids)
-        for i, p in zip(ids, pieces):
-            if i == tok.unk_token_id:
-                unk.append(w)
-                break
-    return sorted(set(unk))
-
-
-# -----------------------------------------------------------------------------
-# tasks; each report says which reading made its numbers ("reading")
-
-READINGS = dict(
-    vqa="VQAv2's evaluation: normalised answers, mean over the leave-one-out annotator subsets of min(1, matches/3); "
-        "one answer: normalised exact match",
-    vqa_verdict="ours: a yes/no question (answer_type yes/no) scored on the verdict its answer states (parse_yes_no)",
-    pope="POPE's evaluate.py: first sentence, commas dropped, 'no' iff a word is No / not / no, else 'yes'",
-    pope_invalid="ours: answers that say neither yes nor no (parse_yes_no)",
-    pope_forced="ours: 'yes' vs 'no' log-probability at the first answer token",
-    reefknot="Reefknot's utils.py: YESNO 'yes' iff the answer holds the substring yes; Multichoice: the answer's "
-             "first character is the label; VQA (Reefknot has no scorer): ours, the label's words in order in the "
-             "answer")
-
-
-def answers(r, items, specs, max_new_tokens, desc):
-    """The items' answers: from --predictions when they carry them, else generated by the model."""
-    if items and all("prediction" in it for it in items):
-        return [it["prediction"] for it in items]
-    return r.generate(specs, max_new_tokens, desc)
-
-
-def run_vqa(r, items, answer_suffix="", max_new_tokens=MAX_NEW_TOKENS["vqa"]):
-    preds = answers(r, items, [(it["question"] + answer_suffix, it["image"], None) for it in items], max_new_tokens,
-                    "vqa")
-    scores = [vqa_score(p, it["answers"]) for p, it in zip(preds, items)]
-
-    def by_type(scores):
-        per_type = defaultdict(list)
-        for s, it in zip(scores, items):
-            if it.get("type"):
-                per_type[it["type"]].append(s)
-        return {k: _mean(v) for k, v in sorted(per_type.items())}
-    rep = dict(reading=READINGS["vqa"], n=len(items), accuracy=_mean(scores), per_type=by_type(scores),
-               examples=[dict(question=it["question"], answer=it["answers"], prediction=p, score=s)
-                         for it, p, s in list(zip(items, preds, scores))[:8]])
-    if any(it.get("yes_no") for it in items):  # the shapes files' yes/no kinds; an extra figure, never the headline
-        verdict = [vqa_score(parse_yes_no(p) or "", it["answers"]) if it.get("yes_no") else s
-                   for p, it, s in zip(preds, items, scores)]
-        rep["verdict"] = dict(reading=READINGS["vqa_verdict"], accuracy=_mean(verdict), per_type=by_type(verdict))
-    return rep
-
-
-def run_cr(r, items, protocols, mcq_prompt=MCQ_PROMPT, caption_prompt=CAPTION_PROMPT):
-    subsets = list(dict.fromkeys(it["subset"] for it in items))
-    report = dict(subsets=subsets)
-    if "mcq" in protocols:
-        # all items with the positive as (A), then all with the positive as (B)
-        specs = [(mcq_prompt.format(a=it["pos"], b=it["neg"]), it["image"], None) for it in items]
-        specs += [(mcq_prompt.format(a=it["neg"], b=it["pos"]), it["image"], None) for it in items]
-        answers = r.generate(specs, MAX_NEW_TOKENS["mcq"], "cr mcq")
-        n = len(items)
-        choices = [parse_choice(a, (it["pos"], it["neg"])) for a, it in zip(answers[:n], items)]
-        choices += [parse_choice(a, (it["neg"], it["pos"])) for a, it in zip(answers[n:], items)]
-        per = {s: mcq_accuracy([c for c, it in zip(choices[:n], items) if it["subset"] == s],
-                               [c for c, it in zip(choices[n:], items) if it["subset"] == s]) for s in subsets}
-        report["mcq"] = dict(avg=_mean(v["acc"] for v in per.values()), per_subset=per,
-                             invalid=_mean(v["invalid"] for v in per.values()),
-                             unknown_words=unknown_words(r.tok, mcq_prompt.format(a="", b="")),
-                             examples=[dict(subset=it["subset"], pos=it["pos"], neg=it["neg"], answer_pos_first=a1,
-                                            answer_pos_second=a2) for it, a1, a2 in
-                                       list(zip(items, answers[:n], answers[n:]))[:8]])
-    if "likelihood" in protocols:
-        specs = [(caption_prompt, it["image"], c) for it in items for c in (it["pos"], it["neg"])]
-        lp = r.loglik(specs, "cr likelihood")
-        right = [lp[2 * i] > lp[2 * i + 1] for i in range(len(items))]
-        per = {s: dict(n=sum(it["subset"] == s for it in items),
-                       acc=_mean(ok for ok, it in zip(right, items) if it["subset"] == s)) for s in subsets}
-        report["likelihood"] = dict(avg=_mean(v["acc"] for v in per.values()), per_subset=per)
-    return report
-
-
-def run_pope(r, items, answer_suffix=""):
-    """generate: the answers read as POPE reads them (with our invalid rate beside); forced (a model only): "yes" vs
-    "no" at the first answer token."""
-    specs = [(it["question"] + answer_suffix, it["image"], None) for it in items]
-    said = answers(r, items, specs, MAX_NEW_TOKENS["pope"], "pope generate")
-    readings = [("generate", [pope_reading(a) for a in said])]
-    if r is not None:
-        lp = r.first_token_logprobs(specs, ["yes", "no"], "pope forced")
-        readings.append(("forced", ["yes" if y > n else "no" for y, n in lp]))
-    splits = list(dict.fromkeys(it["split"] for it in items))
-    report = {}
-    for name, preds in readings:
-        per = {s: pope_metrics([p for p, it in zip(preds, items) if it["split"] == s],
-                               [it["label"] for it in items if it["split"] == s]) for s in splits}
-        if name == "generate":
-            for s in splits:
-                per[s]["invalid"] = invalid_rate(a for a, it in zip(said, items) if it["split"] == s)
-        keys = [k for k in per[splits[0]] if k != "n"]
-        report[name] = dict(reading=READINGS["pope" if name == "generate" else "pope_forced"], per_split=per,
-                            avg={k: _mean(v[k] for v in per.values()) for k in keys})
-        report[name]["avg"]["n"] = len(items)
-    report["generate"]["invalid_reading"] = READINGS["pope_invalid"]
-    report["examples"] = [dict(question=it["question"], label=it["label"], answer=a)
-                          for it, a in list(zip(items, said))[:8]]
-    return report
-
-
-def run_reefknot(r, items, answer_suffix=""):
-    said = answers(r, items, [(it["query"] + answer_suffix, it["image"], None) for it in items],
-                   MAX_NEW_TOKENS["reefknot"], "reefknot")
-    correct = [reefknot_correct(it["task"], a, it["label"]) for it, a in zip(items, said)]
-    rep = reefknot_metrics(correct, [it["task"] for it in items], [it["relation_type"] for it in items], said)
-    rep["reading"] = READINGS["reefknot"]
-    rep["examples"] = [dict(task=it["task"], query=it["query"], label=it["label"], answer=a, correct=ok)
-                       for it, a, ok in list(zip(items, said, correct))[:8]]
-    return rep
-
-
-def run_wino(r, items, caption_prompt=CAPTION_PROMPT):
-    specs = [(caption_prompt, it["images"][j], it["captions"][i]) for it in items for i in (0, 1) for j in (0, 1)]
-    lp = r.loglik(specs, "wino")
-    per = [winoground_scores([[lp[4 * k], lp[4 * k + 1]], [lp[4 * k + 2], lp[4 * k + 3]]]) for k in range(len(items))]
-    return dict(n=len(items), **{k: _mean(p[k] for p in per) for k in ("text", "image", "group")})
-
-
 # -----------------------------------------------------------------------------
 # the whole evaluation
 
@@ -860,16 +279,9 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
 
     def load(task):
         if task not in cache:
-            if task == "vqa":
-                cache[task] = load_vqa(need("vqa", "vqa"), folders, limit, pred_dir)
-            elif task == "cr":
-                cache[task] = load_cr(need("cr", "cr"), folders, limit)
-            elif task == "pope":
-                cache[task] = load_pope(need("pope", "pope"), folders, limit, pred_dir)
-            elif task == "wino":
-                cache[task] = load_wino(need("wino", "wino"), folders, limit)
-            elif task == "reefknot":
-                cache[task] = load_reefknot(need("reefknot", "reefknot"), rk_folders, limit, pred_dir)
+            extra = dict(predictions=pred_dir) if task in ANSWER_TASKS else {}
+            cache[task] = BENCHMARKS[task].load(need(task, task), rk_folders if task == "reefknot" else folders,
+                                                limit, **extra)
             report["skipped"][task] = cache[task][1]
         return cache[task][0]
 
@@ -897,15 +309,15 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         for task in tasks:
             t0 = time.time()
             if task == "vqa":
-                report["vqa"] = run_vqa(r, load("vqa"), answer_suffix)
+                report["vqa"] = vqa.run(r, load("vqa"), answer_suffix)
             elif task == "cr":
-                report["cr"] = run_cr(r, load("cr"), protocols, o["mcq_prompt"], caption_prompt)
+                report["cr"] = cr.run(r, load("cr"), protocols, o["mcq_prompt"], caption_prompt)
             elif task == "pope":
-                report["pope"] = run_pope(r, load("pope"), answer_suffix)
+                report["pope"] = pope.run(r, load("pope"), answer_suffix)
             elif task == "wino":
-                report["wino"] = run_wino(r, load("wino"), caption_prompt)
+                report["wino"] = winoground.run(r, load("wino"), caption_prompt)
             elif task == "reefknot":
-                report["reefknot"] = run_reefknot(r, load("reefknot"))
+                report["reefknot"] = reefknot.run(r, load("reefknot"))
             elif task == "align":
                 report["align"] = {}
                 if files["vqa"]:
@@ -920,12 +332,12 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         if heatmaps:
             os.makedirs(out, exist_ok=True)
             specs, titles = [], []
-            vqa = load("vqa")[:(heatmaps + 1) // 2] if files["vqa"] else []
-            cr = load("cr")[:heatmaps - len(vqa)] if files["cr"] else []
-            for it in vqa:
+            vqa_items = load("vqa")[:(heatmaps + 1) // 2] if files["vqa"] else []
+            cr_items = load("cr")[:heatmaps - len(vqa_items)] if files["cr"] else []
+            for it in vqa_items:
                 specs.append((it["question"] + answer_suffix, it["image"], None))
                 titles.append(f"VQA: {it['question']}  (answer: {it['answers']})")
-            for it in cr:
+            for it in cr_items:
                 specs.append((caption_prompt, it["image"], it["pos"]))
                 titles.append(f"CR {it['subset']}: {it['pos']}")
             t0 = time.time()
@@ -946,30 +358,18 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
 # tables
 
 
-def _pct(x, digits=1):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def task_n(rep, task):
     """The number of items a task's figures were computed on (None when the report lacks the task)."""
     t = rep.get(task) if isinstance(rep, dict) else None
     if not isinstance(t, dict):
         return None
     if task == "cr":
-        per = _get(t, "likelihood", "per_subset") or _get(t, "mcq", "per_subset") or {}
+        per = get(t, "likelihood", "per_subset") or get(t, "mcq", "per_subset") or {}
         return sum(v["n"] for v in per.values())
     if task == "pope":
-        return sum(v["n"] for v in (_get(t, "generate", "per_split") or {}).values())
+        return sum(v["n"] for v in (get(t, "generate", "per_split") or {}).values())
     if task == "reefknot":
-        return sum(t[k]["n"] for k in REEFKNOT_FILES if k in t)
+        return sum(t[k]["n"] for k in reefknot.REEFKNOT_FILES if k in t)
     return t.get("n")
 
 
@@ -987,20 +387,21 @@ def counts(rep):
 def compare_table(reports):
     """Markdown: one row per model (name -> report); numbers in %. CR subset cells are "MCQ / likelihood"; the n column
     counts each task's items and the skipped ones (a missing or unreadable image)."""
-    subsets = list(dict.fromkeys(s for rep in reports.values() for s in (_get(rep, "cr", "subsets") or [])))
+    subsets = list(dict.fromkeys(s for rep in reports.values() for s in (get(rep, "cr", "subsets") or [])))
     head = (["model", "n (skipped)", "VQA", "CR mcq", "CR lik"] + [f"{s} (mcq/lik)" for s in subsets] +
             ["POPE F1 (gen/forced)", "Wino group", "Reefknot halluc. (yes-no / mc / vqa / mean)",
              "align VQA (all / img / text q)", "align CR (all / img / text q)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rep in reports.items():
-        row = [name, counts(rep), _pct(_get(rep, "vqa", "accuracy")), _pct(_get(rep, "cr", "mcq", "avg")),
-               _pct(_get(rep, "cr", "likelihood", "avg"))]
-        row += [f"{_pct(_get(rep, 'cr', 'mcq', 'per_subset', s, 'acc'))} / "
-                f"{_pct(_get(rep, 'cr', 'likelihood', 'per_subset', s, 'acc'))}" for s in subsets]
-        row += [f"{_pct(_get(rep, 'pope', 'generate', 'avg', 'f1'))} / {_pct(_get(rep, 'pope', 'forced', 'avg', 'f1'))}",
-                _pct(_get(rep, "wino", "group")),
-                " / ".join(_pct(_get(rep, "reefknot", t, "hallucination_rate")) for t in (*REEFKNOT_FILES, "mean"))]
-        row += [" / ".join(_pct(_get(rep, "align", t, *form), 2) for form in
+        row = [name, counts(rep), pct(get(rep, "vqa", "accuracy")), pct(get(rep, "cr", "mcq", "avg")),
+               pct(get(rep, "cr", "likelihood", "avg"))]
+        row += [f"{pct(get(rep, 'cr', 'mcq', 'per_subset', s, 'acc'))} / "
+                f"{pct(get(rep, 'cr', 'likelihood', 'per_subset', s, 'acc'))}" for s in subsets]
+        row += [f"{pct(get(rep, 'pope', 'generate', 'avg', 'f1'))} / {pct(get(rep, 'pope', 'forced', 'avg', 'f1'))}",
+                pct(get(rep, "wino", "group")),
+                " / ".join(pct(get(rep, "reefknot", t, "hallucination_rate"))
+                           for t in (*reefknot.REEFKNOT_FILES, "mean"))]
+        row += [" / ".join(pct(get(rep, "align", t, *form), 2) for form in
                            (("all_queries", "vat_cos"), ("image_queries", "vat_cos"), ("text_queries", "flat_cos")))
                 for t in ("vqa", "cr")]
         lines.append("| " + " | ".join(row) + " |")
@@ -1019,76 +420,19 @@ def report_markdown(rep):
     for note in rep.get("notes", []):
         md.append(f"Note: {note}\n")
     skipped = lambda task: f" ({rep['skipped'][task]} skipped)" if rep.get("skipped", {}).get(task) else ""
-    if "vqa" in rep:
-        v = rep["vqa"]
-        md += ["## VQA", "", f"accuracy {_pct(v['accuracy'])} on {v['n']} items{skipped('vqa')}; reading: "
-               f"{v['reading']}", ""]
-        verdict = v.get("verdict", {})
-        if verdict:
-            md += [f"verdict accuracy {_pct(verdict['accuracy'])} (reading: {verdict['reading']})", ""]
-        if v["per_type"]:
-            md += ["| type | accuracy | verdict accuracy |", "|---|---|---|"] + \
-                  [f"| {k} | {_pct(a)} | {_pct(_get(verdict, 'per_type', k))} |" for k, a in v["per_type"].items()] + [""]
-    if "cr" in rep:
-        c = rep["cr"]
-        md += ["## CR (SugarCrepe-style)", "",
-               "| subset | n | MCQ pos (A) | MCQ pos (B) | MCQ avg | MCQ both | MCQ invalid | likelihood |",
-               "|---|---|---|---|---|---|---|---|"]
-        for s in c["subsets"]:
-            m, l = _get(c, "mcq", "per_subset", s) or {}, _get(c, "likelihood", "per_subset", s) or {}
-            n = m.get("n", l.get("n"))
-            md.append(f"| {s} | {n} | {_pct(m.get('acc_pos_first'))} | {_pct(m.get('acc_pos_second'))} | "
-                      f"{_pct(m.get('acc'))} | {_pct(m.get('both'))} | {_pct(m.get('invalid'))} | {_pct(l.get('acc'))} |")
-        md.append(f"| **mean** | | | | {_pct(_get(c, 'mcq', 'avg'))} | | {_pct(_get(c, 'mcq', 'invalid'))} | "
-                  f"{_pct(_get(c, 'likelihood', 'avg'))} |")
-        md.append(f"\nn: items per subset{skipped('cr')}; readings ours: MCQ answers by parse_choice, likelihood "
-                  "by length-normalised log P(caption)")
-        if _get(c, "mcq", "unknown_words"):
-            md.append(f"\nMCQ prompt words unknown to the tokenizer (<unk>): {' '.join(c['mcq']['unknown_words'])}")
-        md.append("")
-    if "pope" in rep:
-        md += ["## POPE", "", "| split | protocol | n | accuracy | precision | recall | F1 | yes-ratio | invalid (ours) |",
-               "|---|---|---|---|---|---|---|---|---|"]
-        for proto in ("generate", "forced"):
-            p = rep["pope"].get(proto)
-            for s, m in (list(p["per_split"].items()) + [("**mean**", p["avg"])]) if p else []:
-                md.append(f"| {s} | {proto} | {m['n']} | " + " | ".join(_pct(m.get(k)) for k in
-                          ("accuracy", "precision", "recall", "f1", "yes_ratio", "invalid")) + " |")
-        md += ["", f"readings: generate, {rep['pope']['generate']['reading']}; invalid, "
-               f"{rep['pope']['generate']['invalid_reading']}" +
-               (f"; forced, {rep['pope']['forced']['reading']}" if "forced" in rep["pope"] else "") +
-               f". Mean n: all splits' items{skipped('pope')}.", ""]
-    if "wino" in rep:
-        w = rep["wino"]
-        md += ["## Winoground-style", "", f"text {_pct(w['text'])}, image {_pct(w['image'])}, "
-               f"group {_pct(w['group'])} on {w['n']} items{skipped('wino')}", ""]
-    if "reefknot" in rep:
-        rk = rep["reefknot"]
-        types = sorted({rt for t in REEFKNOT_FILES if t in rk for rt in rk[t]["by_relation_type"]})
-        md += ["## Reefknot (relation hallucination)", "",
-               "| task | n | accuracy | hallucination rate | " + " | ".join(f"halluc. {rt}" for rt in types) + " |",
-               "|---|---|---|---|" + "---|" * len(types)]
-        for t in REEFKNOT_FILES:
-            if t in rk:
-                by = rk[t]["by_relation_type"]
-                md.append(f"| {t} | {rk[t]['n']} | {_pct(rk[t]['accuracy'])} | {_pct(rk[t]['hallucination_rate'])} | " +
-                          " | ".join(_pct(_get(by, rt, "hallucination_rate")) for rt in types) + " |")
-        md.append(f"| **mean** | | {_pct(rk['mean']['accuracy'])} | {_pct(rk['mean']['hallucination_rate'])} |" +
-                  " |" * len(types))
-        if "yesno" in rk:
-            md.append(f"\nYESNO yes-ratio {_pct(rk['yesno']['yes_ratio'])}")
-        md.append(f"\nreading: {rk['reading']}{'; ' + skipped('reefknot').strip(' ()') if skipped('reefknot') else ''}")
-        md.append("")
+    for task, bench in BENCHMARKS.items():  # each benchmark's section, written by its file in tasks/
+        if task in rep:
+            md += bench.markdown(rep[task], skipped(task))
     if "align" in rep:
         md += ["## Attention alignment (student vs teacher, matched layers)", "",
                "| task | n | all q: 1 - paper VAT | img q: 1 - reference VAT | img q: flat cos | text q: flat cos | "
                "text q: column cos | per pair (img q, 1 - VAT) |",
                "|---|---|---|---|---|---|---|---|"]
         for t, a in rep["align"].items():
-            pp = ", ".join(f"{k} {_pct(v['vat_cos'], 2)}" for k, v in a["image_queries"]["per_pair"].items())
-            md.append(f"| {t} | {a['n']} | {_pct(a['all_queries']['vat_cos'], 2)} | {_pct(a['image_queries']['vat_cos'], 2)} | "
-                      f"{_pct(a['image_queries']['flat_cos'], 2)} | {_pct(a['text_queries']['flat_cos'], 2)} | "
-                      f"{_pct(a['text_queries']['column_cos'], 2)} | {pp} |")
+            pp = ", ".join(f"{k} {pct(v['vat_cos'], 2)}" for k, v in a["image_queries"]["per_pair"].items())
+            md.append(f"| {t} | {a['n']} | {pct(a['all_queries']['vat_cos'], 2)} | {pct(a['image_queries']['vat_cos'], 2)} | "
+                      f"{pct(a['image_queries']['flat_cos'], 2)} | {pct(a['text_queries']['flat_cos'], 2)} | "
+                      f"{pct(a['text_queries']['column_cos'], 2)} | {pp} |")
         md.append("")
     if rep.get("heatmaps"):
         md += ["## Attention heat maps", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in rep["heatmaps"]]
@@ -1120,7 +464,7 @@ DEFAULTS = dict(
     matching="",              # group | simple | adaptive (default: the student's training config)
     answer_suffix="",         # appended to VQA / POPE questions (LLaVA: "\nAnswer the question using a single word or phrase.")
     caption_prompt=CAPTION_PROMPT,  # the prompt CR captions are scored after
-    mcq_prompt=MCQ_PROMPT,    # CR's multiple-choice question ({a}, {b}: the two captions)
+    mcq_prompt=cr.MCQ_PROMPT,    # CR's multiple-choice question ({a}, {b}: the two captions)
     vqa_file="",              # the files, when they are not where shapes.py puts them under data:
     cr_dir="",                # a VQA .jsonl, a folder of SugarCrepe .json subsets,
     pope_dir="",              # a folder of POPE files,

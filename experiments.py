@@ -223,7 +223,7 @@ def parallel(fns, jobs):
 def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
     """The table's numbers from an evaluate.py report (and the DFT log's last training VAT loss)."""
     cr = report["cr"]["likelihood" if "likelihood" in cr_protocol else "mcq"]
-    pope = report["pope"]["generate"]  # POPE read as its own evaluate.py reads answers (evaluate.pope_reading)
+    pope = report["pope"]["generate"]  # POPE read as its own evaluate.py reads answers (tasks/pope.py, pope_reading)
     m = dict(counts=evaluate.counts(report), vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"], pope_acc=pope["avg"]["accuracy"],
              cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()},
              pope_splits={s: v["f1"] for s, v in pope["per_split"].items()},

@@ -1,30 +1,30 @@
 """The embedded synthetic "shapes" world: images, captions, instructions and test sets.
 
-Each image is a black canvas cut into a grid (default 3x3) with 2-4 filled objects, at most one per
-cell, slightly jittered inside it. An object is a colour (8), a shape (circle, square, triangle,
-diamond, cross, star) and a size (small / large). Within one image colours are unique and shapes are
-unique, so "the red one" and "the square" always name exactly one object. Four colour-shape combos
-(HELD_OUT) never occur in training images and are forced into half of the test images, to probe
-composition beyond memorised pairs.
+    python shapes.py                 # -> out/shapes: the default world and its vision tower (shapes_tower.py)
+    python shapes.py --world=hard    # -> out/shapes_hard: the hard world (WORLDS["hard"])
+
+Each image is a black canvas cut into a grid (default 3x3) with 2-4 filled objects, at most one per cell, slightly
+jittered inside it. An object is a colour (8), a shape (circle, square, triangle, diamond, cross, star) and a size
+(small / large). Within one image colours are unique and shapes are unique, so "the red one" and "the square" always
+name exactly one object. Four colour-shape combos (HELD_OUT) never occur in training images and are forced into half
+of the test images, to probe composition beyond memorised pairs.
 
 Everything is written in the formats the real-data code reads, so one pipeline serves both:
   pretrain.json        LLaVA-Pretrain: {"id", "image", "conversations": [human prompt, gpt caption]}
-  instruct.json        LLaVA mix665K: 1-3 turn conversations (1-4 in the relation mixes), ~2 % text-only
-  test/vqa.jsonl       {"question", "answer", "image", "type"}: one question of every kind the mix asks per test
-                       image; yes/no kinds also carry "answer_type": "yes/no" (evaluate.py's verdict figure)
+  instruct.json        LLaVA mix665K: 1-3 turn conversations (MIX), ~2 % text-only
+  test/vqa.jsonl       {"question", "answer", "image", "type"}: one question of every kind MIX asks per test image;
+                       yes/no kinds also carry "answer_type": "yes/no" (tasks/vqa.py's verdict figure)
   test/cr/{subset}.json  SugarCrepe: {id: {"filename", "caption", "negative_caption"}}
   test/pope_{random,popular,adversarial}.jsonl  {"question", "answer", "image", "category", "object"}
-  test/reefknot/{YESNO,Multichoice,VQA}.jsonl  Reefknot: {"image_id", "query_prompt", "label", "relation_type"},
-                       spatial relations in the formats the mix trains (the default mix: YESNO only)
-  scenes.json          every image's objects (ground truth for checks and evaluation)
+  test/reefknot/YESNO.jsonl  Reefknot: {"image_id", "query_prompt", "label", "relation_type"}, spatial relations
+  scenes.json          every image's objects (ground truth for checks, evaluation and privileged.py)
   tokenizer/, image_processor/  built with data.py helpers, so nothing is ever downloaded
-  meta.json            settings, counts, held-out combos, vocabulary
+  meta.json            settings, counts, held-out combos, vocabulary (and the rules of a world other than the default)
 Image paths are relative to the output directory.
 
-Grammar. A noun phrase (NP) is "[size] [color] shape". Captions are relational,
-"a NP left of a NP" (relations: left of / right of / above / below), or lists,
-"a NP , a NP and a NP". All text is lower case with punctuation as separate words; the article is
-always "a" (even "a orange circle"), so no article betrays the next word.
+Grammar. A noun phrase (NP) is "[size] [color] shape". Captions are relational, "a NP left of a NP" (relations: left
+of / right of / above / below), or lists, "a NP , a NP and a NP". All text is lower case with punctuation as separate
+words; the article is always "a" (even "a orange circle"), so no article betrays the next word.
 
 Pitfalls this world avoids (each would let text alone, or a caption's length, pick the answer):
   * Relations are only stated along an axis where the two objects really differ, and both orders
@@ -35,41 +35,16 @@ Pitfalls this world avoids (each would let text alone, or a caption's length, pi
     appending one, so a likelihood scorer cannot win by length. (add_att, as in SugarCrepe, adds one
     word; report the shuffled-image control beside it.)
   * POPE files are exactly balanced yes/no; training yes/no questions by a fair coin per question.
-Determinism: every image and sample draws from its own random.Random seeded by a string
-("{seed}/{stream}/{index}"), so files are byte-identical for a seed and a smaller run is a prefix of a
-larger one. Test images use separate streams from training images.
+Determinism: every image and sample draws from its own random.Random seeded by a string ("{seed}/{stream}/{index}"),
+so files are byte-identical for a seed and a smaller run is a prefix of a larger one. Test images use separate
+streams from training images.
 
-The hard world (`python shapes.py --world=hard`, WORLDS["hard"], written to out/shapes_hard). In the default
-world each grid cell is one 16 px patch, i.e. one visual token, and the pretrained tower names that cell's
-colour, shape and size: the token already *is* the object, so there is little for the LM's attention to get
-right (a student trained without a teacher attends almost as the teacher does). The hard world changes what a
-token carries and how many tokens an object has, and keeps the grammar, the tests and their pitfalls:
-  * 48 px images, 8 px patches: 36 visual tokens. A 4x4 grid of 12 px cells, so cell and patch borders do not
-    line up: an object covers several patches, and 20 of the 36 patches straddle two or four cells, so they can
-    hold parts of two objects. Sizes are 0.36 / 0.46 of a cell (4.3 / 5.5 px radius).
-  * 3-5 objects (not 2-4): more objects to tell apart in every caption and question. Five at most, so a shape
-    is always absent (replace_obj / add_obj negatives and "no" answers draw from the absent ones).
-  * Clutter: 1-3 grey specks, each in its own empty cell. No text ever names them; they take up tokens (and
-    share patches with objects) that a model must learn to look past.
-  * The tower is pretrained per patch, on what that patch itself shows (`tower_labels="blocks+shape"`,
-    `patch_labels`): what covers each of its 4x4 blocks of 2x2 px (background, one of the 8 colours, clutter),
-    the shape of the object that covers most of it, and the patch's own row and column. It is never told a
-    size, which patches form one object, or anything about the other objects in a shared patch. So a token says
-    "red on my upper left, mostly part of a star"; an object's size, and the shape of an object that is the
-    minority in its patches, need several patches gathered, which is the LM's attention's job; and every
-    question about one object means finding its 2-6 tokens among 36.
-    The shape label is what lets a teacher learn shapes at a CPU budget: with `tower_labels="blocks"` (none), a
-    shape is only a silhouette spread over patches, and the teacher does not bind shapes to colours in time
-    (results/README.md, "The hard world"), leaving nothing to distill.
-  * No position words (no "top left" on a 4x4 grid): relations are the only way to talk about place.
-What it costs: 36 instead of 9 visual tokens make every step about 1.5x slower on a CPU (config/shapes_hard_*.py).
-
-Two more worlds record attempts at a teacher that learns spatial relations and existence, which the default world's
-teacher does not (results/README.md, "Relations and hallucination"): "relations" asks them far more often, in
-Reefknot's three formats too (MIXES["relations"]), on a tower that also names which colours lie left of, right of,
-above and below each object (tower_labels="cell+relations", shapes_tower.py); "evidence" answers every yes/no
-question with what the image shows before the verdict ("the red one is a square , so no"). Neither teacher learned
-relations at this project's CPU budget.
+WORLDS holds the rules of each world. The hard world keeps the grammar, the tests and their pitfalls and changes what
+a visual token carries: 36 tokens over a 4x4 grid that does not line up with them, 3-5 objects, grey clutter, and a
+tower that names only what each patch itself shows (tower_labels="blocks+shape"), so binding a colour to a shape
+means gathering several tokens. Why, and what it costs: docs/shapes.md. label_map (which object covers which pixels)
+is the world's geometry, read by the tower's labels (shapes_tower.py) and the teacher's privileged supervision
+(privileged.py).
 """
 import json
 import math
@@ -94,25 +69,19 @@ PROMPT = "describe the image ."
 CR_SUBSETS = ["swap_att", "replace_att", "replace_obj", "replace_rel", "swap_obj", "add_obj", "add_att"]
 POPE_SPLITS = ["random", "popular", "adversarial"]
 YES_NO_KINDS = ("exist", "rel_yn")
-REEFKNOT_FILES = ["YESNO", "Multichoice", "VQA"]  # test/reefknot/<name>.jsonl, Reefknot's own file names
+REEFKNOT_FILES = ["YESNO", "Multichoice", "VQA"]  # Reefknot's own file names; the world trains and writes YESNO
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges, still deterministic
 CLUTTER_COLOR, CLUTTER_RADIUS = (120, 120, 120), (1.0, 1.8)  # grey specks (hard world): no word names them
 CLUTTER_ID = 1 + len(COLORS)  # the specks' class in label_map (0 = background, 1..8 = an object's colour)
 SUB = 4  # patch-evidence tower: each patch is labelled as SUB x SUB blocks (8 px patches -> 2 px blocks)
 # What the world's tower is pretrained to name: "cell" (default world: each cell's colour, shape, size, row, column);
 # "blocks" (per patch: what covers each of its SUB x SUB blocks, and where the patch is); "blocks+shape" (the same,
-# plus the shape of the object covering most of the patch). See the module docstring for why the hard world uses
-# the last one.
-TOWER_LABELS = ("cell", "blocks", "blocks+shape", "cell+relations")
-# Instruction mixes: question-kind weights and turns per conversation (1..4, with these weights).
-MIXES = {
-    "base": dict(weights=dict(color=12, binding=12, size=6, exist=14, count=8, rel_yn=20, rel_query=14, position=14),
-                 turns=[5, 3, 2]),
-    "relations": dict(weights=dict(color=10, binding=6, size=4, exist=16, count=4, rel_yn=16, rel_query=10,
-                                   rel_what=10, rel_choice=8, position=16), turns=[1, 3, 3, 3]),
-    "evidence": dict(weights=dict(color=10, binding=6, size=4, exist=16, count=4, rel_yn=16, rel_query=10,
-                                  rel_what=10, rel_choice=8, position=16), turns=[1, 3, 3, 3], evidence=True),
-}
+# plus the shape of the object covering most of the patch). shapes_tower.py makes the labels; docs/shapes.md says
+# why the hard world uses the last one.
+TOWER_LABELS = ("cell", "blocks", "blocks+shape")
+# The instruction mix: question-kind weights, and turns per conversation (1..3, with these weights).
+MIX = dict(weights=dict(color=12, binding=12, size=6, exist=14, count=8, rel_yn=20, rel_query=14, position=14),
+           turns=[5, 3, 2])
 
 
 # The world's rules. "default" is the world of run_shapes.sh and the committed results; "hard" is the world where a
@@ -121,11 +90,6 @@ WORLDS = {
     "default": dict(image_size=48, grid=3),
     "hard": dict(image_size=48, grid=4, n_objects=(3, 5), sizes={"small": 0.36, "large": 0.46}, clutter=(1, 3),
                  patch_size=8, tower_labels="blocks+shape"),
-    # Two attempts at a world whose teacher learns relations and existence (results/README.md, "Relations and
-    # hallucination"): more relation questions, Reefknot's three formats and a tower that names each object's
-    # neighbours; the same with yes/no answers that state the evidence before the verdict.
-    "relations": dict(image_size=48, grid=3, mix="relations", tower_labels="cell+relations"),
-    "evidence": dict(image_size=48, grid=3, mix="evidence", tower_labels="cell+relations"),
 }
 
 
@@ -135,7 +99,7 @@ def position_words(grid):
             3: (["top", "middle", "bottom"], ["left", "center", "right"])}.get(grid)
 
 
-def vocabulary(grid=3, mix="base"):
+def vocabulary(grid=3):
     """Every word any generated text can contain (checked against the real texts in generate)."""
     words = set(COLORS) | set(SHAPES) | set(SIZES) | set(RELATIONS) | set(NUMBERS)
     words |= set("a the and of , ? . what color shape size is there in image how many objects object are "
@@ -144,8 +108,6 @@ def vocabulary(grid=3, mix="base"):
         words |= set(sum(position_words(grid), []))
     # evaluate.py's multiple-choice prompt; never in training text, but better distinct words than <unk>
     words |= set("which caption describes answer with or b ( )".split())
-    if mix != "base":  # the relation questions' words (and the verdict's "so")
-        words |= set("relation between c d so".split())
     return sorted(words)
 
 
@@ -346,26 +308,10 @@ def pretrain_caption(rng, objects):
     return list_caption([make_np(rng, o) for o in rng.sample(objects, len(objects))])
 
 
-def exist_answer(thing, objects):
-    """The evidence, then the verdict, for "is there a THING in the image ?" (THING: "C S", "S" or "C object"): what the
-    object of that colour (or shape) is, or that there is none."""
-    words = thing.replace(" object", "").split()
-    color = next((w for w in words if w in COLORS), None)
-    shape = next((w for w in words if w in SHAPES), None)
-    o = next((p for p in objects if (color or p["color"]) == p["color"] and (shape is None or color or
-                                                                            p["shape"] == shape)), None)
-    if o is None:
-        return f"nothing is {color or 'a ' + shape} , so no"
-    yes = shape is None or o["shape"] == shape
-    if color:
-        return f"the {color} one is a {o['shape']} , so {'yes' if yes else 'no'}"
-    return f"the {shape} is {o['color']} , so yes"
-
-
-def question(rng, objects, grid, kind=None, weights=None, evidence=False):
-    """One (question, answer, kind) about the scene. Yes/no kinds are balanced by a coin flip. `evidence`: yes/no
-    answers say what the image shows first and end with the verdict ("the red one is a square , so no")."""
-    weights = dict(weights or MIXES["base"]["weights"])
+def question(rng, objects, grid, kind=None):
+    """One (question, answer, kind) about the scene, of a kind drawn by MIX's weights unless given. Yes/no kinds are
+    balanced by a coin flip."""
+    weights = dict(MIX["weights"])
     if not position_words(grid):
         weights.pop("position", None)
     kind = kind or rng.choices(list(weights), list(weights.values()))[0]
@@ -381,7 +327,7 @@ def question(rng, objects, grid, kind=None, weights=None, evidence=False):
         form = rng.choice(["combo", "combo", "shape", "color"])
         if rng.random() < 0.5:  # yes
             q = {"combo": name(o), "shape": o["shape"], "color": o["color"] + " object"}[form]
-            return f"is there a {q} in the image ?", exist_answer(q, objects) if evidence else "yes", kind
+            return f"is there a {q} in the image ?", "yes", kind
         if form == "shape":
             q = rng.choice([s for s in SHAPES if s not in {p["shape"] for p in objects}])
         elif form == "color":
@@ -390,7 +336,7 @@ def question(rng, objects, grid, kind=None, weights=None, evidence=False):
             foils = [(p["color"], s["shape"]) for p in objects for s in objects if p is not s]
             pool = foils if rng.random() < 0.5 else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
             q = " ".join(rng.choice(pool))
-        return f"is there a {q} in the image ?", exist_answer(q, objects) if evidence else "no", kind
+        return f"is there a {q} in the image ?", "no", kind
     if kind == "count":
         if rng.random() < 0.5:
             return "how many objects are there ?", NUMBERS[len(objects)], kind
@@ -402,27 +348,12 @@ def question(rng, objects, grid, kind=None, weights=None, evidence=False):
         yes = rng.random() < 0.5
         a_np, b_np = (make_np(rng, x, size=False, color=rng.random() < 0.7) for x in (a, b))
         q = f"is the {np_text(a_np)} {rel_text(rel if yes else RELATIONS[rel])} the {np_text(b_np)} ?"
-        if evidence:  # the true relation on the asked axis, then the verdict
-            return q, f"the {np_text(a_np)} is {rel_text(rel)} the {np_text(b_np)} , so {'yes' if yes else 'no'}", kind
         return q, "yes" if yes else "no", kind
-    if kind in ("rel_what", "rel_choice"):  # pairs with exactly one relation: in one row or one column
-        pairs = [(a, b) for a in objects for b in objects if a is not b and len(relation(a, b)) == 1]
-        if not pairs:
-            return question(rng, objects, grid, "rel_yn", evidence=evidence)
-        a, b = rng.choice(pairs)
-        rel = relation(a, b)[0]
-        q = f"what is the relation between the {name(a)} and the {name(b)} ?"
-        if kind == "rel_what":
-            return q, rel_text(rel), kind
-        opts = rng.sample(list(RELATIONS), 4)
-        letters = "abcd"
-        q += " " + " ".join(f"( {letters[i]} ) {rel_text(r)}" for i, r in enumerate(opts))
-        return q, letters[opts.index(rel)], kind
     if kind == "rel_query":  # only (reference, relation) pairs with exactly one answer
         options = [(b, rel, [a for a in objects if rel in relation(a, b)]) for b in objects for rel in RELATIONS]
         options = [t for t in options if len(t[2]) == 1]
         if not options:  # e.g. four objects in a 2x2 block: every side holds two or none
-            return question(rng, objects, grid, "rel_yn", weights, evidence)
+            return question(rng, objects, grid, "rel_yn")
         b, rel, ans = rng.choice(options)
         return f"what is {rel_text(rel)} the {np_text(make_np(rng, b, size=False))} ?", name(ans[0]), kind
     rows, cols = position_words(grid)
@@ -453,13 +384,12 @@ def text_only(rng):
     return f"say {w} .", w
 
 
-def conversation(rng, objects, grid, mix=None):
+def conversation(rng, objects, grid):
     """1-3 turns (50/30/20 %); the first human turn carries the image placeholder."""
-    mix = MIXES[mix or "base"]
     turns, seen = [], set()
-    n = mix["turns"]
+    n = MIX["turns"]
     for t in range(rng.choices(list(range(1, len(n) + 1)), n)[0]):
-        q, a, _ = question(rng, objects, grid, weights=mix["weights"], evidence=mix.get("evidence", False))
+        q, a, _ = question(rng, objects, grid)
         if q in seen:
             continue
         seen.add(q)
@@ -510,27 +440,15 @@ def cr_item(rng, subset, objects):
 
 
 def reefknot_items(rng, objects, image_id):
-    """Relation-hallucination items for one test image in Reefknot's layout ({image_id, query_prompt, label,
-    relation_type}; spatial relations are Reefknot's "perception" kind), phrased as the training questions:
-    YESNO a pair of questions on one object pair, the true relation (yes) and its opposite on the same axis (no:
-    both objects are there, only the relation is false); Multichoice and VQA on a pair that shares a row or a column
-    (exactly one of the four relations holds), the four relations as options in random order. {} for a task with no
-    such pair."""
+    """Relation-hallucination items for one test image in Reefknot's YESNO layout ({image_id, query_prompt, label,
+    relation_type}; spatial relations are Reefknot's "perception" kind), phrased as the training questions: a pair
+    of questions on one object pair, the true relation (yes) and its opposite on the same axis (no: both objects are
+    there, only the relation is false)."""
     item = lambda q, label: dict(image_id=image_id, query_prompt=q, label=label, relation_type="perception")
     a, b = rng.sample(objects, 2)
     rel = rng.choice(relation(a, b))
-    out = {"YESNO": [item(f"is the {name(a)} {rel_text(rel)} the {name(b)} ?", "yes"),
-                     item(f"is the {name(a)} {rel_text(RELATIONS[rel])} the {name(b)} ?", "no")]}
-    pairs = [(p, q) for p in objects for q in objects if p is not q and len(relation(p, q)) == 1]
-    if pairs:
-        a, b = rng.choice(pairs)
-        rel = relation(a, b)[0]
-        q = f"what is the relation between the {name(a)} and the {name(b)} ?"
-        opts = rng.sample(list(RELATIONS), 4)
-        out["Multichoice"] = [item(q + " " + " ".join(f"( {'abcd'[i]} ) {rel_text(r)}" for i, r in enumerate(opts)),
-                                   "ABCD"[opts.index(rel)])]
-        out["VQA"] = [item(q, rel_text(rel))]
-    return out
+    return [item(f"is the {name(a)} {rel_text(rel)} the {name(b)} ?", "yes"),
+            item(f"is the {name(a)} {rel_text(RELATIONS[rel])} the {name(b)} ?", "no")]
 
 
 def pope_items(rng, objects, freq):
@@ -559,9 +477,9 @@ def _write(path, obj):
 
 
 def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_only_frac=0.02, progress=True,
-             n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell", mix="base"):
+             n_objects=(2, 4), sizes=None, clutter=(0, 0), patch_size=0, tower_labels="cell"):
     """Write the whole world under `out` and return its meta dict (also saved as meta.json). The keywords after
-    `progress` are the world's rules (WORLDS holds the presets); patch_size, tower_labels and mix are stored in
+    `progress` are the world's rules (WORLDS holds the presets); patch_size and tower_labels are stored in
     meta.json for shapes_tower.pretrain_tower and the tests. The default world's meta.json holds no rules."""
     sizes = dict(sizes or SIZES)
     if grid < 2 or image_size < 8 * grid:
@@ -574,7 +492,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         raise ValueError(f"shapes world: tower_labels={tower_labels!r} / patch_size={patch_size}: use 'cell', or "
                          f"{TOWER_LABELS[1:]} with a patch size divisible by {SUB}")
     world = dict(n_objects=list(n_objects), sizes=sizes, clutter=list(clutter), patch_size=patch_size,
-                 tower_labels=tower_labels, **({"mix": mix} if mix != "base" else {}))
+                 tower_labels=tower_labels)
     default_world = world == dict(n_objects=[2, 4], sizes=SIZES, clutter=[0, 0], patch_size=0, tower_labels="cell")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     bar = lambda it, desc: tqdm(it, desc=desc, disable=not progress, leave=False)
@@ -590,7 +508,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         cap = pretrain_caption(R("pretrain", i), objects)
         pretrain.append({"id": f"train_{i:05d}", "image": path, "conversations": [
             {"from": "human", "value": "<image>\n" + PROMPT}, {"from": "gpt", "value": cap}]})
-        instruct.append({"id": f"train_{i:05d}", "image": path, "conversations": conversation(R("instruct", i), objects, grid, mix)})
+        instruct.append({"id": f"train_{i:05d}", "image": path, "conversations": conversation(R("instruct", i), objects, grid)})
     n_text = round(text_only_frac * n_train)
     for k in range(n_text):  # spread through the file so a sequential reader meets them too
         q, a = text_only(R("text", k))
@@ -598,10 +516,9 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
             {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
     freq = Counter((o["color"], o["shape"]) for s in scenes.values() for o in s["objects"])
 
-    evidence = MIXES[mix].get("evidence", False)
-    vqa_kinds = [k for k in MIXES[mix]["weights"] if k != "position" or position_words(grid)]
+    vqa_kinds = [k for k in MIX["weights"] if k != "position" or position_words(grid)]
     vqa, cr, pope = [], {s: {} for s in CR_SUBSETS}, {s: [] for s in POPE_SPLITS}
-    reefknot = {k: [] for k in REEFKNOT_FILES}
+    reefknot = {"YESNO": []}
     for i in bar(range(n_test), "test images"):
         path = f"images/test_{i:05d}.png"
         forced = HELD_OUT[(i // 2) % len(HELD_OUT)] if i % 2 == 0 else None  # half carry a held-out combo
@@ -610,17 +527,15 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         scenes[path] = dict(split="test", objects=objects, **({"clutter": specks} if clutter[1] else {}))
         render(objects, image_size, specks).save(os.path.join(out, path), format="PNG", compress_level=1)
         for kind in vqa_kinds:  # one question of every kind the mix asks, so each kind has n_test items
-            q, a, _ = question(R("vqa", i, kind), objects, grid, kind, evidence=evidence)
+            q, a, _ = question(R("vqa", i, kind), objects, grid, kind)
             row = {"id": f"test_{i:05d}_{kind}", "question": q, "answer": a, "image": path, "type": kind}
             if kind in YES_NO_KINDS:  # VQAv2's answer_type; evaluate.py's verdict figure reads the verdict
-                row.update(answer=a.split()[-1], answer_type="yes/no", **({"explanation": a} if evidence else {}))
+                row.update(answer=a.split()[-1], answer_type="yes/no")
             vqa.append(row)
         for subset in CR_SUBSETS:
             pos, neg = cr_item(R("cr", subset, i), subset, objects)
             cr[subset][str(i)] = {"filename": path, "caption": pos, "negative_caption": neg}
-        for k, rows in reefknot_items(R("reefknot", i), objects, f"test_{i:05d}").items():
-            if k == "YESNO" or "rel_what" in MIXES[mix]["weights"]:  # only the formats the mix trains
-                reefknot[k] += rows
+        reefknot["YESNO"] += reefknot_items(R("reefknot", i), objects, f"test_{i:05d}")
         yes, no = pope_items(R("pope", i), objects, freq)
         for split in POPE_SPLITS:
             for obj, ans in ((yes, "yes"), (no[split], "no")):
@@ -628,12 +543,12 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
                                     "image": path, "category": split, "object": obj})
 
     # Remove what an earlier run into the same directory left that this one does not write: images of a larger run,
-    # Reefknot files of a world whose mix trained more formats (their labels would be scored against these images).
+    # Reefknot files in formats this world does not write (their labels would be scored against these images).
     for f in os.listdir(os.path.join(out, "images")):
         if f"images/{f}" not in scenes:
             os.remove(os.path.join(out, "images", f))
     for name in REEFKNOT_FILES:
-        if not reefknot[name] and os.path.isfile(os.path.join(out, "test", "reefknot", f"{name}.jsonl")):
+        if not reefknot.get(name) and os.path.isfile(os.path.join(out, "test", "reefknot", f"{name}.jsonl")):
             os.remove(os.path.join(out, "test", "reefknot", f"{name}.jsonl"))
     files = {"pretrain.json": pretrain, "instruct.json": instruct, "scenes.json": scenes, "test/vqa.jsonl": vqa,
              **{f"test/cr/{s}.json": items for s, items in cr.items()},
@@ -643,7 +558,7 @@ def generate(out, seed=0, n_train=4000, n_test=200, image_size=48, grid=3, text_
         _write(os.path.join(out, rel_path), obj)
 
     # The tokenizer covers the grammar's whole vocabulary; check the real texts against it.
-    vocab = vocabulary(grid, mix)
+    vocab = vocabulary(grid)
     texts = [t["value"] for s in pretrain + instruct for t in s["conversations"]]
     texts += [r["question"] + " " + r["answer"] for r in vqa + sum(pope.values(), [])]
     texts += [v[k] for items in cr.values() for v in items.values() for k in ("caption", "negative_caption")]
@@ -708,7 +623,7 @@ def shuffled_control(src, dst, seed=0):
 
 # ----------------------------------------------------------------------------- command line
 DEFAULTS = dict(
-    world="default",          # the world's rules: a name in shapes.WORLDS (default | hard | relations | evidence)
+    world="default",          # the world's rules: a name in shapes.WORLDS (default | hard)
     out="",                   # where to write it ("": out/shapes for the default world, out/shapes_<world> else)
     seed=0,                   # every image and text draws from a stream seeded by it
     n_train=4000,             # training images (one caption and one conversation each)
@@ -734,8 +649,8 @@ def main(argv=None):
         return None
     meta = generate(out, seed=cfg["seed"], n_train=cfg["n_train"], n_test=cfg["n_test"], **WORLDS[cfg["world"]])
     print(json.dumps(meta["counts"]), f"vocab_size={meta['vocab_size']}", f"-> {out}")
-    if cfg["tower_steps"]:
-        from shapes_tower import pretrain_tower
+    if cfg["tower_steps"]:  # the one import of shapes_tower here, and only in the CLI: shapes_tower reads the world
+        from shapes_tower import pretrain_tower   # (shapes), never the other way round at import time
         acc = pretrain_tower(out, os.path.join(out, "vision_tower"), steps=cfg["tower_steps"], seed=cfg["seed"])
         print("vision tower test accuracy:", json.dumps({k: round(v, 4) for k, v in acc.items() if v is not None}),
               f"-> {out}/vision_tower")

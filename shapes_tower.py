@@ -4,16 +4,18 @@ shapes image shows, saved where the VLMs load it (`vision_model=<world>/vision_t
 
 It stands in for the real recipe's pretrained tower: teacher and students share it, frozen, so they differ only where
 CompoDistill says they do, in how their LMs use the visual tokens. What it is trained to name depends on the world's
-`tower_labels` rule (shapes.WORLDS):
+`tower_labels` rule (shapes.WORLDS), and the labels are made here from the world's scenes:
   cell            per grid cell (one patch per cell): its object's colour, shape and size (0 for none), its row and
-                  column
-  cell+relations  the same, plus, for the object in the cell, which colours the other objects have that lie left of,
-                  right of, above and below it: a patch embedding that knows its neighbours, as a pretrained ViT's
-                  contextualised patches do, so that a spatial relation is one look at one object away
-  blocks(+shape)  per patch (hard world): what covers each of its SUB x SUB blocks, the patch's row and column (and the
-                  shape of the object covering most of it), never what another patch shows
+                  column (cell_labels)
+  blocks(+shape)  per patch (hard world): what covers each of its SUB x SUB blocks (shapes.label_map), the patch's row
+                  and column (and the shape of the object covering most of it), never what another patch shows
+                  (patch_labels)
 (It is pretrained on its own because a tower learned through the teacher's LM gets too little signal at a CPU
-budget: the teacher learns to ignore the image.) Linear heads on the feature layer the VLMs read (LLaVA's second to last) do the naming; they are thrown away.
+budget: the teacher learns to ignore the image.) Linear heads on the feature layer the VLMs read (LLaVA's second to
+last) do the naming; they are thrown away.
+
+    python shapes.py --out=out/shapes      # writes the world, then calls pretrain_tower -> out/shapes/vision_tower
+Imports run one way: this file reads the world (shapes); shapes.py imports it only inside its command line.
 """
 import json
 import os
@@ -21,7 +23,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from shapes import CLUTTER_ID, COLORS, RELATIONS, SHAPES, SIZES, SUB, _write, label_map, relation
+from shapes import CLUTTER_ID, COLORS, SHAPES, SIZES, SUB, _write, label_map
 
 # image_size comes from the world; patch_size defaults to one patch per grid cell (48 px / 3 -> 16 px, 9 tokens)
 TOWER = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -42,23 +44,6 @@ def cell_labels(objects, patches, grid):
                                             1 + list(SIZES).index(o["size"]))
         labels.append(what + cell)
     return labels
-
-
-def relation_labels(objects, patches, grid):
-    """Per patch (row-major), for the object in the cell under the patch centre: for each relation word (left, right,
-    above, below: "this object REL that one"), which colours the objects it holds for have (len(COLORS) bits each);
-    all zeros for an empty cell."""
-    by_cell = {(o["row"], o["col"]): o for o in objects}
-    out = []
-    for k in range(patches * patches):
-        r, c = divmod(k, patches)
-        o = by_cell.get((int((r + 0.5) / patches * grid), int((c + 0.5) / patches * grid)))
-        bits = []
-        for rel in RELATIONS:
-            have = {p["color"] for p in objects if o is not None and p is not o and rel in relation(o, p)}
-            bits += [int(col in have) for col in COLORS]
-        out.append(tuple(bits))
-    return out
 
 
 def patch_labels(objects, image_size, patch_size, clutter=(), shape=True):
@@ -82,7 +67,7 @@ def patch_labels(objects, image_size, patch_size, clutter=(), shape=True):
 def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2e-3, seed=0, progress=True):
     """Train a tower on the world's training images to name what its `tower_labels` rule says (module docstring), and
     save it (with the image processor and pretraining.json) to `out`. Returns the accuracy on the test images: per
-    label, or per kind of evidence (blocks, relation bits)."""
+    label, or per kind of evidence (blocks)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoImageProcessor, AutoModel
@@ -93,7 +78,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     proc = AutoImageProcessor.from_pretrained(os.path.join(world, "image_processor"))
     rules = meta.get("world", {})  # absent: the default world (per-cell labels, one patch per cell)
     mode = rules.get("tower_labels", "cell")
-    by_patch, with_shape, with_rel = mode.startswith("blocks"), mode == "blocks+shape", mode == "cell+relations"
+    by_patch, with_shape = mode.startswith("blocks"), mode == "blocks+shape"
     vision = dict(vision, image_size=meta["image_size"])
     vision.setdefault("patch_size", rules.get("patch_size") or meta["image_size"] // meta["grid"])
     patches = vision["image_size"] // vision["patch_size"]
@@ -106,10 +91,6 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
     else:
         names = ["color", "shape", "size", "row", "col"]
         n_out = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), meta["grid"], meta["grid"]]
-        if with_rel:  # a place only where there is an object (0: empty cell), so an empty cell's token says nothing
-            n_out[3:5] = [1 + meta["grid"], 1 + meta["grid"]]
-            names += [f"{rel}:{col}" for rel in RELATIONS for col in COLORS]
-            n_out += [2] * (len(RELATIONS) * len(COLORS))
     heads = torch.nn.Linear(vision["hidden_size"], sum(n_out))
 
     def labels(p):
@@ -117,11 +98,7 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
         if by_patch:
             return patch_labels(sc["objects"], meta["image_size"], vision["patch_size"], sc.get("clutter", ()),
                                 shape=with_shape)
-        cells = cell_labels(sc["objects"], patches, meta["grid"])
-        if with_rel:
-            cells = [a[:3] + ((1 + a[3], 1 + a[4]) if a[0] else (0, 0)) + b
-                     for a, b in zip(cells, relation_labels(sc["objects"], patches, meta["grid"]))]
-        return cells
+        return cell_labels(sc["objects"], patches, meta["grid"])
 
     def load(split):
         paths = sorted(p for p, s in scenes.items() if s["split"] == split)
@@ -159,11 +136,6 @@ def pretrain_tower(world, out=None, vision=TOWER, steps=800, batch_size=64, lr=2
                    object_block=float((pred == y)[(y > 0) & (y < CLUTTER_ID)].float().mean()),
                    clutter_block=float((pred == y)[y == CLUTTER_ID].float().mean()) if (y == CLUTTER_ID).any() else None,
                    **{k: acc[k] for k in ("shape", "row", "col") if k in acc})
-    if with_rel:  # one number for the relation bits: those of object cells that are set, and all of them
-        pred = torch.stack([zi.argmax(-1) for zi in z[5:]], -1)
-        y = test_y[..., 5:]
-        acc = {k: v for k, v in acc.items() if ":" not in k}
-        acc.update(relation_bits=float((pred == y).float().mean()), relation_set=float((pred == y)[y == 1].float().mean()))
     if out:
         tower.save_pretrained(out)
         proc.save_pretrained(out)

@@ -1,4 +1,6 @@
-"""Tiny random models built from configs: no downloads, a few hundred kB each."""
+"""Tiny random models built from configs (no downloads, a few hundred kB each), and the builders several test files
+share: checkpoints, data layouts, benchmark files."""
+import json
 import os
 import sys
 
@@ -263,3 +265,50 @@ def write_huge_png(path, width=20000, height=10000):
                                 struct.pack(">I", zlib.crc32(kind + data)))
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def write_lines(path, rows):
+    """A JSON-lines file (its folder made): benchmark files and answer files."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def write_reefknot_layout(root, images):
+    """Reefknot as downloaded: numeric Visual Genome ids, images as <id>.jpg in another folder, the three files;
+    one item whose image is missing, one without a relation_type (the released Multichoice file has none)."""
+    from PIL import Image
+    os.makedirs(images, exist_ok=True)
+    for i in ("2344270", "4680"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(os.path.join(images, i + ".jpg"))
+    rows = {"YESNO.jsonl": [
+                dict(image_id="2344270", query_prompt="Is the cat eating fish in this photo? Please answer yes or no.",
+                     label="yes", relation_type="cognition"),
+                dict(image_id="2344270", query_prompt="Is the cat under fish in this photo? please answer yes or no.",
+                     label="no", relation_type="perception"),
+                dict(image_id="999", query_prompt="Is the dog on bed in this photo? Please answer yes or no.",
+                     label="yes", relation_type="perception")],  # 999.jpg does not exist: skipped and counted
+            "Multichoice.jsonl": [
+                dict(image_id="4680", query_prompt="What is the relation with man and horse in this photo? A. riding "
+                     "B. eating C. under D. beside, please choose.", label="A", type="Multichoice")],
+            "VQA.jsonl": [
+                dict(image_id="4680", query_prompt="What is the relation between the man and the horse?",
+                     label="riding", relation_type="cognition"),
+                dict(image_id="4680", query_prompt="Where is the horse relative to the fence?",
+                     label="next to", relation_type="perception")]}
+    os.makedirs(root, exist_ok=True)
+    for name, items in rows.items():
+        with open(os.path.join(root, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+
+
+class CannedRunner:
+    """Stands in for evaluate.Runner in a benchmark's run(): answers each prompt from a table, and records what it was
+    asked."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def generate(self, specs, max_new_tokens, desc):
+        self.asked += specs
+        return [self.answers[q] for q, _, _ in specs]

@@ -1,5 +1,10 @@
-"""evaluate.py: metric functions on hand-computed cases, likelihood scoring on a model trained to say one
-caption, and an end-to-end run (all tasks, heat map, CLI) on a tiny shapes world with tiny checkpoints."""
+"""
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_evaluate.py
+
+evaluate.py: the runner (likelihood scoring on a model trained to say one caption, the dtype it computes in), an
+end-to-end run (all tasks, heat map, CLI) on a tiny shapes world with tiny checkpoints, skipped items, --predictions,
+--compare and interrupted runs. Each benchmark's reader and scorer: tests/test_tasks_<benchmark>.py.
+"""
 import copy
 import json
 import math
@@ -12,106 +17,13 @@ from PIL import Image
 import alignment
 import evaluate as ev
 import shapes
-from conftest import llm_cfg, vision_cfg, write_huge_png
+from conftest import llm_cfg, vision_cfg, write_huge_png, write_lines, write_reefknot_layout
 from data import collate
 from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
+from tasks import common, cr, pope, reefknot, vqa
 
 IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
-
-
-# -----------------------------------------------------------------------------
-# metrics
-
-
-def test_pope_metrics_by_hand():
-    labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no"]
-    preds = ["yes", "yes", "no", "no", "yes", "no", "no", "no"]
-    m = ev.pope_metrics(preds, labels)
-    # TP=2 FP=1 TN=3 FN=2
-    assert m["accuracy"] == pytest.approx(5 / 8)
-    assert m["precision"] == pytest.approx(2 / 3)
-    assert m["recall"] == pytest.approx(2 / 4)
-    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert m["yes_ratio"] == pytest.approx(3 / 8) and m["n"] == 8
-    none = ev.pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
-    assert none["precision"] == 0 and none["recall"] == 0 and none["f1"] == 0 and none["accuracy"] == 0.5
-
-
-def test_pope_reads_answers_as_pope_evaluate_py():
-    """Expected verdicts read off AoiDragon/POPE evaluate.py (the same loop is LLaVA's llava/eval/eval_pope.py): keep
-    the text before the first ".", drop ",", split on single spaces; "no" iff the words hold "No", "not" or "no";
-    everything else is "yes"."""
-    cases = {"There is a dog.": "yes", "No.": "no", "No": "no", "no, there is none": "no", "Not at all": "yes",
-             "NO": "yes", "No!": "yes", "(no)": "yes", "Yes, there is no dog": "no", "I see a cat. No dog.": "yes",
-             "": "yes", "not": "no", "nothing": "yes", "yes": "yes", "the red one is a square , so no": "no",
-             "2.5 no": "yes"}  # "2.5 no": the text before the first "." is "2"
-    assert {a: ev.pope_reading(a) for a in cases} == cases
-    # four "yes" items answered "There is a dog.", four "no" items "No.": perfect by POPE's reading
-    answers = ["There is a dog."] * 4 + ["No."] * 4
-    labels = ["yes"] * 4 + ["no"] * 4
-    m = ev.pope_metrics([ev.pope_reading(a) for a in answers], labels)
-    assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["yes_ratio"]) == (1.0, 1.0, 1.0, 1.0, 0.5)
-    # our stricter reading, an extra column only: an answer that says neither yes nor no is invalid
-    assert ev.invalid_rate(answers) == 0.5
-    assert [ev.parse_yes_no(a) for a in ["Yes, there is.", " NO.", "there is", "Not at all", "yesterday"]] == \
-        ["yes", "no", None, "no", None]
-
-
-def test_mcq_parsing():
-    caps = ("a red circle left of a blue square", "a blue circle left of a red square")
-    cases = {"A": 0, "a": 0, "(a)": 0, "A.": 0, "a)": 0, "(A) a red circle": 0, "Answer: A": 0,
-             "B": 1, "b": 1, "(B)": 1, "B.": 1, "b red circle": 1, "The answer is (B).": 1,
-             # a leading article is not option A; a repeated caption picks its option
-             "a red circle": -1, "a red circle left of a blue square": 0, "A blue circle left of a red square.": 1,
-             "a green star": -1, "": -1, "apple": -1, "both": -1}
-    for answer, want in cases.items():
-        assert ev.parse_choice(answer, caps) == want, answer
-    # one caption inside the other (an added object): the longer one that was said wins
-    assert ev.parse_choice("a dog and a cat", ("a dog", "a dog and a cat")) == 1
-    assert ev.parse_choice("a dog", ("a dog", "a dog and a cat")) == 0
-
-
-def test_mcq_both_order_averaging():
-    first = [0, 0, 1, -1]   # positive shown as (A): right, right, wrong, invalid
-    second = [1, 0, 1, 1]   # positive shown as (B): right, wrong, right, right
-    m = ev.mcq_accuracy(first, second)
-    assert m["acc_pos_first"] == 0.5 and m["acc_pos_second"] == 0.75 and m["acc"] == 0.625
-    assert m["both"] == 0.25 and m["invalid"] == 1 / 8 and m["n"] == 4
-    # a model that always says "A" is at chance, whatever its first-order accuracy
-    assert ev.mcq_accuracy([0] * 5, [0] * 5)["acc"] == 0.5
-
-
-def test_winoground_scores():
-    # S[i][j] = score(caption i, image j)
-    assert ev.winoground_scores([[2, 1], [0, 3]]) == dict(text=1.0, image=1.0, group=1.0)
-    # each image prefers its own caption (2 > 1.5, 3 > 2.5) but caption 0 prefers image 1 (2.5 > 2)
-    assert ev.winoground_scores([[2, 2.5], [1.5, 3]]) == dict(text=1.0, image=0.0, group=0.0)
-    # caption 1 wins on image 0 (3 > 2): text fails; each caption prefers its own image: image holds
-    assert ev.winoground_scores([[2, 1], [3, 4]]) == dict(text=0.0, image=1.0, group=0.0)
-    assert ev.winoground_scores(torch.tensor([[1.0, 1.0], [1.0, 1.0]])) == dict(text=0.0, image=0.0, group=0.0)
-
-
-def test_vqa_normalisation_and_soft_accuracy():
-    """Expected values read off VQAv2's evaluation, GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py:
-    processPunctuation (the listed marks dropped next to a space or in a text with a digit,digit comma, else a space;
-    a "." not before a digit dropped), then processDigitArticle (lower case, number words incl. none -> digits,
-    articles dropped, contractions restored); accuracy = mean over the 10 leave-one-out subsets of min(1, matches/3)."""
-    norm = ev.normalize_answer
-    assert norm("Two.") == "2" == norm("2") and norm("None") == "0"
-    assert norm("The Red  Circle!") == "red circle" and norm("an apple, please") == "apple please"
-    assert norm("1.5") == "1.5" and norm("1,000") == "1000" and norm("u.s.a") == "usa"
-    assert norm("red-white") == "red white" and norm("red - white") == "red white"
-    assert norm("dont") == "don't" and norm("it's") == "it's" and norm("yes\n") == "yes"
-    assert ev.vqa_score("two", "2") == 1.0 and ev.vqa_score("a square", "square") == 1.0  # one answer: exact match
-    assert ev.vqa_score("circle", "square") == 0.0
-    ten = lambda k, a="2": [a] * k + ["x%d" % i for i in range(10 - k)]
-    # k of 10 annotators agree: (k * min(1, (k-1)/3) + (10-k) * min(1, k/3)) / 10
-    assert ev.vqa_score("Two", ten(3)) == pytest.approx(0.9)
-    assert ev.vqa_score("two", ten(1)) == pytest.approx(0.3)
-    assert ev.vqa_score("2", ten(2)) == pytest.approx(0.6)
-    assert ev.vqa_score("2", ten(4)) == 1.0 and ev.vqa_score("5", ten(4)) == 0.0
-    assert ev.vqa_score("none", ten(3, "0")) == pytest.approx(0.9)
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +87,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     student = _tiny(world, layers=4, hidden=32, seed=1)
     teacher = _tiny(world, layers=6, hidden=48, seed=2, vision_tower=copy.deepcopy(student.vision_tower))
     r = ev.Runner(student, world, batch_size=8, progress=False)
-    items, _ = ev.load_cr(os.path.join(world, "test", "cr"), world, limit=1)
+    items, _ = cr.load(os.path.join(world, "test", "cr"), world, limit=1)
     specs = [(ev.CAPTION_PROMPT, it["image"], it["pos"]) for it in items]  # 7 items: one batch
     pairs = alignment.matched_layers(student, teacher, [1, 2], [2, 3, 4])
     assert pairs.student == [1, 2] and pairs.windows == [[2, 3], [3, 4]]
@@ -216,8 +128,8 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert saved["tasks"] == tasks and all(t in saved for t in tasks)
     assert saved["matched_layers"] == {"student": [1, 2], "teacher_windows": [[2, 3], [3, 4]]}
     assert saved["vqa"]["n"] == 10 * len(saved["vqa"]["per_type"]) and saved["wino"]["n"] == 3
-    assert saved["cr"]["subsets"] == ev.CR_ORDER
-    assert all(saved["cr"][p]["per_subset"][s]["n"] == 10 for p in ("mcq", "likelihood") for s in ev.CR_ORDER)
+    assert saved["cr"]["subsets"] == cr.CR_ORDER
+    assert all(saved["cr"][p]["per_subset"][s]["n"] == 10 for p in ("mcq", "likelihood") for s in cr.CR_ORDER)
     assert {s: v["n"] for s, v in saved["pope"]["forced"]["per_split"].items()} == \
         {"adversarial": 20, "popular": 20, "random": 20}
     # the default world's mix trains the yes/no form only, so that is the one file it writes; images found by id
@@ -283,97 +195,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# Reefknot (relation hallucination)
-
-
-def test_reefknot_scoring_by_hand():
-    """Expected verdicts read off JackChen-seu/Reefknot RLC-bench/neok_code/utils.py: calculate_yes_no_accuracy says
-    "yes" iff 'yes' is a substring of the stripped, lower-cased response; calculate_multichoice_accuracy compares the
-    response's first character, upper-cased, with the upper-cased label. Reefknot has no VQA scorer: that rule is
-    ours (the label's words, in order and next to each other, among the answer's)."""
-    ok = ev.reefknot_correct
-    assert [ok("yesno", a, "yes") for a in ["Yes", "yes, it is", "YES.", "yesterday", "no", "I think so", ""]] == \
-        [True, True, True, True, False, False, False]
-    assert [ok("yesno", a, "no") for a in ["No", "not really", "", "yes", "No, the man's eyes are closed"]] == \
-        [True, True, True, False, False]  # "eyes" holds "yes"
-    assert [ok("multichoice", a, "C") for a in ["C", "c", "(c)", "C. behind", " c", "B", "", "cat"]] == \
-        [True, True, False, True, False, False, False, True]
-    assert not ok("multichoice", "(B) onto", "B") and ok("multichoice", "b) onto", "B")
-    assert [ok("vqa", a, "left of") for a in ["left of", "It is left of it.", "Left Of", "left", "of left",
-                                             "right of"]] == [True, True, True, False, False, False]
-    assert ok("vqa", "eating", "eating") and not ok("vqa", "beating", "eating")
-    assert ev.reefknot_metrics([True], ["yesno"], ["perception"], ["No, the eyes are shut"])["yesno"]["yes_ratio"] == 1
-    # 4 YESNO items (2 perception, 2 cognition), 2 multichoice, 1 vqa
-    tasks = ["yesno"] * 4 + ["multichoice"] * 2 + ["vqa"]
-    types = ["perception", "perception", "cognition", "cognition", "perception", "cognition", "perception"]
-    correct = [True, False, True, True, True, False, False]
-    answers = ["yes", "yes", "no", "yes", "a", "b", "x"]
-    m = ev.reefknot_metrics(correct, tasks, types, answers)
-    assert m["yesno"]["n"] == 4 and m["yesno"]["accuracy"] == 0.75 and m["yesno"]["hallucination_rate"] == 0.25
-    assert m["yesno"]["by_relation_type"]["perception"]["accuracy"] == 0.5
-    assert m["yesno"]["by_relation_type"]["cognition"]["hallucination_rate"] == 0.0
-    assert m["yesno"]["yes_ratio"] == 0.75
-    assert m["multichoice"]["accuracy"] == 0.5 and m["vqa"]["hallucination_rate"] == 1.0
-    assert m["mean"]["accuracy"] == pytest.approx((0.75 + 0.5 + 0.0) / 3)
-    assert m["mean"]["hallucination_rate"] == pytest.approx(1 - (0.75 + 0.5 + 0.0) / 3)
-    assert m["mean"]["tasks"] == ["yesno", "multichoice", "vqa"]
-
-
-class _CannedRunner:
-    """Stands in for evaluate.Runner: answers each prompt from a table, and records what it was asked."""
-
-    def __init__(self, answers):
-        self.answers, self.asked = answers, []
-
-    def generate(self, specs, max_new_tokens, desc):
-        self.asked += specs
-        return [self.answers[q] for q, _, _ in specs]
-
-
-def _official_layout(root, images):
-    """Reefknot as downloaded: numeric Visual Genome ids, images as <id>.jpg in another folder, the three files;
-    one item whose image is missing, one without a relation_type (the released Multichoice file has none)."""
-    os.makedirs(images, exist_ok=True)
-    for i in ("2344270", "4680"):
-        Image.new("RGB", (8, 8), (200, 10, 10)).save(os.path.join(images, i + ".jpg"))
-    rows = {"YESNO.jsonl": [
-                dict(image_id="2344270", query_prompt="Is the cat eating fish in this photo? Please answer yes or no.",
-                     label="yes", relation_type="cognition"),
-                dict(image_id="2344270", query_prompt="Is the cat under fish in this photo? please answer yes or no.",
-                     label="no", relation_type="perception"),
-                dict(image_id="999", query_prompt="Is the dog on bed in this photo? Please answer yes or no.",
-                     label="yes", relation_type="perception")],  # 999.jpg does not exist: skipped and counted
-            "Multichoice.jsonl": [
-                dict(image_id="4680", query_prompt="What is the relation with man and horse in this photo? A. riding "
-                     "B. eating C. under D. beside, please choose.", label="A", type="Multichoice")],
-            "VQA.jsonl": [
-                dict(image_id="4680", query_prompt="What is the relation between the man and the horse?",
-                     label="riding", relation_type="cognition"),
-                dict(image_id="4680", query_prompt="Where is the horse relative to the fence?",
-                     label="next to", relation_type="perception")]}
-    os.makedirs(root, exist_ok=True)
-    for name, items in rows.items():
-        with open(os.path.join(root, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in items)
-
-
-def test_reefknot_reads_the_official_layout_and_scores_it(tmp_path):
-    root, images = str(tmp_path / "reefknot"), str(tmp_path / "vg")
-    _official_layout(root, images)
-    with pytest.warns(UserWarning, match="999.jpg"):
-        items, skipped = ev.load_reefknot(root, images)
-    assert skipped == 1 and [it["task"] for it in items] == ["yesno", "yesno", "multichoice", "vqa", "vqa"]
-    assert items[0]["image"] == os.path.join(images, "2344270.jpg") and items[2]["relation_type"] == "unspecified"
-    r = _CannedRunner({it["query"]: a for it, a in zip(items, ["Yes, it is.", "Yes", "A", "riding", "behind it"])})
-    rep = ev.run_reefknot(r, items)
-    assert [q for q, _, _ in r.asked] == [it["query"] for it in items]  # the prompts go in as they are
-    assert rep["yesno"]["accuracy"] == 0.5 and rep["yesno"]["by_relation_type"]["perception"]["accuracy"] == 0.0
-    assert rep["multichoice"]["accuracy"] == 1.0 and rep["vqa"]["accuracy"] == 0.5
-    assert rep["vqa"]["by_relation_type"] == {"cognition": dict(n=1, accuracy=1.0, hallucination_rate=0.0),
-                                             "perception": dict(n=1, accuracy=0.0, hallucination_rate=1.0)}
-    assert rep["mean"]["hallucination_rate"] == pytest.approx(1 - (0.5 + 1.0 + 0.5) / 3)
-    with pytest.raises(FileNotFoundError, match="YESNO.jsonl"):
-        ev.load_reefknot(str(tmp_path), images)
+# skipped items, precision, files found before the run
 
 
 def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
@@ -397,7 +219,7 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (4 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)
     assert "skipping 3 items whose images cannot be read" in said and str(tmp_path / "page.png") in said
-    assert "200000000 pixels" in ev._image_problem(str(tmp_path / "huge.png"), {})
+    assert "200000000 pixels" in common._image_problem(str(tmp_path / "huge.png"), {})
     assert "skipping 1 items whose images are missing" in said
 
     with open(tmp_path / "vqa.jsonl", "w") as f:
@@ -411,7 +233,7 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     Image.fromarray(noise.numpy()).save(tmp_path / "cut.jpg")
     data = open(tmp_path / "cut.jpg", "rb").read()
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
-    assert ev._image_problem(str(tmp_path / "cut.jpg"), {}) is None  # the check before the run does not decode
+    assert common._image_problem(str(tmp_path / "cut.jpg"), {}) is None  # the check before the run does not decode
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'cut.jpg'}: cannot be read as an image \(.*[Tt]runcated"):
         ev.Runner(m, str(tmp_path), progress=False).pixels("cut.jpg")
 
@@ -464,32 +286,13 @@ def test_evaluate_on_a_gpu_uses_no_autocast(world, monkeypatch):
     assert entered == []
 
 
-def test_vqa_headline_is_vqav2s_reading_and_the_verdict_an_extra_figure():
-    """VQAv2's evaluation scores a yes/no question like any other (normalised answer vs the annotators'); the shapes
-    files' yes/no kinds (answer_type "yes/no") also get our verdict reading, as an extra figure only."""
-    items = [dict(question="q1", answers=["yes"] * 10, image="x.png", type="yes/no", yes_no=True),
-             dict(question="q2", answers=["no"] * 2 + ["yes"] * 8, image="x.png", type="yes/no", yes_no=True),
-             dict(question="q3", answers="no", image="x.png", type="exist", yes_no=True),
-             dict(question="q4", answers="Yes", image="x.png", type="exist", yes_no=True),
-             dict(question="q5", answers="red", image="x.png", type="color", yes_no=False)]
-    r = _CannedRunner(dict(q1="Yes, it is.", q2="the red one is a square , so no", q3="nothing is red , so no",
-                           q4="yes", q5="red"))
-    rep = ev.run_vqa(r, items)
-    # official: "yes it is" matches none of the ten; q2's answer matches nothing; q3 no; q4, q5 exact
-    assert rep["per_type"] == {"yes/no": 0.0, "exist": 0.5, "color": 1.0} and rep["accuracy"] == pytest.approx(2 / 5)
-    assert rep["reading"].startswith("VQAv2's evaluation")
-    # the verdict: q1 yes (10 of 10: 1.0), q2 no (2 of 10: 0.6), q3 no, q4 yes
-    assert rep["verdict"]["per_type"] == {"yes/no": pytest.approx((1.0 + 0.6) / 2), "exist": 1.0, "color": 1.0}
-    assert rep["verdict"]["reading"].startswith("ours")
-
-
 def test_a_missing_test_file_stops_before_any_task_runs(world, tmp_path, monkeypatch):
     import shutil
     data = tmp_path / "w"
     shutil.copytree(world, data)
     shutil.rmtree(data / "test" / "reefknot")
     ran = []
-    monkeypatch.setattr(ev, "run_vqa", lambda *a, **k: ran.append("vqa"))
+    monkeypatch.setattr(vqa, "run", lambda *a, **k: ran.append("vqa"))
     student = _tiny(world, layers=2, hidden=32, seed=1)
     with pytest.raises(FileNotFoundError, match="task reefknot: no test file"):
         ev.evaluate(student, str(data), tasks="vqa,reefknot", progress=False)
@@ -498,23 +301,17 @@ def test_a_missing_test_file_stops_before_any_task_runs(world, tmp_path, monkeyp
 
 def test_reefknot_download_with_its_own_image_folder_through_evaluate(world, tmp_path):
     root, images = str(tmp_path / "reefknot"), str(tmp_path / "vg")
-    _official_layout(root, images)
+    write_reefknot_layout(root, images)
     student = _tiny(world, layers=2, hidden=32, seed=1)
     with pytest.warns(UserWarning, match="999.jpg"):
         rep = ev.evaluate(student, world, tasks="reefknot", reefknot_dir=root, reefknot_image_folder=images,
                           progress=False)
-    assert {t: rep["reefknot"][t]["n"] for t in ev.REEFKNOT_FILES} == {"yesno": 2, "multichoice": 1, "vqa": 2}
-    assert rep["skipped"]["reefknot"] == 1 and rep["reefknot"]["mean"]["tasks"] == list(ev.REEFKNOT_FILES)
+    assert {t: rep["reefknot"][t]["n"] for t in reefknot.REEFKNOT_FILES} == {"yesno": 2, "multichoice": 1, "vqa": 2}
+    assert rep["skipped"]["reefknot"] == 1 and rep["reefknot"]["mean"]["tasks"] == list(reefknot.REEFKNOT_FILES)
 
 
 # -----------------------------------------------------------------------------
 # answers made elsewhere (--predictions), every item counted, errors that name the file
-
-
-def _write_lines(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _answers_world(root):
@@ -522,27 +319,27 @@ def _answers_world(root):
     LLaVA's answer-file format, one file per benchmark file, of the same name."""
     data, pred = root / "bench", root / "answers"
     ten = lambda a, k, other: [a] * k + [other] * (10 - k)
-    _write_lines(data / "vqa.jsonl", [
+    write_lines(data / "vqa.jsonl", [
         dict(question_id=11, question="how many dogs?", answers=ten("2", 3, "3"), image="a.jpg"),
         dict(question_id=12, question="what colour?", answers=ten("red", 10, "x"), image="b.jpg"),
         dict(question_id=13, question="how many cats?", answers=ten("0", 4, "1"), image="c.jpg")])
-    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="None"), dict(question_id=11, text="two"),
+    write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="None"), dict(question_id=11, text="two"),
                                       dict(question_id=12, text="Red.")])  # another order: matched by question_id
     pope = [dict(question_id=i, image=f"COCO_{i}.jpg", text=f"Is there a thing {i} in the image?",
                  label="yes" if i < 4 else "no") for i in range(8)]
-    _write_lines(data / "coco_pope_random.json", pope)
-    _write_lines(pred / "coco_pope_random.json",
+    write_lines(data / "coco_pope_random.json", pope)
+    write_lines(pred / "coco_pope_random.json",
                  [dict(question_id=i, text="There is a dog." if i < 4 else "No.") for i in range(8)])
-    _write_lines(data / "reefknot" / "YESNO.jsonl", [
+    write_lines(data / "reefknot" / "YESNO.jsonl", [
         dict(image_id=1, query_prompt="Is the man riding the horse?", label="yes", relation_type="cognition"),
         dict(image_id=2, query_prompt="Is the man looking at the sky?", label="no", relation_type="perception"),
         dict(image_id=3, query_prompt="Is the cup on the table?", label="no", relation_type="perception")])
-    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="No, the man's eyes are closed"),
+    write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="No, the man's eyes are closed"),
                                         dict(text="no")])  # no question_id in Reefknot: by position
-    _write_lines(data / "reefknot" / "Multichoice.jsonl", [
+    write_lines(data / "reefknot" / "Multichoice.jsonl", [
         dict(image_id=4, query_prompt="What is the cat doing? A. eating B. onto", label="B"),
         dict(image_id=5, query_prompt="What is the man doing? A. riding B. under", label="A")])
-    _write_lines(pred / "Multichoice.jsonl", [dict(text="(B) onto"), dict(text="A")])
+    write_lines(pred / "Multichoice.jsonl", [dict(text="(B) onto"), dict(text="A")])
     return data, pred
 
 
@@ -568,60 +365,20 @@ def test_predictions_score_answer_files_by_the_official_readings(tmp_path):
 
 def test_predictions_that_do_not_match_stop_with_one_line_naming_the_file(tmp_path):
     data, pred = _answers_world(tmp_path)
-    _write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="no")])
+    write_lines(pred / "YESNO.jsonl", [dict(text="Yes"), dict(text="no")])
     with pytest.raises(ValueError, match=rf"^{pred / 'YESNO.jsonl'}: 2 answers for the 3 items of "):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=reefknot"])
-    _write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
+    write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
                                       dict(question_id=99, text="red")])
     with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of .*vqa.jsonl \(1 unknown, 1 unanswered\)"):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
-    _write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
+    write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
                                       dict(question_id=13, response="0")])
     with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: line 3 has no \"text\""):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
     os.remove(pred / "coco_pope_random.json")
     with pytest.raises(FileNotFoundError, match=rf"^{pred / 'coco_pope_random.json'}: no answer file"):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=pope"])
-
-
-def test_a_pope_item_without_a_yes_no_label_is_an_error_naming_file_and_line(tmp_path):
-    rows = [dict(question_id=1, image="a.jpg", text="Is there a dog?", label="yes"),
-            dict(question_id=2, image="a.jpg", text="Is there a cat?", lable="no")]
-    _write_lines(tmp_path / "coco_pope_random.json", rows)
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'coco_pope_random.json'}: line 2 has no label"):
-        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
-    rows[1] = dict(rows[1], label="none")
-    _write_lines(tmp_path / "coco_pope_random.json", rows)
-    with pytest.raises(ValueError, match=r"line 2 has label 'none'"):
-        ev.load_pope([str(tmp_path / "coco_pope_random.json")], str(tmp_path))
-
-
-def test_image_folders_are_searched_in_order_and_ids_without_extension_found(tmp_path):
-    """Reefknot's images come as Visual Genome's two folders (VG_100K, VG_100K_2), searched in order as Reefknot's own
-    loader does; Winoground's download names its images without an extension ("ex_0_img_0")."""
-    root, vg = str(tmp_path / "reefknot"), tmp_path / "vg"
-    _official_layout(root, str(vg / "VG_100K"))
-    os.replace(vg / "VG_100K" / "4680.jpg", tmp_path / "4680.jpg")
-    os.makedirs(vg / "VG_100K_2")
-    os.replace(tmp_path / "4680.jpg", vg / "VG_100K_2" / "4680.jpg")
-    with pytest.warns(UserWarning, match="999.jpg"):
-        items, skipped = ev.load_reefknot(root, [str(vg / "VG_100K"), str(vg / "VG_100K_2")])
-    assert skipped == 1 and len(items) == 5
-    assert [os.path.relpath(it["image"], vg) for it in items] == \
-        ["VG_100K/2344270.jpg"] * 2 + ["VG_100K_2/4680.jpg"] * 3
-    # one folder only: a file whose images are all in the other one stops, saying several folders can be given
-    with pytest.warns(UserWarning, match="999.jpg"), pytest.raises(FileNotFoundError, match=(
-            r"^reefknot/Multichoice.jsonl: none of the 1 items' images exist .*several: comma-separated")):
-        ev.load_reefknot(root, [str(vg / "VG_100K")])
-    assert ev.image_folders(f" {vg}/VG_100K , {vg}/VG_100K_2", "d") == [f"{vg}/VG_100K", f"{vg}/VG_100K_2"]
-    images = tmp_path / "wino"
-    os.makedirs(images)
-    for i in (0, 1):
-        Image.new("RGB", (8, 8), (0, 90 * i, 0)).save(images / f"ex_0_img_{i}.png")
-    _write_lines(tmp_path / "winoground.jsonl", [dict(image_0="ex_0_img_0", image_1="ex_0_img_1",
-                                                      caption_0="a dog on a cat", caption_1="a cat on a dog")])
-    items, skipped = ev.load_wino(str(tmp_path / "winoground.jsonl"), str(images))
-    assert skipped == 0 and items[0]["images"] == [str(images / "ex_0_img_0.png"), str(images / "ex_0_img_1.png")]
 
 
 def test_compare_checks_every_model_before_the_first_runs(world, tmp_path, monkeypatch):
@@ -642,7 +399,7 @@ def test_an_interrupted_evaluation_keeps_the_finished_tasks_and_says_so(world, t
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(ev, "run_pope", interrupted)
+    monkeypatch.setattr(pope, "run", interrupted)
     m = _tiny(world, layers=2, hidden=32, seed=0)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(m, world, tasks="cr,pope,wino", cr_protocol="likelihood", limit=1, out=str(out), progress=False)

@@ -53,9 +53,12 @@ def _probs(q, k, blocked, scaling):
     with torch.autocast(q.device.type, enabled=False):
         s = torch.einsum("bkgqd,bksd->bkgqs", q.to(dt) * scaling, k.to(dt))
         if blocked.dtype == torch.bool:
-            s.masked_fill_(blocked[:, None, None], float("-inf"))
-        else:
-            s += blocked[:, None, None].to(dt)
+            # Added as a (B, Nq, S) float 0 / -inf tensor, not masked_fill_ with the boolean mask broadcast over the
+            # heads: the same numbers (s + 0 = s, s - inf = -inf), and a broadcast add is cheaper on CPU than a
+            # broadcast masked fill (the 0 / -inf tensor is H times smaller than s and made per chunk, so what
+            # backward keeps is still the boolean mask).
+            blocked = torch.zeros(blocked.shape, dtype=dt, device=s.device).masked_fill_(blocked, float("-inf"))
+        s += blocked[:, None, None].to(dt)
         return s.softmax(-1)
 
 
@@ -109,16 +112,23 @@ def attention_probs(query, key, attention_mask, rows, cols, scaling=None):
     (B, Nk): returns (B, Nq, Nk) float32. The softmax runs over every key the query may see
     (causal + padding mask), then the image columns are sliced out - as in the reference code, the
     map is *not* renormalised over image keys. GQA: query heads are grouped onto their kv head.
+    rows=None: every query position 0..T-1, read as they are (no gather of q and of the mask rows).
     """
     B, H, T, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    Nq = rows.shape[1]
+    Nq = T if rows is None else rows.shape[1]
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(D)
-    q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).view(B, Hkv, H // Hkv, Nq, D)
+    if rows is None:  # every row: the gather would only copy q (and the mask)
+        q = query.view(B, Hkv, H // Hkv, T, D)
+        pos = torch.arange(T, device=key.device)[:, None]  # (T, 1)
+    else:
+        q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).view(B, Hkv, H // Hkv, Nq, D)
+        pos = rows[..., None]  # (B, Nq, 1)
     if attention_mask is None:  # SDPA ran with is_causal=True: rebuild the causal pattern
-        blocked = torch.arange(S, device=key.device) > (rows[..., None] + (S - T))  # (B, Nq, S)
+        blocked = (torch.arange(S, device=key.device) > (pos + (S - T))).expand(B, Nq, S)
     else:  # bool (True = may attend) or additive float; shared by the heads
-        m = attention_mask.expand(B, -1, -1, -1)[:, 0].gather(1, rows[..., None].expand(B, Nq, S))
+        m = attention_mask.expand(B, -1, -1, -1)[:, 0]
+        m = m if rows is None else m.gather(1, rows[..., None].expand(B, Nq, S))
         blocked = ~m if m.dtype == torch.bool else m
     return _ImageAttention.apply(q, key, blocked, cols, scaling)
 
@@ -126,6 +136,12 @@ def attention_probs(query, key, attention_mask, rows, cols, scaling=None):
 class _Capture:
     def __init__(self, rows, cols):
         self.rows, self.cols, self.maps, self.pending = rows, cols, {}, {}
+        # rows 0..Nq-1 in every sample (vat_queries=all or text: vat_positions' arange): with Nq = T, attention_probs
+        # reads every row as it is (rows=None). Checked once per context (a host sync on GPU), not once per layer.
+        self.arange_rows = rows is None or bool((rows == torch.arange(rows.shape[1], device=rows.device)).all())
+
+    def _rows(self, query):
+        return None if self.arange_rows and (self.rows is None or self.rows.shape[1] == query.shape[2]) else self.rows
 
     def record(self, module, query, key, attention_mask, scaling):
         if module.layer_idx in self.maps or module.layer_idx in self.pending:
@@ -136,11 +152,12 @@ class _Capture:
             # and needs the same saved tensors as the first run.
             self.pending[module.layer_idx] = (query, key, attention_mask, scaling)
         else:
-            self.maps[module.layer_idx] = attention_probs(query, key, attention_mask, self.rows, self.cols, scaling)
+            self.maps[module.layer_idx] = attention_probs(query, key, attention_mask, self._rows(query), self.cols,
+                                                          scaling)
 
     def finish(self):
         for layer, (query, key, attention_mask, scaling) in self.pending.items():
-            self.maps[layer] = attention_probs(query, key, attention_mask, self.rows, self.cols, scaling)
+            self.maps[layer] = attention_probs(query, key, attention_mask, self._rows(query), self.cols, scaling)
         self.pending.clear()
 
 

@@ -276,3 +276,179 @@ def test_adaptive_matching_ignores_text_only_samples():
     t[1][1] = torch.rand(4, 4) * 10  # ... layer 0 only the text-only sample
     assert ad.adaptive_matching(s, t, [[0, 1]], sample_mask=torch.tensor([True, False])) == [1]
     assert ad.adaptive_matching(s[:, :1], {l: m[:1] for l, m in t.items()}, [[0, 1]]) == [1]
+
+
+# -- the capture's arithmetic: against the softmax definition, and bit for bit against the code before its speed-ups --
+
+def _reference_probs(q, k, allowed, rows, cols, scaling):
+    """The definition, written plainly: softmax(q k^T * scaling) over all keys with the mask, per head, the heads
+    averaged, then each sample's rows and image columns; a query that sees nothing gives 0."""
+    H = q.shape[1]
+    s = torch.einsum("bhqd,bhsd->bhqs", q, k.repeat_interleave(H // k.shape[1], 1)) * scaling
+    p = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+    return torch.stack([p[b][rows[b]][:, cols[b]] for b in range(q.shape[0])])
+
+
+def _qk_batch(dtype=torch.float32):
+    """GQA (8 query heads on 2 kv heads), right padding (one sample with its image past the padding start), q laid
+    out as transformers leaves it (a transpose of (B, T, H, D))."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 3, 8, 2, 23, 16
+    q = torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, T, D, dtype=dtype)
+    lengths = torch.tensor([23, 17, 12])
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]
+    allowed = causal[None] & (torch.arange(T)[None, None, :] < lengths[:, None, None])
+    cols = torch.tensor([[2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14]])
+    return q, k, allowed, cols
+
+
+def _probs_and_grads(fn, q, k, weight):
+    q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    p = fn(q, k)
+    (p * weight).sum().backward()
+    return p.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("rows_per_chunk", [256, 5])  # one chunk, or chunks of 5 query rows
+@pytest.mark.parametrize("mask_kind", ["none", "bool"])  # none: SDPA's is_causal=True (no padding then)
+@pytest.mark.parametrize("form", ["all", "image"])  # rows: every position (paper form) or the image tokens
+def test_attention_probs_match_the_softmax_definition(form, mask_kind, rows_per_chunk, monkeypatch):
+    """Maps and q / k gradients in float32 against the definition. Neither is bitwise the float32 definition's (the
+    grouped einsum, and backward's own formula for the softmax gradient, sum in other orders), so the tolerance is
+    the definition's own: each max error against the definition computed in float64 may be at most 4x the float32
+    definition's (seen: maps 0.4-1.0x, dq 1.0-1.2x, dk 1.1-2.5x; about 1e-8, a few float32 ulps of the values)."""
+    monkeypatch.setattr(ad, "ROWS_PER_CHUNK", rows_per_chunk)
+    q, k, allowed, cols = _qk_batch()
+    B, H, T, D = q.shape
+    if mask_kind == "none":
+        allowed = (torch.arange(T)[None, :] <= torch.arange(T)[:, None]).expand(B, T, T)
+    mask = None if mask_kind == "none" else allowed[:, None]
+    rows = torch.arange(T).expand(B, T) if form == "all" else cols
+    scaling = 1.0 / math.sqrt(D)
+    weight = torch.randn(B, rows.shape[1], cols.shape[1])
+
+    got = _probs_and_grads(lambda q, k: ad.attention_probs(q, k, mask, rows, cols), q, k, weight)
+    ref32 = _probs_and_grads(lambda q, k: _reference_probs(q, k, allowed, rows, cols, scaling), q, k, weight)
+    truth = _probs_and_grads(lambda q, k: _reference_probs(q, k, allowed, rows, cols, scaling),
+                             q.double(), k.double(), weight.double())
+    for name, g, r, t in zip(["maps", "dq", "dk"], got, ref32, truth):
+        assert g.dtype == torch.float32
+        assert (g.double() - t).abs().max() <= 4 * (r.double() - t).abs().max(), name
+    if form == "all":  # every row read as it is (rows=None, what the capture passes) = the gathered rows, bitwise
+        same = _probs_and_grads(lambda q, k: ad.attention_probs(q, k, mask, None, cols), q, k, weight)
+        assert all(torch.equal(a, b) for a, b in zip(same, got))
+
+
+# The capture as it was before its speed-ups (the mask by masked_fill_ broadcast over the heads, the query rows
+# always gathered), kept verbatim as the reference of the bitwise checks below.
+def _old_probs(q, k, blocked, scaling):
+    dt = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        s = torch.einsum("bkgqd,bksd->bkgqs", q.to(dt) * scaling, k.to(dt))
+        if blocked.dtype == torch.bool:
+            s.masked_fill_(blocked[:, None, None], float("-inf"))
+        else:
+            s += blocked[:, None, None].to(dt)
+        return s.softmax(-1)
+
+
+class _OldImageAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, blocked, cols, scaling):
+        ctx.save_for_backward(q, k, blocked, cols)
+        ctx.scaling = scaling
+        out = []
+        for r0, r1 in ad._chunks(q.shape[3]):
+            p = _old_probs(q[:, :, :, r0:r1], k, blocked[:, r0:r1], scaling)
+            idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+            out.append(p.gather(-1, idx).nan_to_num(0.0).mean(dim=(1, 2)))
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, blocked, cols = ctx.saved_tensors
+        dq, dk = [], None
+        for r0, r1 in ad._chunks(q.shape[3]):
+            p = _old_probs(q[:, :, :, r0:r1], k, blocked[:, r0:r1], ctx.scaling).nan_to_num_(0.0)
+            idx = cols[:, None, None, None, :].expand(*p.shape[:-1], cols.shape[1])
+            gp = (grad[:, r0:r1] / (p.shape[1] * p.shape[2]))[:, None, None] * p.gather(-1, idx)
+            ds = p.mul_(-gp.sum(-1, keepdim=True)).scatter_add_(-1, idx, gp)
+            with torch.autocast(ds.device.type, enabled=False):
+                dq.append(torch.einsum("bkgqs,bksd->bkgqd", ds, k.to(ds.dtype)) * ctx.scaling)
+                part = torch.einsum("bkgqs,bkgqd->bksd", ds, q[:, :, :, r0:r1].to(ds.dtype)) * ctx.scaling
+            dk = part if dk is None else dk + part
+        dq = dq[0] if len(dq) == 1 else torch.cat(dq, 3)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
+
+
+def _old_attention_probs(query, key, attention_mask, rows, cols, scaling=None):
+    B, H, T, D = query.shape
+    if rows is None:  # the new code's "every row", given to the old code as it was given then
+        rows = torch.arange(T, device=query.device).expand(B, T)
+    Hkv, S = key.shape[1], key.shape[2]
+    Nq = rows.shape[1]
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(D)
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, Nq, D)).view(B, Hkv, H // Hkv, Nq, D)
+    if attention_mask is None:
+        blocked = torch.arange(S, device=key.device) > (rows[..., None] + (S - T))
+    else:
+        m = attention_mask.expand(B, -1, -1, -1)[:, 0].gather(1, rows[..., None].expand(B, Nq, S))
+        blocked = ~m if m.dtype == torch.bool else m
+    return _OldImageAttention.apply(q, key, blocked, cols, scaling)
+
+
+def _bits(t):  # torch.equal counts -0.0 == 0.0; the bit patterns do not
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int64)
+
+
+def _bitwise_equal(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a.contiguous()), _bits(b.contiguous()))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("form", ["all", "image"])
+def test_attention_probs_are_bitwise_those_of_the_code_before(form, mask_kind):
+    q, k, allowed, cols = _qk_batch()
+    B, H, T, D = q.shape
+    mask = {"none": None, "bool": allowed[:, None],
+            "float": torch.zeros(B, 1, T, T).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)}[mask_kind]
+    rows = torch.arange(T).expand(B, T) if form == "all" else cols
+    weight = torch.randn(B, rows.shape[1], cols.shape[1])
+    want = _probs_and_grads(lambda q, k: _old_attention_probs(q, k, mask, rows, cols), q, k, weight)
+    for r in ([rows, None] if form == "all" else [rows]):
+        got = _probs_and_grads(lambda q, k: ad.attention_probs(q, k, mask, r, cols), q, k, weight)
+        assert all(_bitwise_equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("queries,pool", [("all", "flat"), ("image", "column"), ("text", "flat")])
+def test_a_distillation_step_is_bitwise_that_of_the_code_before(queries, pool, monkeypatch):
+    """A small TeacherStudent (GQA in both; padding and a text-only sample in the batch): losses and every student
+    gradient of a forward + backward, the capture as it is against the capture before its speed-ups."""
+    import copy
+    from data import IGNORE_INDEX
+    from model import TeacherStudent
+    from stages import set_trainable
+    t = tiny_vlm(layers=5, hidden=64, heads=8, kv_heads=2, seed=0)
+    s = tiny_vlm(layers=3, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
+    ts = TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[1, 2, 3], vat_queries=queries,
+                                             vat_pool=pool)).apply_taf()
+    set_trainable(ts.student, "dft")
+    ts.student.train()
+    ids, mask = _batch()
+    labels = ids.masked_fill(ids == 3, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
+    b = dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
+
+    def step():
+        ts.student.zero_grad(set_to_none=True)
+        out = ts(b)
+        (out["total"] + out["vat"]).backward()  # VAT's gradient also on its own weight
+        return out, {n: p.grad for n, p in ts.student.named_parameters() if p.grad is not None}
+
+    out, grads = step()
+    with monkeypatch.context() as mp:
+        mp.setattr(ad, "attention_probs", _old_attention_probs)
+        out_old, grads_old = step()
+    assert float(out["vat"]) > 0 and grads.keys() == grads_old.keys()
+    assert all(_bitwise_equal(out[k].detach(), out_old[k].detach()) for k in out)
+    assert all(_bitwise_equal(grads[n], grads_old[n]) for n in grads)

@@ -18,3 +18,8 @@ weight_decay = 0.01
 beta2 = 0.98
 eval_interval = 250
 save_interval = 50         # Ctrl-C / SIGTERM save too: an interruption costs little
+# Privileged supervision (privileged.py), for this teacher only: heads told where to look, and a training-only
+# readout of where the looked-at objects are, from the world's scenes.json. Without it the teacher stays at chance
+# on colour-after-look, position and existence questions; the students never get it.
+look_weight = 1.0
+readout_weight = 1.0

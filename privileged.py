@@ -58,6 +58,8 @@ class PrivilegedSettings:
     answer_layers: tuple = (2, 3)    # layers whose two answer_heads look at the question's subject and reference
     answer_heads: tuple = (1, 2)
     readout_layer: int = 3           # the decoder layer whose output the readout reads
+    relation_head: int = -1          # >= 0: this head of answer_layers, at the answer positions of a question that
+                                     # names a relation, is pulled to that relation word (-1: off)
     captions: bool = True            # answer heads and readout at caption tokens too (else questions only)
 
     @classmethod
@@ -217,9 +219,10 @@ class SceneTargets:
         T, V = len(input_ids), self.n_tokens + 1
         np_t, ans_t = torch.zeros(T, V), torch.zeros(T, 2, V)
         readout = torch.full((T, 6), IGNORE_INDEX, dtype=torch.long)
+        relword = torch.full((T,), IGNORE_INDEX, dtype=torch.long)  # the key position of the question's relation word
         image = record.get("image")
         if image is None:
-            return dict(np=np_t, answer=ans_t, readout=readout)
+            return dict(np=np_t, answer=ans_t, readout=readout, relword=relword)
         scene = self.scenes.get(image)
         if scene is None:
             raise ValueError(f"image {image} is not in the world's scenes.json: privileged supervision needs the "
@@ -259,6 +262,11 @@ class SceneTargets:
                 if about is None:
                     continue
                 per_word = [about] * (a1 - a0)
+                # the relation word the question asks about: the last one between the previous answer and this one
+                start = runs[k - 1][1] if k else 0
+                rel = [p for p in range(start, a0) if words[p] in _RELATIONS]
+                if rel and not question.replace("<image>", " ").split()[:4] == ["what", "is", "in", "the"]:
+                    relword[a0 - 1:a1 - 1] = rel[-1]
             for j, pos in enumerate(range(a0 - 1, a1 - 1)):
                 pair = per_word[min(j, len(per_word) - 1)]
                 if pair is None:
@@ -266,7 +274,7 @@ class SceneTargets:
                 for h in (0, 1):
                     ans_t[pos, h] = self.distribution(image, pair[h])
                 readout[pos] = torch.tensor(self.readout(objects, *pair))
-        return dict(np=np_t, answer=ans_t, readout=readout)
+        return dict(np=np_t, answer=ans_t, readout=readout, relword=relword)
 
 
 # -----------------------------------------------------------------------------
@@ -371,6 +379,11 @@ class Privileged(nn.Module):
                 q, k, m, sc = rec.seen[l]
                 p = head_probs(q, k, m, s.answer_heads, sc)
                 terms += [look_loss(p[:, h:h + 1], cols, t["answer"][:, :, h]) for h in (0, 1)]
+                has = t["relword"] != IGNORE_INDEX
+                if s.relation_head >= 0 and has.any():  # -log(attention on the relation word)
+                    r = head_probs(q, k, m, (s.relation_head,), sc)[:, 0]  # (B, T, S)
+                    on = r.gather(-1, t["relword"].clamp(min=0)[..., None])[..., 0]
+                    terms.append(-on[has].clamp(min=1e-8).log().mean())
             look = torch.stack(terms).mean()
         if self.readout is not None:
             logits = self.readout(rec.hidden.float())  # (B, T, 4 grid + 6)

@@ -98,8 +98,9 @@ def test_targets_of_a_tokenized_sample_by_hand(world):
             assert torch.equal(t["answer"][p, 0], one_hot(a)) and torch.equal(t["answer"][p, 1], one_hot(b))
             assert t["readout"][p].tolist() == [a["row"], a["col"], b["row"], b["col"], side(a["col"], b["col"]),
                                                 side(a["row"], b["row"])]
+            assert words[t["relword"][p]] == rel  # the relation word the question asks about
         else:
-            assert t["answer"][p].sum() == 0 and (t["readout"][p] == IGNORE_INDEX).all()
+            assert t["answer"][p].sum() == 0 and (t["readout"][p] == IGNORE_INDEX).all() and t["relword"][p] < 0
 
 
 def test_test_images_and_unknown_images_are_refused(world):

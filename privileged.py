@@ -18,7 +18,9 @@ right. Two signals break that circle:
              predicts an answer token, the objects the question is about - the two objects of a relation, the
              object asked about (both heads), for existence the objects of the asked colour and of the asked
              shape, for "what is left of B" the answer and B; in captions, the object being described and, after
-             a relation word, the other one.
+             a relation word, the other one;
+             optionally a relation head (relation_head): at the same positions of a question that names a
+             relation, one more head of the answer layers is pulled to that relation word.
   readout  a training-only Linear on the output of decoder layer `readout_layer`, at the same answer positions:
            the row and column of the subject and of the reference, and on each axis on which side of the reference
            the subject lies. The layer's output must then say *where* the looked-at objects are, which the answer

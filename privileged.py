@@ -180,6 +180,11 @@ class SceneTargets:
         if side * side != num_image_tokens or self.image_size % side:
             raise ValueError(f"{num_image_tokens} image tokens do not tile the world's {self.image_size} px images")
         self.patch = self.image_size // side
+        probe = "is the large red star left of a circle ?"
+        if tokenizer.convert_ids_to_tokens(tokenizer(probe, add_special_tokens=False).input_ids) != probe.split():
+            raise ValueError("privileged supervision reads each token as one word of the shapes world: it needs the "
+                             "world's word-level tokenizer (<data folder>/tokenizer), not this one; it is for the shapes "
+                             "teacher only")
         self.tokenizer, self.captions = tokenizer, captions
         self._weights = {}
 

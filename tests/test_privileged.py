@@ -115,6 +115,12 @@ def test_test_images_and_unknown_images_are_refused(world):
         st({"image": "images/elsewhere.png", "conversations": conv}, ids, labels)
 
 
+def test_a_subword_tokenizer_is_refused(world):
+    from conftest import bpe_tokenizer
+    with pytest.raises(ValueError, match="word-level tokenizer"):
+        pv.SceneTargets(str(world["data"] / "scenes.json"), bpe_tokenizer(), 9)
+
+
 def test_look_loss_is_zero_exactly_at_the_target_and_positive_elsewhere():
     torch.manual_seed(0)
     B, T, N = 2, 5, 4

@@ -159,6 +159,16 @@ def caption_objects(caption, objects):
     return out
 
 
+def world_meta(scenes_path):
+    """The meta.json of the world whose scenes.json is at `scenes_path` (its image size and grid)."""
+    path = os.path.join(os.path.dirname(scenes_path), "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"scenes={scenes_path}: no meta.json beside it; privileged supervision reads the "
+                                "shapes world (python shapes.py), set scenes to its scenes.json")
+    with open(path) as f:
+        return json.load(f)
+
+
 class SceneTargets:
     """The privileged targets of one tokenized sample (data.LLaVADataset's `annotate`): for each position,
     np (T, N_v + 1) and answer (T, 2, N_v + 1) target distributions (rows of zeros: no target) and readout (T, 6)
@@ -171,9 +181,7 @@ class SceneTargets:
                                     "world's scenes.json (python shapes.py writes it next to the data)")
         with open(scenes_path) as f:
             self.scenes = json.load(f)
-        meta_path = os.path.join(os.path.dirname(scenes_path), "meta.json")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = world_meta(scenes_path)
         self.image_size, self.grid = meta["image_size"], meta["grid"]
         self.n_tokens = num_image_tokens
         side = int(round(num_image_tokens ** 0.5))
@@ -382,14 +390,15 @@ class Privileged(nn.Module):
             for l in s.np_layers:
                 q, k, m, sc = rec.seen[l]
                 terms.append(look_loss(head_probs(q, k, m, s.np_heads, sc), cols, t["np"]))
+            has = t["relword"] != IGNORE_INDEX
+            relation = s.relation_head >= 0 and bool(has.any())
+            heads = tuple(s.answer_heads) + ((s.relation_head,) if relation else ())
             for l in s.answer_layers:
                 q, k, m, sc = rec.seen[l]
-                p = head_probs(q, k, m, s.answer_heads, sc)
+                p = head_probs(q, k, m, heads, sc)  # (B, 2 or 3, T, S): subject, reference [, relation word]
                 terms += [look_loss(p[:, h:h + 1], cols, t["answer"][:, :, h]) for h in (0, 1)]
-                has = t["relword"] != IGNORE_INDEX
-                if s.relation_head >= 0 and has.any():  # -log(attention on the relation word)
-                    r = head_probs(q, k, m, (s.relation_head,), sc)[:, 0]  # (B, T, S)
-                    on = r.gather(-1, t["relword"].clamp(min=0)[..., None])[..., 0]
+                if relation:  # -log(attention on the relation word)
+                    on = p[:, 2].gather(-1, t["relword"].clamp(min=0)[..., None])[..., 0]
                     terms.append(-on[has].clamp(min=1e-8).log().mean())
             look = torch.stack(terms).mean()
         if self.readout is not None:

@@ -398,16 +398,9 @@ def privileged_losses(cfg, student):
     """The teacher's privileged supervision (privileged.Privileged), or None when off."""
     if not (cfg["look_weight"] > 0 or cfg["readout_weight"] > 0):
         return None
-    import json
-    from privileged import Privileged, PrivilegedSettings
-    meta = os.path.join(os.path.dirname(scenes_path(cfg)), "meta.json")
-    if not os.path.isfile(meta):
-        raise FileNotFoundError(f"scenes={scenes_path(cfg)}: no meta.json beside it; privileged supervision reads the "
-                                "shapes world (python shapes.py), set scenes to its scenes.json")
-    with open(meta) as f:
-        grid = json.load(f)["grid"]
-    return Privileged(PrivilegedSettings.from_config(cfg["privileged"]), student.llm.config.hidden_size, grid,
-                      cfg["look_weight"], cfg["readout_weight"])
+    from privileged import Privileged, PrivilegedSettings, world_meta
+    return Privileged(PrivilegedSettings.from_config(cfg["privileged"]), student.llm.config.hidden_size,
+                      world_meta(scenes_path(cfg))["grid"], cfg["look_weight"], cfg["readout_weight"])
 
 
 def build(cfg, resume_dir, state, amp):

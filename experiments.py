@@ -105,17 +105,20 @@ SIZES = {
     "full": dict(world=dict(n_train=8000, n_test=800, image_size=48), eval_limit=0, jobs=6, tower={},
                  all=dict(batch_size=128, num_workers=2, log_interval=10),
                  teacher=dict(max_steps=2000, eval_interval=500, save_interval=1000),
+                 teacher_it=dict(max_steps=500, eval_interval=250, save_interval=250),
                  dpt=dict(max_steps=40, eval_interval=40, save_interval=40),
                  dft=dict(max_steps=50, eval_interval=50, save_interval=50),
                  sft=dict(max_steps=13, eval_interval=13, save_interval=13)),
     # The hard world at the quick size's budgets and batch (its own presets); CPU, 2 pipelines at once.
     "hard": dict(world=dict(shapes.WORLDS["hard"], n_train=4000, n_test=200), eval_limit=0, jobs=2, tower={},
-                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS, published=True),
+                 all={}, teacher={}, dpt={}, dft={}, sft={}, presets="shapes_hard", rows=HARD_ROWS, published=True,
+                 teacher_runs=("teacher",)),
 }
 # The test size on the hard world: 16 visual tokens, so longer sequences.
 SIZES["hard_test"] = dict(SIZES["test"], world=dict(shapes.WORLDS["hard"], n_train=24, n_test=4, image_size=32),
                           tower=dict(SIZES["test"]["tower"], vision=TINY_HARD),
-                          all=dict(SIZES["test"]["all"], max_length=96), presets="shapes_hard", rows=HARD_ROWS)
+                          all=dict(SIZES["test"]["all"], max_length=96), presets="shapes_hard", rows=HARD_ROWS,
+                          teacher_runs=("teacher",))
 DEFAULTS = dict(
     size="quick",              # test | quick | full | hard | hard_test (SIZES in experiments.py: world, budgets, rows)
     seeds=3,                   # seeds of the "main" rows
@@ -171,6 +174,20 @@ def stage_args(size, stage, **kw):
     """The stage's config files (presets), then the size's overrides, then this run's."""
     overrides = {**SIZES[size]["all"], **SIZES[size][stage], **kw}
     return [*presets(size, stage), *args(overrides)]
+
+
+def teacher_runs(size):
+    """The teacher's runs of train_sft.py: "teacher" (captions + instructions from scratch), then "teacher_it"
+    (instruction tuning, config/shapes_teacher_it.py) unless the size's world keeps a one-run teacher."""
+    return SIZES[size].get("teacher_runs", ("teacher", "teacher_it"))
+
+
+def teacher_args(size, name, **kw):
+    """A teacher run's arguments: run 2 layers its preset over run 1's, and takes run 1's size overrides (the test
+    size's tiny LM) with its own on top."""
+    files = presets(size, "teacher") + (presets(size, name) if name != "teacher" else [])
+    overrides = {**SIZES[size]["all"], **SIZES[size]["teacher"], **SIZES[size].get(name, {}), **kw}
+    return [*files, *args(overrides)]
 
 
 def resolved_dft(overrides, size="quick"):
@@ -304,10 +321,14 @@ def train_all(opts, size, jobs, limit, base, rows, seeds, cfgs, shared):
     teacher, walls = opts["teacher"] or os.path.join(base, "teacher"), {"teacher": 0.0}
     if opts["teacher"] and not os.path.exists(os.path.join(teacher, "model.safetensors")):
         raise FileNotFoundError(f"--teacher={teacher}: no checkpoint there (omit --teacher to train one)")
-    if not opts["teacher"]:
-        walls["teacher"] = run("train_sft.py", stage_args(opts["size"], "teacher", out_dir=teacher, seed=0,
-                                                          data=f"{pretrain},{instruct}", vision_model=tower),
-                               teacher, os.path.join(teacher, "model.safetensors"), jobs)
+    if not opts["teacher"]:  # run 1 (captions + instructions), then, where the size has it, instruction tuning
+        runs, start = teacher_runs(opts["size"]), dict(data=f"{pretrain},{instruct}")
+        for i, name in enumerate(runs):
+            out = teacher if i == len(runs) - 1 else f"{teacher}_pt"  # the last run is the teacher
+            kw = dict(start, seed=0, vision_model=tower, out_dir=out)
+            walls["teacher"] += run("train_sft.py", teacher_args(opts["size"], name, **kw), out,
+                                    os.path.join(out, "model.safetensors"), jobs)
+            start = dict(init_from=out, data=instruct)
     ev = dict(tasks="vqa,cr,pope,reefknot,align", cr_protocol=opts["cr_protocol"], limit=limit, data=data,
               batch_size=64)  # prompts per forward: on a CPU the per-op overhead dominates, so fewer, larger batches
     t_eval = os.path.join(base, "teacher_eval")
@@ -362,7 +383,8 @@ def main(argv=None):
     walls, t_eval, n_pipe, n_dpt = train_all(opts, size, jobs, limit, base, rows, seeds, cfgs, shared)
 
     t_m = metrics(load(os.path.join(t_eval, "report.json")), opts["cr_protocol"])
-    teacher_setting = " + ".join(os.path.relpath(p, ROOT) for p in presets(opts["size"], "teacher"))
+    teacher_setting = " then ".join(" + ".join(os.path.relpath(p, ROOT) for p in presets(opts["size"], name))
+                                    for name in teacher_runs(opts["size"]))
     teacher_setting += ", trained once, shared"
     results = [dict(name="teacher", kind="teacher", setting=teacher_setting,
                     shared_with=None, seeds=[0], per_seed=[dict(seed=0, wall_s=walls["teacher"] + walls["teacher_eval"],

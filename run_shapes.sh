@@ -25,8 +25,11 @@ stamp "1/6 data: the shapes world and its pretrained vision tower (out/shapes); 
 # (also when a test file is missing: generation is deterministic, so the files already there come out the same)
 [ -f out/shapes/vision_tower/model.safetensors ] && [ -f out/shapes/test/reefknot/YESNO.jsonl ] || $PY shapes.py
 
-stamp "2/6 teacher (6x256 LM from scratch on the frozen tower, captions + instructions; told where to look: privileged.py)"
-$PY train_sft.py config/shapes_teacher.py --out_dir="$OUT/teacher" "${EXTRA[@]}"
+stamp "2/6 teacher (6x256 LM from scratch on the frozen tower, told where to look: privileged.py): captions +"\
+" instructions, then instruction tuning"
+$PY train_sft.py config/shapes_teacher.py --out_dir="$OUT/teacher_pt" "${EXTRA[@]}"
+$PY train_sft.py config/shapes_teacher.py config/shapes_teacher_it.py --init_from="$OUT/teacher_pt" \
+    --out_dir="$OUT/teacher" "${EXTRA[@]}"
 
 stamp "3/6 CompoDistill student: DPT (LM + KD, TAF) -> DFT (LM + KD + VAT) -> SFT (LM)"
 T=(--teacher="$OUT/teacher")

@@ -159,6 +159,18 @@ def test_every_size_and_row_resolves(size):
     hard = size.startswith("hard")
     files = [os.path.basename(a) for a in experiments.stage_args(size, "dft") if a.endswith(".py")]
     assert files == (["shapes_dft.py", "shapes_hard_dft.py"] if hard else ["shapes_dft.py"])
+    # the teacher: the default world's in two runs (the second instruction tuning with the relation head, over the
+    # first's preset and the size's overrides); the hard world's published one in a single run, unsupervised
+    runs = experiments.teacher_runs(size)
+    assert runs == (("teacher",) if hard else ("teacher", "teacher_it"))
+    first = trainer.configure(dict(trainer.DEFAULTS), experiments.teacher_args(size, "teacher", out_dir="t_pt"))
+    assert first["init_from"] == "scratch" and first["privileged"] == {} and (first["look_weight"] > 0) == (not hard)
+    if not hard:
+        it = trainer.configure(dict(trainer.DEFAULTS), experiments.teacher_args(size, "teacher_it", init_from="t_pt"))
+        assert it["init_from"] == "t_pt" and it["privileged"] == {"relation_head": 3}
+        assert it["look_weight"] == it["readout_weight"] == 1.0 and it["lr"] == 5e-4
+        assert it["max_steps"] == {"test": 2, "quick": 500, "full": 500}[size]
+        assert it["llm"] == first["llm"]  # the test size's tiny LM in both runs
 
 
 def test_hard_rows_and_vat_forms():

@@ -400,16 +400,18 @@ def test_run_shapes_smoke_test_writes_where_it_blocks_nothing(tmp_path):
     default = _run_shapes_calls(tmp_path / "a", [])
     smoke = _run_shapes_calls(tmp_path / "b", ["--max_steps=50"])
     named = _run_shapes_calls(tmp_path / "c", ["--max_steps=50"], env=dict(OUT="out/mine"))
-    outs = ["teacher", "dpt", "dft", "sft", "base_dpt", "base_dft", "base_sft"]
+    outs = ["teacher_pt", "teacher", "dpt", "dft", "sft", "base_dpt", "base_dft", "base_sft"]
     assert [cfg["out_dir"] for _, cfg in default[:-1]] == [f"out/shapes/{d}" for d in outs]
-    assert [(cfg["init_from"], cfg["teacher"]) for _, cfg in default[1:-1]] == [
+    assert [(cfg["init_from"], cfg["teacher"]) for _, cfg in default[:-1]] == [("scratch", ""),
+        ("out/shapes/teacher_pt", ""),
         ("scratch", "out/shapes/teacher"), ("out/shapes/dpt", "out/shapes/teacher"), ("out/shapes/dft", ""),
         ("scratch", "out/shapes/teacher"), ("out/shapes/base_dpt", "out/shapes/teacher"), ("out/shapes/base_dft", "")]
     for calls, root in ((smoke, "out/shapes_max_steps_50"), (named, "out/mine")):
         assert [cfg["out_dir"] for _, cfg in calls[:-1]] == [f"{root}/{d}" for d in outs]
         assert all(cfg["max_steps"] == 50 for _, cfg in calls[:-1])
-        assert [cfg["init_from"] for _, cfg in calls[2:-1]] == [f"{root}/dpt", f"{root}/dft", "scratch",
-                                                                f"{root}/base_dpt", f"{root}/base_dft"]
+        assert [cfg["init_from"] for _, cfg in calls[:-1]] == ["scratch", f"{root}/teacher_pt", "scratch",
+                                                               f"{root}/dpt", f"{root}/dft", "scratch",
+                                                               f"{root}/base_dpt", f"{root}/base_dft"]
         assert all(cfg["teacher"] in ("", f"{root}/teacher") for _, cfg in calls[:-1])
         assert calls[-1] == ("evaluate.py", {
             "compare": f"teacher={root}/teacher,sft_only={root}/base_sft,compodistill={root}/sft",

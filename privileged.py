@@ -31,6 +31,7 @@ An object's target over the image tokens is the share of its pixels each patch h
 default world, where a patch is a cell); several objects share the mass equally.
 
     python train_sft.py config/shapes_teacher.py          # the preset turns both on (look_weight, readout_weight)
+    python train_sft.py config/shapes_teacher.py config/shapes_teacher_it.py   # run 2 adds the relation head
 """
 import json
 import os

@@ -1,14 +1,18 @@
-"""VLM splicing, TAF, save/load, generation and the TeacherStudent losses."""
+"""VLM splicing, TAF, save/load, how a model starts (load_vlm), generation and the TeacherStudent losses.
+
+    python -m pytest -q tests/test_model.py
+"""
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from conftest import IMAGE_TOKEN_ID, tiny_vlm
+from conftest import IMAGE_TOKEN_ID, bpe_tokenizer, llm_cfg, save_llava, save_lm, save_tower, tiny_vlm
 from data import IGNORE_INDEX
-from model import VLM, TeacherStudent
+from model import VLM, TeacherStudent, load_vlm
 from stages import set_trainable
 from trainer import enable_checkpointing
 
@@ -255,3 +259,60 @@ def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
     for n, p in ts.student.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, grads[n]), n
+
+
+# -- how a model starts: every form of init_from, each directory asked once what it is ---------------------------
+
+START = dict(init_from="scratch", vision_feature_select_strategy="", seed=0, vision_model="", llm_model="",
+             connector="mlp2x_gelu", llm={}, vision={}, teacher="", tokenizer="", image_processor="", data="d.json")
+
+
+@pytest.fixture(scope="module")
+def starts(tmp_path_factory):
+    """The directories a model starts from: a SigLIP tower, a bf16 LM with its tokenizer, a Hugging Face LLaVA one
+    (CLIP + Llama, saved by transformers) and one of ours (sharded), plus transformers' own LLaVA read of the latter."""
+    from transformers import LlavaForConditionalGeneration
+    root = tmp_path_factory.mktemp("starts")
+    d = dict(tower=save_tower(root / "tower"), lm=save_lm(root / "lm", bpe_tokenizer()),
+             llava=save_llava(root / "llava", tower="clip", arch="llama", bos=True), ours=str(root / "ours"))
+    VLM.from_backbones(d["tower"], d["lm"], seed=0).save_pretrained(d["ours"], max_shard_bytes=60_000)
+    d["hf"] = LlavaForConditionalGeneration.from_pretrained(d["llava"], dtype=torch.float32).eval()
+    return d
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+@pytest.mark.parametrize("form", ["ours", "llava", "backbones_llava_tower", "scratch_on_our_tower",
+                                  "scratch_on_a_llava_teacher"])
+def test_each_start_asks_each_directory_once_and_loads_what_transformers_loads(starts, form, monkeypatch):
+    """load_vlm decides once what each directory is (its config.json read once by checkpoint.py, whatever the form)
+    and loads the weights transformers' own classes load from it."""
+    from transformers import SiglipVisionModel
+    import checkpoint
+    d, hf = starts, starts["hf"]
+    cfg, asked = {"ours": dict(init_from=d["ours"]), "llava": dict(init_from=d["llava"]),
+                  "backbones_llava_tower": dict(init_from="backbones", vision_model=d["llava"], llm_model=d["lm"]),
+                  "scratch_on_our_tower": dict(vision_model=d["ours"], tokenizer=d["lm"], llm=llm_cfg(layers=2)),
+                  "scratch_on_a_llava_teacher": dict(teacher=d["llava"], llm=llm_cfg(layers=2))}[form], []
+    real = checkpoint.read_json
+    monkeypatch.setattr(checkpoint, "read_json", lambda f: asked.append(f) or real(f))
+    m = load_vlm(dict(START, **cfg))
+    configs = [os.path.dirname(f) for f in asked if os.path.basename(f) == "config.json"]
+    named = [cfg.get(k) for k in ("init_from", "vision_model", "teacher") if cfg.get(k) in (d["ours"], d["llava"])]
+    assert sorted(configs) == sorted(named), f"config.json read {len(configs)} times for {named}"
+    if "llava" in form:  # the tower as LlavaForConditionalGeneration reads it, with its feature layer and selection
+        assert same(m.vision_tower.state_dict(), hf.model.vision_tower.state_dict())
+        assert (m.config.vision_feature_layer, m.config.vision_feature_select_strategy) == \
+            (hf.config.vision_feature_layer, hf.config.vision_feature_select_strategy) == (-2, "default")
+    else:  # ours was built on the SigLIP tower
+        assert same(m.vision_tower.state_dict(), SiglipVisionModel.from_pretrained(d["tower"]).state_dict())
+    if form == "llava":
+        proj = hf.model.multi_modal_projector
+        assert same(m.llm.model.state_dict(), hf.model.language_model.state_dict())
+        assert same(m.llm.lm_head.state_dict(), hf.lm_head.state_dict())
+        assert same(m.connector.state_dict(), {f"{i}.{k}": v for i, lin in ((0, proj.linear_1), (2, proj.linear_2))
+                                               for k, v in lin.state_dict().items()})
+    if form == "ours":  # all of it, as saved
+        assert same(m.state_dict(), VLM.from_backbones(d["tower"], d["lm"], seed=0).state_dict())

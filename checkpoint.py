@@ -498,18 +498,3 @@ def llava_settings(path):
     return dict(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu", image_token_id=c.image_token_index,
                 vision_feature_layer=c.vision_feature_layer,
                 vision_feature_select_strategy=c.vision_feature_select_strategy, extra=extra)
-
-
-def check_llava_tokenizer(model, path):
-    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
-    id its config gives the image token."""
-    tok = model.tokenizer
-    if tok is None or model.image_processor is None:
-        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
-                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
-                                "the processor files too")
-    got = tok.convert_tokens_to_ids(model.config.image_token)
-    if got != model.image_token_id:
-        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
-                         f"image_token_index is {model.image_token_id}; the image token must be "
-                         f"{model.config.image_token!r} with that id")

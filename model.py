@@ -33,8 +33,8 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import attention_distill as ad
-from checkpoint import (check_llava_tokenizer, find_checkpoint, open_checkpoint, params_on_meta, plain_state_dict,
-                        unique_state_dict, vlm_checkpoint, write_weights)
+from checkpoint import (find_checkpoint, open_checkpoint, params_on_meta, plain_state_dict, unique_state_dict,
+                        vlm_checkpoint, write_weights)
 from common import cast_weights
 from data import IGNORE_INDEX, IMAGE_TOKEN, prepare_tokenizer, same_tokenizer
 
@@ -325,6 +325,21 @@ class VLM(nn.Module):
 
 # -----------------------------------------------------------------------------
 # how a model starts
+
+
+def check_llava_tokenizer(model, path):
+    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
+    id its config gives the image token."""
+    tok = model.tokenizer
+    if tok is None or model.image_processor is None:
+        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
+                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
+                                "the processor files too")
+    got = tok.convert_tokens_to_ids(model.config.image_token)
+    if got != model.image_token_id:
+        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
+                         f"image_token_index is {model.image_token_id}; the image token must be "
+                         f"{model.config.image_token!r} with that id")
 
 
 def pretrained_tower(path, select="", dtype=None):

@@ -81,7 +81,6 @@ DEFAULTS = dict(
     grad_ckpt=False,               # gradient checkpointing in the student's LM
     peak_tflops=0.0,               # the card's bf16 dense peak; 0: from its name
     json_out="",                   # also write the results to this JSON file
-    memory_table=False,            # print memory.py's per-GPU memory estimate of the preset instead (no GPU needed)
 )
 
 PAPER_FORM = ad.VATSettings.from_config(TRAINING_DEFAULTS)  # training's default: vat_queries=all vat_pool=flat
@@ -299,10 +298,6 @@ def main(cfg):
         "check_dtype", "check_rtol", "optimizer", "compile", "grad_ckpt", "peak_tflops"))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': use one of {list(PRESETS)}")
-    if cfg["memory_table"]:  # memory.py's table at its defaults (python memory.py --help: its settings)
-        import memory
-        print(memory.table(preset))
-        return None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     if not mode_list or set(mode_list) - set(MODES):
         raise ValueError(f"bad modes '{modes}': a comma-separated subset of {','.join(MODES)}")

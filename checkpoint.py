@@ -7,9 +7,11 @@ training stage wrote it, train_state.pt (step, optimizer, every rank's RNG, the 
 train_log.jsonl. A Hugging Face LLaVA directory (LlavaForConditionalGeneration) is accepted wherever one of ours is,
 through an explicit key table.
 
-Here: weights in and out (one file or shards; strict loading into a model built on the meta device, tied weights kept
-tied; LoRA adapters merged into plain weights), the atomic checkpoint swap a training stage saves with, train_state.pt,
-and the LLaVA key table in both directions (model.VLM.from_pretrained imports with it, export_hf.py exports with it).
+Here: what a directory is, decided once per load (open_checkpoint / vlm_checkpoint give a Checkpoint, which then reads
+its settings and weights without asking again), weights in and out (one file or shards; strict loading into a model
+built on the meta device, tied weights kept tied; LoRA adapters merged into plain weights), the atomic checkpoint swap
+a training stage saves with, train_state.pt, and the LLaVA key table in both directions (model.VLM.from_pretrained
+imports with it, export_hf.py exports with it).
 """
 import errno
 import json
@@ -53,14 +55,6 @@ def read_json(file):
         raise ValueError(f"{file}: not valid JSON ({e}); {again}") from e
 
 
-def read_config(path):
-    """Our config.json as a dict of model.VLMConfig's fields, keys of older checkpoints renamed."""
-    d = read_json(os.path.join(path, "config.json"))
-    if "drop_first_patch" in d:  # written before the setting took LLaVA's name
-        d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
-    return d
-
-
 def has_weights(path):
     """True when directory `path` holds safetensors weights: one file, or an index and its shards."""
     return any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
@@ -75,42 +69,92 @@ def find_checkpoint(path):
     return None
 
 
-def checkpoint_kind(path):
-    """"ours" or "llava" for a directory VLM.from_pretrained can load; anything else is an error that says what was
+def open_checkpoint(path):
+    """The whole VLM in directory `path` (or in `path`.old, see find_checkpoint), asked once what it is: one of ours
+    or a Hugging Face LLaVA one (a Checkpoint, which reads the rest). Anything else is an error that says what was
     found there and what is accepted."""
+    path = find_checkpoint(path) or path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory; expected {ACCEPTED}")
-    found = ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json (found: {found}); expected {ACCEPTED}")
+        raise FileNotFoundError(f"{path}: no config.json (found: {_listing(path)}); expected {ACCEPTED}")
+    return _classify(path, read_json(cfg_path))
+
+
+def vlm_checkpoint(path):
+    """open_checkpoint(path) when `path` is a directory whose config.json describes a whole VLM (ours or LLaVA), else
+    None: a hub id, a vision model's or an LM's directory. `path`.old is not looked at: this asks what a vision_model
+    setting names, not where a stage left its checkpoint."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
     cfg = read_json(cfg_path)
+    return _classify(path, cfg) if _kind(cfg) else None
+
+
+def _kind(cfg):
+    """"ours", "llava" or None for a parsed config.json."""
     if "vision" in cfg and "llm" in cfg:
-        kind = "ours"
-    elif cfg.get("model_type") == "llava":
-        kind = "llava"
-    else:
-        raise ValueError(f"{cfg_path} describes model_type {cfg.get('model_type')!r} "
+        return "ours"
+    return "llava" if cfg.get("model_type") == "llava" else None
+
+
+def _listing(path):
+    return ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
+
+
+def _classify(path, cfg):
+    """The Checkpoint of directory `path` whose config.json parsed to `cfg`: the one place a directory's kind is
+    decided."""
+    kind = _kind(cfg)
+    if kind is None:
+        raise ValueError(f"{os.path.join(path, 'config.json')} describes model_type {cfg.get('model_type')!r} "
                          f"(architectures {cfg.get('architectures')}), which is neither kind of checkpoint this "
                          f"project loads: expected {ACCEPTED}. A separate vision tower and causal LM enter with "
                          "init_from=backbones (vision_model=..., llm_model=...)")
     if not has_weights(path):
         raise FileNotFoundError(f"{path}: a {'LLaVA' if kind == 'llava' else 'CompoDistill'} config.json but no "
-                                f"weights (found: {found}); expected {WEIGHTS_NAME}, or {WEIGHTS_INDEX_NAME} and the "
-                                "shards it lists")
-    return kind
+                                f"weights (found: {_listing(path)}); expected {WEIGHTS_NAME}, or {WEIGHTS_INDEX_NAME} "
+                                "and the shards it lists")
+    return Checkpoint(path, kind, cfg)
 
 
-def vlm_kind(path):
-    """"ours" or "llava" when `path` is a directory whose config.json describes a whole VLM (then checkpoint_kind
-    checks it), else None: a hub id, a vision model's or an LM's directory."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        return None
-    cfg = read_json(cfg_path)
-    if ("vision" in cfg and "llm" in cfg) or cfg.get("model_type") == "llava":
-        return checkpoint_kind(path)
-    return None
+class Checkpoint:
+    """A whole VLM's directory whose kind is known: `path` (where the files are read), `kind` ("ours": a stage's
+    out_dir; "llava": a LlavaForConditionalGeneration directory) and `config` (its config.json as read). Built by
+    open_checkpoint / vlm_checkpoint; the loaders take it from there without asking again."""
+
+    def __init__(self, path, kind, config):
+        self.path, self.kind, self.config = path, kind, config
+
+    def settings(self):
+        """model.VLMConfig's fields: our config.json (keys of older checkpoints renamed), or a LLaVA one read as
+        ours (llava_settings)."""
+        if self.kind == "llava":
+            return llava_settings(self.path)
+        d = dict(self.config)
+        if "drop_first_patch" in d:  # written before the setting took LLaVA's name
+            d["vision_feature_select_strategy"] = "default" if d.pop("drop_first_patch") else ""
+        return d
+
+    def load_into(self, module, dtype, tower_only=False):
+        """Give `module` (built under params_on_meta from settings()) this checkpoint's weights, strictly (see
+        load_weights), in `dtype`: the whole VLM, or with tower_only its vision tower alone, read alone (a 7B LLaVA's
+        LM is never read for its tower). A LLaVA checkpoint's names go through LLAVA_KEYS; the tower's nesting is
+        matched to the one this transformers builds."""
+        part = "vision_tower." if tower_only else ""
+        rename = llava_key_to_ours if self.kind == "llava" else (lambda k: k)
+        if tower_only:
+            tensors = read_weights(self.path, keep=lambda k: (rename(k) or "").startswith(part))
+            tensors = {rename(k): t for k, t in tensors.items()}
+        else:
+            tensors = read_weights(self.path)
+            if self.kind == "llava":
+                tensors = llava_to_ours(tensors, module, self.path)
+        nested = any(k.startswith("vision_tower.vision_model.") for k in (part + n for n in module.state_dict()))
+        tensors = {match_tower_nesting(k, nested).removeprefix(part): t for k, t in tensors.items()}
+        return load_weights(module, tensors, f"{self.path} (its vision tower)" if tower_only else self.path, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -454,18 +498,3 @@ def llava_settings(path):
     return dict(vision=c.vision_config.to_dict(), llm=text, connector="mlp2x_gelu", image_token_id=c.image_token_index,
                 vision_feature_layer=c.vision_feature_layer,
                 vision_feature_select_strategy=c.vision_feature_select_strategy, extra=extra)
-
-
-def check_llava_tokenizer(model, path):
-    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
-    id its config gives the image token."""
-    tok = model.tokenizer
-    if tok is None or model.image_processor is None:
-        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
-                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
-                                "the processor files too")
-    got = tok.convert_tokens_to_ids(model.config.image_token)
-    if got != model.image_token_id:
-        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
-                         f"image_token_index is {model.image_token_id}; the image token must be "
-                         f"{model.config.image_token!r} with that id")

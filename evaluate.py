@@ -62,7 +62,7 @@ import torch
 from tqdm import tqdm
 
 from alignment import matched_layers, run_align, write_heatmaps
-from checkpoint import checkpoint_kind, find_checkpoint
+from checkpoint import find_checkpoint, open_checkpoint
 from common import pick_device, resolve_dtype, why
 from data import IGNORE_INDEX, collate, decode_answer, load_image, tokenize_conversation
 from model import VLM
@@ -492,7 +492,7 @@ def compare_runs(spec):
     if dup:
         raise ValueError(f"--compare: the name {dup[0]!r} is given twice; give each model its own name")
     for _, path in runs:  # a typo in the last path must not cost the evaluation of the first
-        checkpoint_kind(find_checkpoint(path) or path)
+        open_checkpoint(path)
     return runs
 
 

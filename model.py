@@ -33,9 +33,8 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import attention_distill as ad
-from checkpoint import (check_llava_tokenizer, checkpoint_kind, find_checkpoint, llava_key_to_ours, llava_settings,
-                        llava_to_ours, load_weights, match_tower_nesting, params_on_meta, plain_state_dict, read_config,
-                        read_weights, unique_state_dict, vlm_kind, write_weights)
+from checkpoint import (find_checkpoint, open_checkpoint, params_on_meta, plain_state_dict, unique_state_dict,
+                        vlm_checkpoint, write_weights)
 from common import cast_weights
 from data import IGNORE_INDEX, IMAGE_TOKEN, prepare_tokenizer, same_tokenizer
 
@@ -59,11 +58,6 @@ class VLMConfig:
     def save(self, path):
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(asdict(self), f, indent=2)
-
-    @classmethod
-    def load(cls, path):
-        """The config of a checkpoint directory: ours (config.json), or a Hugging Face LLaVA one, read as ours."""
-        return cls(**(llava_settings(path) if checkpoint_kind(path) == "llava" else read_config(path)))
 
 
 def backbone_config(spec):
@@ -284,22 +278,17 @@ class VLM(nn.Module):
         explicit key mapping, checkpoint.LLAVA_KEYS), weights in one file or sharded. Weights load in float32
         (trainable masters) unless `dtype` says otherwise; the model is built without random init. A stage's out_dir
         whose last save was interrupted between its two renames loads from out_dir.old."""
-        path = find_checkpoint(path) or path
-        kind = checkpoint_kind(path)
+        ckpt = open_checkpoint(path)  # which directory, which kind: asked here once
         with params_on_meta():
-            model = cls(VLMConfig.load(path))
-        tensors = read_weights(path)
-        nested = any(k.startswith("vision_model.") for k in model.vision_tower.state_dict())
-        if kind == "llava":
-            tensors = llava_to_ours(tensors, model, path)
-        tensors = {match_tower_nesting(k, nested): t for k, t in tensors.items()}
-        load_weights(model, tensors, path, dtype or torch.float32)
+            model = cls(VLMConfig(**ckpt.settings()))
+        ckpt.load_into(model, dtype or torch.float32)
+        path = ckpt.path  # out_dir.old when that is where the checkpoint is
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             model.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
         # transformers 5 processors keep the image processor's settings inside processor_config.json
         if any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
             model.image_processor = AutoImageProcessor.from_pretrained(path)
-        if kind == "llava":
+        if ckpt.kind == "llava":
             check_llava_tokenizer(model, path)
         return model
 
@@ -308,27 +297,15 @@ class VLM(nn.Module):
         """The vision tower of a checkpoint (id or path): a vision model, the vision part of a full CLIP / SigLIP
         (e.g. SiglipVisionModel), or the tower inside a Hugging Face LLaVA directory or one of our checkpoints (its
         vision_tower weights, strictly; float32 unless `dtype` says otherwise)."""
-        kind = vlm_kind(path)
-        if kind is None:
-            vcfg = _vision_config(AutoConfig.from_pretrained(path))
-            return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype)
-        with params_on_meta():
-            tower = AutoModel.from_config(_vision_config(backbone_config(VLMConfig.load(path).vision)))
-        rename = llava_key_to_ours if kind == "llava" else (lambda k: k)
-        nested = any(k.startswith("vision_model.") for k in tower.state_dict())
-        # the tower's tensors only: a 7B LLaVA's LM is never read for its tower
-        tensors = read_weights(path, keep=lambda k: (rename(k) or "").startswith("vision_tower."))
-        tensors = {match_tower_nesting(rename(k), nested).removeprefix("vision_tower."): t for k, t in tensors.items()}
-        return load_weights(tower, tensors, f"{path} (its vision tower)", dtype or torch.float32).eval()
+        return pretrained_tower(path, dtype=dtype)[0]
 
     @classmethod
     def from_backbones(cls, vision, llm, connector="mlp2x_gelu", image_token=IMAGE_TOKEN, dtype=None, seed=None,
                        vision_feature_select_strategy=""):
         """A VLM from pretrained HF backbones (ids or paths); adds the image token to the tokenizer. A whole VLM's
-        directory as `vision` (LLaVA or ours) gives its tower read as that VLM reads it (tower_reading). `seed`:
+        directory as `vision` (LLaVA or ours) gives its tower read as that VLM reads it (pretrained_tower). `seed`:
         torch's seed for the new weights, set right after the reads."""
-        layer, select = tower_reading(vision, vision_feature_select_strategy)
-        tower = cls.load_vision_tower(vision, dtype=dtype)
+        tower, layer, select = pretrained_tower(vision, vision_feature_select_strategy, dtype)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=ad.ATTN_IMPLEMENTATION)
         if seed is not None:  # after the reads: the image token's embedding row and the connector are new
             torch.manual_seed(seed)
@@ -350,15 +327,36 @@ class VLM(nn.Module):
 # how a model starts
 
 
-def tower_reading(path, select=""):
-    """(vision_feature_layer, vision_feature_select_strategy) for a tower taken from `path`: a whole VLM's directory
-    (LLaVA or ours) gives the ones that VLM reads its tower with, so the tower is read as it was trained to be; a
-    `select` given wins. Anything else: LLaVA's feature layer and `select` ("" lets the VLM pick the tower's own)."""
-    layer = VLMConfig.vision_feature_layer
-    if vlm_kind(path) is not None:
-        c = VLMConfig.load(path)
-        layer, select = c.vision_feature_layer, select or c.vision_feature_select_strategy
-    return layer, select
+def check_llava_tokenizer(model, path):
+    """Our data pipeline writes each image as data.IMAGE_TOKEN ("<image>"): the LLaVA tokenizer must have it, with the
+    id its config gives the image token."""
+    tok = model.tokenizer
+    if tok is None or model.image_processor is None:
+        raise FileNotFoundError(f"{path}: a LLaVA checkpoint without its tokenizer or image processor (no "
+                                "tokenizer_config.json / preprocessor_config.json or processor_config.json); copy "
+                                "the processor files too")
+    got = tok.convert_tokens_to_ids(model.config.image_token)
+    if got != model.image_token_id:
+        raise ValueError(f"{path}: the tokenizer's {model.config.image_token} is id {got}, config.json's "
+                         f"image_token_index is {model.image_token_id}; the image token must be "
+                         f"{model.config.image_token!r} with that id")
+
+
+def pretrained_tower(path, select="", dtype=None):
+    """(tower, vision_feature_layer, vision_feature_select_strategy) for a tower taken from `path`, asked once what
+    `path` is. A whole VLM's directory (LLaVA or ours): its vision_tower weights (strictly; float32 unless `dtype`
+    says otherwise), read with the layer and selection that VLM reads them with, so the tower is read as it was
+    trained to be (a `select` given wins). Anything else (a vision model, a full CLIP / SigLIP, an id): its vision
+    model, LLaVA's feature layer and `select` ("" lets the VLM pick the tower's own)."""
+    ckpt = vlm_checkpoint(path)
+    if ckpt is None:
+        vcfg = _vision_config(AutoConfig.from_pretrained(path))
+        return MODEL_MAPPING[type(vcfg)].from_pretrained(path, dtype=dtype), VLMConfig.vision_feature_layer, select
+    c = VLMConfig(**ckpt.settings())
+    with params_on_meta():
+        tower = AutoModel.from_config(_vision_config(backbone_config(c.vision)))
+    tower = ckpt.load_into(tower, dtype or torch.float32, tower_only=True).eval()
+    return tower, c.vision_feature_layer, select or c.vision_feature_select_strategy
 
 
 def load_vlm(cfg, teacher=None):
@@ -374,6 +372,8 @@ def load_vlm(cfg, teacher=None):
                     image processor, as KD, VAT and TAF need; else it sits on vision_model's pretrained tower or a new
                     one from the `vision` dict, with the tokenizer and image processor given (default: the data
                     folder's tokenizer/ and image_processor/, as shapes.py writes them)
+    Each directory named here (init_from, teacher, vision_model) is asked once what it is, by checkpoint.py's
+    open_checkpoint or vlm_checkpoint; the Checkpoint that answers then reads its settings and weights.
     cfg["seed"] seeds torch right before the new weights are drawn, so that a new model's start depends on its seed
     alone, not on what was read before it (reading a checkpoint moves the random stream).
     """
@@ -401,10 +401,9 @@ def load_vlm(cfg, teacher=None):
     else:
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(cfg["tokenizer"] or os.path.join(data_dir, "tokenizer")))
         if cfg["vision_model"]:  # a pretrained tower (e.g. shapes.py's) under a new LM
-            tower = VLM.load_vision_tower(cfg["vision_model"])
+            tower, layer, select = pretrained_tower(cfg["vision_model"], select)
             vision = tower.config.to_dict()
             proc = AutoImageProcessor.from_pretrained(cfg["image_processor"] or cfg["vision_model"])
-            layer, select = tower_reading(cfg["vision_model"], select)
         elif vision:
             tower = None
             proc = AutoImageProcessor.from_pretrained(cfg["image_processor"]

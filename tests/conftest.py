@@ -48,6 +48,38 @@ def make_vlm():
     return tiny_vlm
 
 
+def tiny_ids():
+    """(input_ids, attention_mask) of three samples for tiny_vlm: two with the image (4 image tokens) at different
+    offsets, right padding, and a text-only one."""
+    ids = torch.tensor([[5, 6, 3, 3, 3, 3, 7, 8, 9, 10],
+                        [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
+                        [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])
+    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
+    return ids, mask
+
+
+def tiny_batch():
+    """tiny_ids as a training batch: labels on the text after position 6, two 16 px images (seed 1)."""
+    from data import IGNORE_INDEX
+    ids, mask = tiny_ids()
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX
+    torch.manual_seed(1)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
+
+
+def tiny_pair(taf=True):
+    """A tiny TeacherStudent: a 6-layer teacher (width 48), a 4-layer student (width 32) on a copy of its tower, VAT
+    on student layers 1-2 against teacher layers 2-4; TAF applied unless taf=False."""
+    import copy
+    import attention_distill as ad
+    from model import TeacherStudent
+    t = tiny_vlm(layers=6, hidden=48, heads=4, kv_heads=2, seed=0)
+    s = tiny_vlm(layers=4, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
+    ts = TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[2, 3, 4]))
+    return ts.apply_taf() if taf else ts
+
+
 # -----------------------------------------------------------------------------
 # Tiny Hugging Face checkpoints on disk, as real ones come: byte-level BPE tokenizers with a chat template and no
 # pad token (Qwen / Llama style), LMs saved in bf16, SigLIP and CLIP towers with their image processors.

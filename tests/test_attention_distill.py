@@ -1,4 +1,8 @@
-"""Attention capture against eager attention, the losses against brute force, layer matching."""
+"""
+    python -m pytest -q tests/test_attention_distill.py
+
+Attention capture against eager attention, the losses against brute force, layer matching.
+"""
 import math
 
 import pytest
@@ -6,23 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from conftest import tiny_vlm
-
-
-def _batch():
-    # Two image samples with the image at different offsets, right padding, and a text-only sample.
-    ids = torch.tensor([[5, 6, 3, 3, 3, 3, 7, 8, 9, 10],
-                        [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
-                        [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])
-    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
-    return ids, mask
+from conftest import tiny_ids, tiny_vlm
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("padded", [True, False])  # unpadded: SDPA runs with no mask, is_causal=True
 def test_capture_equals_eager_attention(arch, padded):
     m = tiny_vlm(arch, layers=3, hidden=32, heads=4, kv_heads=2)  # GQA: 2 query heads per kv head
-    ids, mask = _batch()
+    ids, mask = tiny_ids()
     if not padded:
         mask = torch.ones_like(mask)
     emb = m.embed(ids, torch.randn(2, 4, 32))
@@ -435,7 +430,7 @@ def test_a_distillation_step_is_bitwise_that_of_the_code_before(queries, pool, m
                                              vat_pool=pool)).apply_taf()
     set_trainable(ts.student, "dft")
     ts.student.train()
-    ids, mask = _batch()
+    ids, mask = tiny_ids()
     labels = ids.masked_fill(ids == 3, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
     b = dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
 

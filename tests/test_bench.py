@@ -1,5 +1,9 @@
-"""bench.py end to end on the tiny preset (the JSON's structure, which VAT form each row measures, the ratios, the
-agreement checks; subprocesses, marked slow) and memory.py's estimate."""
+"""
+    python -m pytest -q tests/test_bench.py
+
+bench.py end to end on the tiny preset: the JSON's structure, which VAT form each row measures, the ratios, the
+agreement checks (subprocesses, marked slow). memory.py's estimate is tested in tests/test_memory.py.
+"""
 import json
 import os
 import subprocess
@@ -91,44 +95,3 @@ def test_bench_rejects_unknown_mode():
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "bad modes 'ours,fast': a comma-separated subset of ours,novat,ours_ref,reference" in proc.stderr
-
-
-def test_memory_estimate_counts_the_models_parameters_and_shards_them():
-    import memory
-    from model import VLM, VLMConfig
-    p = bench.PRESETS["tiny"]
-    c = memory.param_counts(p, rank=8)
-    # against the real models built from the same configs
-    torch.manual_seed(0)
-    lm = lambda kw: dict(model_type="qwen2", vocab_size=p["vocab"], tie_word_embeddings=False, **kw)  # noqa: E731
-    t = VLM(VLMConfig(vision=dict(bench.VISION, **p["vision"]), llm=lm(p["teacher"]), image_token_id=0))
-    n = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
-    assert c["t_layers"] + c["t_lm_rest"] == n(t.llm) and c["t_tower"] == n(t.vision_tower)
-    assert c["post_connector"] == 256 * 128 + 128  # Linear(d_teacher 256 -> d_student 128)
-    d, f = 128, 256  # student: q, k, v, o (GQA: k, v 64 wide), gate, up (d -> f), down (f -> d), 4 layers
-    assert c["lora"] == 8 * 4 * ((d + d) + 2 * (d + 64) + (d + d) + 2 * (d + f) + (f + d))
-    ddp, fsdp = (memory.memory_estimate(p, s, ckpt=True, world=4) for s in ("ddp", "fsdp"))
-    assert fsdp["optimizer"] == pytest.approx(ddp["optimizer"] / 4)  # AdamW's states sharded over 4 GPUs
-    assert ddp["optimizer"] == pytest.approx(8 * (c["s_layers"] + c["s_lm_rest"] + c["post_connector"]) / 2**30)
-    assert ddp["total"] == pytest.approx(sum(v for k, v in ddp.items() if k != "total"))
-    lora = memory.memory_estimate(p, "ddp_lora", ckpt=True, rank=8)
-    assert lora["grads"] == pytest.approx(4 * (c["lora"] + c["post_connector"]) / 2**30)
-    full = memory.memory_estimate(p, "ddp", ckpt=False)
-    assert full["activations"] > ddp["activations"]  # checkpointing keeps one layer input, not every activation
-
-
-def test_startup_estimate_counts_what_each_rank_loads_before_the_first_step():
-    """DDP: the step's weights less autocast's bf16 copy, the teacher and AdamW's states (a resume loads them). FSDP:
-    the shards (student, AdamW's states and the zero gradients of their initialisation, the teacher's layers), the
-    teacher's unsharded rest and one float32 embedding in flight; below the step's total."""
-    import memory
-    p = bench.PRESETS["tiny"]
-    c = memory.param_counts(p)
-    train = c["s_layers"] + c["s_lm_rest"] + c["post_connector"]
-    ddp = memory.memory_estimate(p, "ddp", ckpt=True)
-    assert memory.startup_estimate(p, "ddp") == pytest.approx(
-        ddp["weights"] - 2 * train / 2**30 + ddp["teacher"] + ddp["optimizer"])
-    s_all = c["s_layers"] + c["s_lm_rest"] + c["s_tower"] + c["s_connectors"]
-    two, four = (memory.startup_estimate(p, "fsdp", world=w) for w in (2, 4))
-    assert two - four == pytest.approx((4 * s_all + 12 * train + 2 * c["t_layers"]) / 4 / 2**30)
-    assert four < memory.memory_estimate(p, "fsdp", ckpt=True, world=4)["total"]

@@ -1,6 +1,10 @@
-"""Several processes on CPU with gloo (torchrun, two processes; marked slow). FSDP2 (fully_shard): the same training
+"""
+    python -m pytest -q tests/test_fsdp.py
+
+Several processes on CPU with gloo (torchrun, two processes; marked slow). FSDP2 (fully_shard): the same training
 as DDP (which equals one process with gradient accumulation), with and without LoRA, and an exact resume. Every
-rank joins every collective whatever its micro-batch holds, for every combination of the settings that change them."""
+rank joins every collective whatever its micro-batch holds, for every combination of the settings that change them.
+"""
 import importlib.util
 import json
 import os
@@ -167,7 +171,7 @@ def test_the_drop_breakdown_counts_every_rank(launch):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_is_refused(launch):
+def test_resume_under_torchrun_on_another_number_of_processes_is_refused(launch):
     """Saved by one process, resumed by two: both ranks refuse at start-up (rank 1 has no saved RNG state or data
     position). Saved by two after 2 of 4 steps, resumed by one: refused (one process would re-read the samples rank 1
     used, with half the batch)."""

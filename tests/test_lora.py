@@ -1,5 +1,8 @@
-"""LoRA (peft, optional): the trainable set, VAT through adapted attention, merged checkpoints, exact resume."""
-import copy
+"""
+    python -m pytest -q tests/test_lora.py
+
+LoRA (peft, optional): the trainable set, VAT through adapted attention, merged checkpoints, exact resume.
+"""
 import sys
 
 import pytest
@@ -7,24 +10,15 @@ import torch
 
 pytest.importorskip("peft")
 
-from conftest import run, tiny_vlm, weights  # noqa: E402
-import attention_distill as ad  # noqa: E402
+from conftest import run, tiny_batch, tiny_pair, tiny_vlm, weights  # noqa: E402
 from checkpoint import plain_state_dict  # noqa: E402
-from model import TeacherStudent  # noqa: E402
 from stages import add_lora, set_trainable  # noqa: E402
-from test_model import _batch  # noqa: E402
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _pair():
-    t = tiny_vlm(layers=6, hidden=48, seed=0)
-    s = tiny_vlm(layers=4, hidden=32, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
-    return TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[2, 3, 4])).apply_taf()
-
-
 def test_lora_trains_the_adapters_and_the_trainable_connector_only():
-    ts = _pair()
+    ts = tiny_pair()
     add_lora(ts.student, rank=4)
     set_trainable(ts.student, "dft")
     got = sorted(n for n, p in ts.student.named_parameters() if p.requires_grad)
@@ -36,15 +30,15 @@ def test_lora_trains_the_adapters_and_the_trainable_connector_only():
 def test_vat_loss_and_gradients_through_zero_initialised_adapters():
     """B = 0 at the start: the adapted model computes what the plain one does. The VAT gradient reaches the
     adapters through the captured attention: dL/dB = scale * dL/dW @ A^T for W's adapter."""
-    b = _batch()
-    plain = _pair()
+    b = tiny_batch()
+    plain = tiny_pair()
     set_trainable(plain.student, "dft")
     plain.student.train()
     out = plain(b)
     out["vat"].backward()
     want = {n: p.grad.clone() for n, p in plain.student.named_parameters() if p.grad is not None}
 
-    lora = _pair()
+    lora = tiny_pair()
     add_lora(lora.student, rank=4, dropout=0.0)
     set_trainable(lora.student, "dft")
     lora.student.train()
@@ -64,14 +58,14 @@ def test_vat_loss_and_gradients_through_zero_initialised_adapters():
 
 
 def test_merged_weights_compute_what_the_adapted_model_computes():
-    ts = _pair()
+    ts = tiny_pair()
     s = ts.student
     add_lora(s, rank=4)
     with torch.no_grad():
         for n, p in s.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.1)
-    b = _batch()
+    b = tiny_batch()
     want = s(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
     plain = tiny_vlm(layers=4, hidden=32, seed=2)
     plain.connector, plain.post_connector, plain.config = s.connector, torch.nn.Linear(48, 32), s.config

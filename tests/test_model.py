@@ -1,39 +1,27 @@
-"""VLM splicing, TAF, save/load, generation and the TeacherStudent losses."""
+"""
+    python -m pytest -q tests/test_model.py
+
+VLM splicing, TAF, save/load, how a model starts (load_vlm), generation and the TeacherStudent losses.
+"""
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attention_distill as ad
-from conftest import IMAGE_TOKEN_ID, tiny_vlm
+from conftest import (IMAGE_TOKEN_ID, bpe_tokenizer, llm_cfg, save_llava, save_lm, save_tower, tiny_batch,
+                      tiny_pair, tiny_vlm)
 from data import IGNORE_INDEX
-from model import VLM, TeacherStudent
+from model import VLM, TeacherStudent, load_vlm
 from stages import set_trainable
 from trainer import enable_checkpointing
 
 
-def _batch():
-    ids = torch.tensor([[5, 6, 3, 3, 3, 3, 7, 8, 9, 10],
-                        [5, 3, 3, 3, 3, 7, 8, 9, 0, 0],
-                        [5, 6, 7, 8, 9, 10, 11, 0, 0, 0]])  # the last sample is text-only
-    mask = (torch.arange(10)[None] < torch.tensor([10, 8, 7])[:, None]).long()
-    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, :6] = IGNORE_INDEX
-    torch.manual_seed(1)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(2, 3, 16, 16))
-
-
-def _pair(taf=True):
-    t = tiny_vlm(layers=6, hidden=48, heads=4, kv_heads=2, seed=0)
-    s = tiny_vlm(layers=4, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
-    ts = TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[2, 3, 4]))
-    return ts.apply_taf() if taf else ts
-
-
 def test_splicing_puts_visual_tokens_at_placeholders():
     m = tiny_vlm()
-    b = _batch()
+    b = tiny_batch()
     img = torch.randn(2, m.num_image_tokens, 32)
     emb = m.embed(b["input_ids"], img)
     plain = m.llm.get_input_embeddings()(b["input_ids"])
@@ -47,7 +35,7 @@ def test_splicing_puts_visual_tokens_at_placeholders():
 
 def test_image_count_mismatch_is_a_clear_error():
     m = tiny_vlm()
-    b = _batch()
+    b = tiny_batch()
     with pytest.raises(ValueError, match="2 samples with image tokens but 1 images"):
         m(b["input_ids"], b["attention_mask"], b["pixel_values"][:1])
     ids = b["input_ids"].clone()
@@ -57,14 +45,14 @@ def test_image_count_mismatch_is_a_clear_error():
 
 
 def test_taf_copies_frozen_teacher_connector_and_dpt_trains_post_connector_only():
-    ts = _pair(taf=True)
+    ts = tiny_pair(taf=True)
     s, t = ts.student, ts.teacher
     for a, b in zip(s.connector.parameters(), t.connector.parameters()):
         assert torch.equal(a, b) and not a.requires_grad
     assert s.post_connector.weight.shape == (32, 48)  # (d_student, d_teacher)
     trainable = set_trainable(s, "dpt")
     assert [p.shape for p in trainable] == [(32, 48), (32,)]
-    out = ts(_batch())
+    out = ts(tiny_batch())
     out["total"].backward()
     got = sorted(n for n, p in s.named_parameters() if p.grad is not None)
     assert got == ["post_connector.bias", "post_connector.weight"]
@@ -76,8 +64,8 @@ def test_taf_copies_frozen_teacher_connector_and_dpt_trains_post_connector_only(
 
 
 def test_shared_tower_and_teacher_connector_reuse_give_the_same_losses():
-    ts = _pair(taf=True)
-    b = _batch()
+    ts = tiny_pair(taf=True)
+    b = tiny_batch()
     fast = ts(b)
     assert ts.shared_vision and ts._reuses_teacher_connector()
     ts.shared_vision = False  # force separate vision forwards and the student's own connector copy
@@ -93,8 +81,8 @@ def _direct(ts, b):
 
 
 def test_lm_loss_and_total_against_the_plain_forward():
-    ts = _pair(taf=False)
-    b = _batch()
+    ts = tiny_pair(taf=False)
+    b = tiny_batch()
     out = ts(b)
     s_out, _ = _direct(ts, b)
     torch.testing.assert_close(out["lm"], s_out["loss"])
@@ -103,8 +91,8 @@ def test_lm_loss_and_total_against_the_plain_forward():
 
 
 def test_kd_reads_the_positions_that_predict_an_answer_token():
-    ts = _pair(taf=False)
-    b = _batch()
+    ts = tiny_pair(taf=False)
+    b = tiny_batch()
     out = ts(b)
     s_out, t_out = _direct(ts, b)
     # KD brute force: position i predicts labels[i + 1] (shifted like the LM loss)
@@ -119,25 +107,25 @@ def test_kd_reads_the_positions_that_predict_an_answer_token():
 @pytest.mark.parametrize("form", [dict(matching="simple"), dict(matching="simple", vat_pool="flat", vat_queries="all"),
                                   dict(matching="adaptive")])
 def test_a_student_identical_to_its_teacher_has_zero_kd_and_vat(form):
-    ts = _pair(taf=False)
+    ts = tiny_pair(taf=False)
     same = TeacherStudent(ts.teacher, copy.deepcopy(ts.teacher),
                           ad.VATSettings(student_layers=[2, 3], teacher_layers=[2, 3], **form))
-    o = same(_batch())
+    o = same(tiny_batch())
     assert float(o["kd"]) == pytest.approx(0, abs=1e-6) and float(o["vat"]) == pytest.approx(0, abs=1e-5)
 
 
 def test_without_a_teacher_the_loss_is_the_lm_loss():
-    ts = _pair(taf=False)
-    b = _batch()
+    ts = tiny_pair(taf=False)
+    b = tiny_batch()
     sft = TeacherStudent(None, ts.student)(b)
     torch.testing.assert_close(sft["total"], _direct(ts, b)[0]["loss"])
     assert sft["kd"] == 0 and sft["vat"] == 0
 
 
 def test_save_load_identical_logits(tmp_path):
-    ts = _pair(taf=True)
+    ts = tiny_pair(taf=True)
     s = ts.student
-    b = _batch()
+    b = tiny_batch()
     before = s(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
     s.save_pretrained(tmp_path / "ckpt")
     s2 = VLM.from_pretrained(str(tmp_path / "ckpt")).eval()
@@ -148,7 +136,7 @@ def test_save_load_identical_logits(tmp_path):
 
 def test_generate_matches_uncached_greedy_loop():
     m = tiny_vlm(layers=2)
-    b = _batch()
+    b = tiny_batch()
     ids, mask, pv = b["input_ids"][:2], b["attention_mask"][:2], b["pixel_values"]
     got = m.generate(ids, mask, pv, max_new_tokens=5)
     for i in range(2):  # one sample at a time, no cache, no padding
@@ -199,10 +187,10 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
 
 
 def test_vat_gradients_are_the_same_with_gradient_checkpointing():
-    ts = _pair(taf=True)
+    ts = tiny_pair(taf=True)
     set_trainable(ts.student, "dft")
     ts.student.train()
-    b = _batch()
+    b = tiny_batch()
 
     def grads():
         ts.student.zero_grad(set_to_none=True)
@@ -221,7 +209,7 @@ def test_vat_gradients_are_the_same_with_gradient_checkpointing():
 
 def test_train_vision_gives_the_tower_gradients_only_when_asked():
     m = tiny_vlm()
-    b = _batch()
+    b = tiny_batch()
     for train_vision in (False, True):
         m.zero_grad(set_to_none=True)
         set_trainable(m, "sft", train_vision=train_vision)
@@ -237,9 +225,9 @@ def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
     """Under FSDP the teacher's decoder layers gather their shards from every rank: a rank whose micro-batch has no
     image must run them too. VAT then counts for nothing there (it is a zero with a graph) and the gradients are
     what the LM and KD losses give."""
-    ts = _pair(taf=True)
+    ts = tiny_pair(taf=True)
     set_trainable(ts.student, "dft")
-    b = _batch()
+    b = tiny_batch()
     text = {k: v[2:] for k, v in b.items() if k != "pixel_values"}  # the text-only sample alone
     calls = []
     for layer in ts.teacher.llm.model.layers:
@@ -255,3 +243,60 @@ def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
     for n, p in ts.student.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, grads[n]), n
+
+
+# -- how a model starts: every form of init_from, each directory asked once what it is ---------------------------
+
+START = dict(init_from="scratch", vision_feature_select_strategy="", seed=0, vision_model="", llm_model="",
+             connector="mlp2x_gelu", llm={}, vision={}, teacher="", tokenizer="", image_processor="", data="d.json")
+
+
+@pytest.fixture(scope="module")
+def starts(tmp_path_factory):
+    """The directories a model starts from: a SigLIP tower, a bf16 LM with its tokenizer, a Hugging Face LLaVA one
+    (CLIP + Llama, saved by transformers) and one of ours (sharded), plus transformers' own LLaVA read of the latter."""
+    from transformers import LlavaForConditionalGeneration
+    root = tmp_path_factory.mktemp("starts")
+    d = dict(tower=save_tower(root / "tower"), lm=save_lm(root / "lm", bpe_tokenizer()),
+             llava=save_llava(root / "llava", tower="clip", arch="llama", bos=True), ours=str(root / "ours"))
+    VLM.from_backbones(d["tower"], d["lm"], seed=0).save_pretrained(d["ours"], max_shard_bytes=60_000)
+    d["hf"] = LlavaForConditionalGeneration.from_pretrained(d["llava"], dtype=torch.float32).eval()
+    return d
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+@pytest.mark.parametrize("form", ["ours", "llava", "backbones_llava_tower", "scratch_on_our_tower",
+                                  "scratch_on_a_llava_teacher"])
+def test_each_start_asks_each_directory_once_and_loads_what_transformers_loads(starts, form, monkeypatch):
+    """load_vlm decides once what each directory is (its config.json read once by checkpoint.py, whatever the form)
+    and loads the weights transformers' own classes load from it."""
+    from transformers import SiglipVisionModel
+    import checkpoint
+    d, hf = starts, starts["hf"]
+    cfg, asked = {"ours": dict(init_from=d["ours"]), "llava": dict(init_from=d["llava"]),
+                  "backbones_llava_tower": dict(init_from="backbones", vision_model=d["llava"], llm_model=d["lm"]),
+                  "scratch_on_our_tower": dict(vision_model=d["ours"], tokenizer=d["lm"], llm=llm_cfg(layers=2)),
+                  "scratch_on_a_llava_teacher": dict(teacher=d["llava"], llm=llm_cfg(layers=2))}[form], []
+    real = checkpoint.read_json
+    monkeypatch.setattr(checkpoint, "read_json", lambda f: asked.append(f) or real(f))
+    m = load_vlm(dict(START, **cfg))
+    configs = [os.path.dirname(f) for f in asked if os.path.basename(f) == "config.json"]
+    named = [cfg.get(k) for k in ("init_from", "vision_model", "teacher") if cfg.get(k) in (d["ours"], d["llava"])]
+    assert sorted(configs) == sorted(named), f"config.json read {len(configs)} times for {named}"
+    if "llava" in form:  # the tower as LlavaForConditionalGeneration reads it, with its feature layer and selection
+        assert same(m.vision_tower.state_dict(), hf.model.vision_tower.state_dict())
+        assert (m.config.vision_feature_layer, m.config.vision_feature_select_strategy) == \
+            (hf.config.vision_feature_layer, hf.config.vision_feature_select_strategy) == (-2, "default")
+    else:  # ours was built on the SigLIP tower
+        assert same(m.vision_tower.state_dict(), SiglipVisionModel.from_pretrained(d["tower"]).state_dict())
+    if form == "llava":
+        proj = hf.model.multi_modal_projector
+        assert same(m.llm.model.state_dict(), hf.model.language_model.state_dict())
+        assert same(m.llm.lm_head.state_dict(), hf.lm_head.state_dict())
+        assert same(m.connector.state_dict(), {f"{i}.{k}": v for i, lin in ((0, proj.linear_1), (2, proj.linear_2))
+                                               for k, v in lin.state_dict().items()})
+    if form == "ours":  # all of it, as saved
+        assert same(m.state_dict(), VLM.from_backbones(d["tower"], d["lm"], seed=0).state_dict())

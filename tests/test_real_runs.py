@@ -1,4 +1,6 @@
 """
+    python -m pytest -q tests/test_real_runs.py
+
 Real-model paths, on tiny Hugging Face checkpoints saved here as real ones come (bf16 LMs with byte-level BPE
 tokenizers and no pad token, SigLIP and CLIP towers) and LLaVA files with text-only and broken rows: DDP, precision,
 the start-up checks, resume rules, compile and signals.
@@ -109,13 +111,18 @@ def test_bf16_teacher_and_student_keep_equal_towers_for_taf(hf):
 
 
 def test_float16_runs_with_a_grad_scaler_and_resumes_it(hf):
+    """Under float16 the grad scaler's steps move the weights (finite) before and after a resume."""
     out = str(hf["root"] / "fp16")
     common = dict(init_from=hf["dpt"], data=hf["data"], out_dir=out, max_steps=3, dtype="float16")
     run("sft", stop_after=2, **common)
     state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
     assert state["scaler"]["scale"] > 0 and state["step"] == 2
+    start, saved = weights(hf["dpt"]), weights(out)
     last = run("sft", **common)
-    assert last["step"] == 3 and all(torch.isfinite(v).all() for v in weights(out).values())
+    moved = lambda a, b: sorted(k for k in a if not torch.equal(a[k], b[k]))  # noqa: E731
+    end = weights(out)
+    assert last["step"] == 3 and all(torch.isfinite(v).all() for v in end.values())
+    assert "llm.lm_head.weight" in moved(saved, start) and "llm.lm_head.weight" in moved(end, saved)
     with pytest.raises(ValueError, match="dtype='half': use auto, float32, bfloat16 or float16"):
         run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(hf["root"] / "half"), dtype="half")
 

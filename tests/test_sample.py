@@ -1,4 +1,9 @@
-"""sample.py: one image + prompt -> the answer, on a shapes checkpoint and on a Hugging Face LLaVA directory."""
+"""
+    python -m pytest -q tests/test_sample.py
+
+sample.py: one image + prompt -> the answer, on a shapes checkpoint and on a Hugging Face LLaVA directory, against
+answers computed without sample.py or VLM.generate.
+"""
 import os
 
 import pytest
@@ -9,7 +14,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 import sample
 import shapes
 from conftest import llm_cfg, save_llava, vision_cfg
-from data import tokenize_conversation
+from data import prepare_tokenizer, tokenize_conversation
 from model import VLM, VLMConfig
 
 PROMPT = "what color is the circle ?"
@@ -30,15 +35,47 @@ def shapes_ckpt(tmp_path_factory):
     return dict(ckpt=str(root / "ckpt"), image=os.path.join(world, "images", "test_00000.png"), root=root)
 
 
-def generate_text(model, image, prompt, max_new_tokens):
-    """What VLM.generate answers, decoded up to eos (as evaluate.py does), computed here without sample.py."""
+def prompt_ids(tok, n_image_tokens, prompt):
+    """The prompt as training writes it (the image, the user's turn, then the assistant's cue)."""
+    return torch.tensor([tokenize_conversation([{"from": "human", "value": prompt}], tok, n_image_tokens, True)[0]])
+
+
+def answer_text(tok, new):
+    """Generated ids -> the text before the first eos."""
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def greedy_by_hand(model, image, prompt, max_new_tokens):
+    """The greedy answer from whole forwards of the model, one per new token (no KV cache, no VLM.generate), the
+    image token never chosen."""
     tok = model.tokenizer
-    ids, _ = tokenize_conversation([{"from": "human", "value": prompt}], tok, model.num_image_tokens, True)
-    ids = torch.tensor([ids])
+    ids = prompt_ids(tok, model.num_image_tokens, prompt)
     pv = model.image_processor(images=Image.open(image).convert("RGB"), return_tensors="pt").pixel_values
-    new = model.eval().generate(ids, torch.ones_like(ids), pv, max_new_tokens=max_new_tokens)[0].tolist()
-    return tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
-                      skip_special_tokens=True).strip()
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model.eval()(ids, torch.ones_like(ids), pv)["logits"][0, -1]
+            logits[model.image_token_id] = float("-inf")
+            new.append(int(logits.argmax()))
+            if new[-1] == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[new[-1]]])], 1)
+    return answer_text(tok, new)
+
+
+def transformers_greedy(path, image, prompt, max_new_tokens):
+    """The greedy answer of transformers' own LlavaForConditionalGeneration on the same prompt."""
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    ids = prompt_ids(tok, hf.config.image_seq_length, prompt)
+    pv = AutoImageProcessor.from_pretrained(path)(images=Image.open(image).convert("RGB"),
+                                                  return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, do_sample=False,
+                          max_new_tokens=max_new_tokens, suppress_tokens=[hf.config.image_token_index])
+    return answer_text(tok, out[0, ids.shape[1]:].tolist())
 
 
 def run(capsys, *args):
@@ -51,7 +88,7 @@ def run(capsys, *args):
 def test_sample_prints_what_generate_answers(shapes_ckpt, capsys):
     d = shapes_ckpt
     out = run(capsys, f"--model={d['ckpt']}", f"--image={d['image']}", f"--prompt={PROMPT}", "--max_new_tokens=6")
-    want = generate_text(VLM.from_pretrained(d["ckpt"]), d["image"], PROMPT, 6)
+    want = greedy_by_hand(VLM.from_pretrained(d["ckpt"]), d["image"], PROMPT, 6)
     assert out == want and len(out.split()) >= 2
     # sampling at a tiny temperature is greedy; at temperature 1 the seed decides
     assert run(capsys, f"--model={d['ckpt']}", f"--image={d['image']}", f"--prompt={PROMPT}", "--max_new_tokens=6",
@@ -65,7 +102,7 @@ def test_sample_on_a_llava_directory(shapes_ckpt, capsys):
     path = save_llava(shapes_ckpt["root"] / "llava", tower="clip", arch="llama", bos=True)
     image = shapes_ckpt["image"]  # 24 px: the CLIP processor resizes and crops it to 16
     out = run(capsys, f"--model={path}", f"--image={image}", "--prompt=describe the image .", "--max_new_tokens=5")
-    assert out and out == generate_text(VLM.from_pretrained(path), image, "describe the image .", 5)
+    assert out and out == transformers_greedy(path, image, "describe the image .", 5)
 
 
 def test_sample_errors_name_the_setting(shapes_ckpt, tmp_path):

@@ -2,7 +2,7 @@
 Speed and memory of one DFT step (teacher forward; student forward + backward; LM + KD + VAT losses)
 on random weights built from configs (no downloads), four ways:
   ours       the training path as training runs it by default: model.TeacherStudent(...)(batch) with the paper's
-             form of VAT (trainer.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
+             form of VAT (run.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
   novat      the same with vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
   ours_ref   the training path with the reference code's form of VAT (vat_queries=image vat_pool=column: image
              queries, column-pooled, outliers filtered), what `reference` computes.
@@ -63,8 +63,8 @@ from common import cast_weights, pick_device, resolve_dtype
 from configurator import cli, configure
 from data import IGNORE_INDEX
 from model import VLM, TeacherStudent, VLMConfig
-from stages import set_trainable
-from trainer import DEFAULTS as TRAINING_DEFAULTS, enable_checkpointing
+from run import DEFAULTS as TRAINING_DEFAULTS
+from run_models import enable_checkpointing, set_trainable
 
 DEFAULTS = dict(
     preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
@@ -129,7 +129,7 @@ def build(p, dev):
             for a in ad.attention_modules(m).values():
                 for proj in (a.q_proj, a.k_proj):
                     proj.weight.normal_(0, 1.5 / math.sqrt(proj.in_features))
-    set_trainable(student, "dft")
+    set_trainable(student, train_llm=True)  # as in DFT
     student.train()
     student.vision_tower.eval()  # shared with the frozen teacher
     return ts

@@ -182,14 +182,39 @@ def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
+def stage_main(defaults, argv):
+    """A stage script's main on the shared settings at their general values (run.DEFAULTS, not the script's shapes
+    recipe) updated by `defaults`, which names the stage (default sft); then argv."""
+    import importlib
+    import run as runner
+    d = dict(runner.DEFAULTS, **{"stage": "sft", **defaults})
+    return importlib.import_module(f"train_{d['stage']}").main(argv, defaults=d)
+
+
+def stage_train(cfg):
+    """The stage script of cfg["stage"] run with the resolved settings `cfg`."""
+    import importlib
+    return importlib.import_module(f"train_{cfg['stage']}").train(cfg)
+
+
+STAGE_TRAINS_LLM = dict(dpt=False, dft=True, sft=True)  # what each script passes to Run.build
+
+
+def build_models(cfg, amp=None):
+    """The models of cfg["stage"] as its training starts them (run_models.ready), without running."""
+    import importlib
+    from run_models import ready
+    mod = importlib.import_module(f"train_{cfg['stage']}")
+    return ready(lambda resume_dir: mod.models(cfg, resume_dir), cfg, None, None, amp, STAGE_TRAINS_LLM[cfg["stage"]])
+
+
 def run(stage, **kw):
     """One stage in this process, small and fast by default."""
-    import trainer
     defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
                 "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
     base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
                 max_length=96, warmup_frac=0.0)
-    return trainer.main(defaults, args({**base, **kw}))
+    return stage_main(defaults, args({**base, **kw}))
 
 
 def weights(path):
@@ -216,11 +241,11 @@ def torchrun(script, argv, nproc=2, timeout=240, env=None):
 
 
 def data_order(n, seed, steps, world):
-    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
+    """The dataset index each (step, rank) micro-batch of size 1 reads (run_data.BatchSampler over the train split,
     which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
-    import trainer
+    from run_data import BatchSampler
     split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
-    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
+    sampler = iter(BatchSampler(n, 1, seed, 0, 1))
     return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
 
 

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-import trainer
-from conftest import LAYERS, args, bpe_tokenizer, run, save_lm, torchrun, weights, write_layout
+import run as runner
+from conftest import LAYERS, args, stage_train, bpe_tokenizer, run, save_lm, torchrun, weights, write_layout
 
 STEPS = dict(batch_size=2, max_steps=3, log_interval=1, eval_interval=0, save_interval=100, max_length=96, lr=1e-3,
              warmup_frac=0.0, **LAYERS)
@@ -124,7 +124,7 @@ def launch(hf):
     runs["cut_by_one"] = dict(dft, fsdp=False)
     for name in runs:
         runs[name]["out_dir"] = str(root / name)
-    trainer.train(dict(trainer.DEFAULTS, **dict(runs["cut_by_one"], stop_after=2)))
+    stage_train(dict(runner.DEFAULTS, **dict(runs["cut_by_one"], stop_after=2)))
     spec = root / "spec.json"
     spec.write_text(json.dumps({"timeout_s": 120, "runs": [dict(name=k, cfg=v) for k, v in runs.items()]}))
     r = torchrun("tests/torchrun_worker.py", [str(spec)], timeout=900)
@@ -179,7 +179,7 @@ def test_resume_on_another_number_of_processes_is_refused(launch):
     assert [res["last"]["step"] for res in result(launch, "cut_by_two")] == [2, 2]
     with pytest.raises(ValueError, match=rf"^{two['out_dir']} was saved by a run on 2 processes and this one has 1: "
                                          r"resume it on 2 \(torchrun --nproc_per_node=2\)"):
-        trainer.train(dict(trainer.DEFAULTS, **dict(two, stop_after=0)))
+        stage_train(dict(runner.DEFAULTS, **dict(two, stop_after=0)))
 
 
 # -- FSDP's start-up and resume memory -------------------------------------------------------------------------------

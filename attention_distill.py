@@ -399,23 +399,23 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     pairs (layer_reduce="mean" averages them, as the paper's Eq. 2 does).
     """
     A_s, A_t = student_maps.float(), teacher_maps.float()
-    if filter_outliers:
+    if filter_outliers:  # valid: (L, B, Nq, Nk) bool
         valid = outlier_keep(A_s) & outlier_keep(A_t) & (A_t != 0)
     else:
         valid = torch.ones_like(A_s, dtype=torch.bool)
     if pool == "column":
         count = valid.sum(-2).clamp(min=1)
-        p_s = (A_s * valid).sum(-2) / count
+        p_s = (A_s * valid).sum(-2) / count  # (L, B, Nk): each column's mean over its kept rows
         p_t = (A_t * valid).sum(-2) / count
     elif pool == "flat":
-        p_s, p_t = (A_s * valid).flatten(2), (A_t * valid).flatten(2)
+        p_s, p_t = (A_s * valid).flatten(2), (A_t * valid).flatten(2)  # (L, B, Nq * Nk)
     else:
         raise ValueError(f"unknown VAT pooling '{pool}': use column or flat")
     per = _distance(p_s, p_t, loss)  # (L, B)
     if sample_mask is None:
         sample_mask = torch.ones(per.shape[1], dtype=torch.bool, device=per.device)
-    w = sample_mask.to(per.dtype)
-    per_layer = (per * w).sum(1) / w.sum().clamp(min=1)  # mean over samples with an image
+    w = sample_mask.to(per.dtype)  # (B,)
+    per_layer = (per * w).sum(1) / w.sum().clamp(min=1)  # (L,): mean over samples with an image
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
@@ -425,12 +425,12 @@ def vat_term(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
     the matched layers against the teacher's targets (the window means, or adaptive matching's choice), rows outside
     `row_mask` zeroed, samples without an image (`has_img` False) left out.
     """
-    A_s = torch.stack([maps_s[l] for l in pairs.student])
+    A_s = torch.stack([maps_s[l] for l in pairs.student])  # (L, B, Nq, Nv): L matched student layers
     if settings.matching == "adaptive":
         chosen = adaptive_matching(A_s, maps_t, pairs.windows, sample_mask=has_img)
-        A_t = torch.stack([maps_t[l] for l in chosen])
+        A_t = torch.stack([maps_t[l] for l in chosen])  # (L, B, Nq, Nv)
     else:
-        A_t = window_average(maps_t, pairs.windows)
+        A_t = window_average(maps_t, pairs.windows)  # (L, B, Nq, Nv): each window's mean
     if row_mask is not None:  # rows that are padding (or not text) count for nothing
         A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
     return vat_loss(A_s, A_t, sample_mask=has_img, **settings.loss_kwargs())

@@ -121,7 +121,7 @@ def build(p, dev):
         torch.manual_seed(1)
         student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=img_id),
                       vision_tower=teacher.vision_tower)
-        ts = TeacherStudent(teacher, student, PAPER_FORM).apply_taf().to(dev)  # ts.vat: set per mode (losses)
+        ts = TeacherStudent(teacher, student, PAPER_FORM).apply_taf().to(dev)  # ts.vat_settings: set per mode (losses)
     # Random init attends almost uniformly (VAT ~ 0, a vacuous check): give q/k a std of 1.5/sqrt(d),
     # so attention logits have a std of ~2 as in trained models. Speed does not depend on the values.
     with torch.no_grad():
@@ -158,12 +158,12 @@ def make_batch(p, nv, dev):
 
 
 def reference_losses(ts, batch):
-    """The reference code's way (module docstring), for the VAT form ts.vat; both LMs must be on eager attention."""
+    """The reference code's way (module docstring), for the VAT form ts.vat_settings; both LMs must be on eager attention."""
     s, t = ts.student, ts.teacher
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
     nv = s.num_image_tokens
-    rows, cols, row_mask = ad.vat_positions(is_img, mask, ts.vat.vat_queries, nv)  # (B, Nq), (B, Nv), (B, Nq)
+    rows, cols, row_mask = ad.vat_positions(is_img, mask, ts.vat_settings.vat_queries, nv)  # (B, Nq), (B, Nv), (B, Nq)
     nq = rows.shape[1]
 
     def forward(m):
@@ -185,7 +185,7 @@ def reference_losses(ts, batch):
     A_t = ad.window_average(A_t, ts.pairs.windows)
     if row_mask is not None:  # rows that do not count (padding; image rows under vat_queries=text)
         A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
-    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat.loss_kwargs())
+    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat_settings.loss_kwargs())
     lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                          ignore_index=IGNORE_INDEX)
     # KD as the reference computes it: softmaxes over every position, then masked (here with the right shift)
@@ -202,7 +202,7 @@ def compute(ts, batch, settings, eager):
     for m in (ts.student, ts.teacher):
         m.llm.set_attn_implementation("eager" if eager else ad.ATTN_IMPLEMENTATION)
     if settings is not None:
-        ts.vat = settings
+        ts.vat_settings = settings
     if eager:
         return reference_losses(ts, batch)
     return ts(batch, vat=settings is not None)

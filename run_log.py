@@ -48,7 +48,7 @@ class Checkpointer:
     def __init__(self, cfg, par, ts, optimizer, scaler):
         self.cfg, self.par, self.ts, self.optimizer, self.scaler = cfg, par, ts, optimizer, scaler
         self.lora = cfg["lora_rank"] > 0
-        self.distill = (ts.pairs.note(ts.vat.matching) if ts.teacher is not None
+        self.distill = (ts.pairs.note(ts.vat_settings.matching) if ts.teacher is not None
                         else (ts.student.config.extra or {}).get("distill"))
 
     def save(self, step, skipped, log):

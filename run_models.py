@@ -37,16 +37,16 @@ def ready(make, cfg, resume_dir, state, amp, train_llm):
     trainable set, LoRA's frozen base and the frozen teacher in the compute dtype."""
     lora = cfg["lora_rank"] > 0
     ts = make(None if lora else resume_dir)  # LoRA resumes from its base plus the adapters (restore_lora)
-    llm_trains = trains_llm(train_llm, cfg["train_llm"])
+    train_llm = decide_train_llm(train_llm, cfg["train_llm"])
     if cfg["train_vision"] and ts.teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")
     if lora:
-        if not llm_trains:
+        if not train_llm:
             raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts the LM, which does not train in this stage "
                              "(DPT trains the connector only); set lora_rank=0, or train_llm=1")
         add_lora(ts.student, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-    set_trainable(ts.student, llm_trains, cfg["train_vision"])
+    set_trainable(ts.student, train_llm, cfg["train_vision"])
     if lora and amp is not None and not cfg["fsdp"]:
         # LoRA's frozen base LM is held in the compute dtype, as the teacher is: autocast would cast it there at every
         # use anyway, and it is most of the memory. (The tower stays float32: teacher and student must keep equal
@@ -61,11 +61,11 @@ def ready(make, cfg, resume_dir, state, amp, train_llm):
     return ts
 
 
-def trains_llm(stage_says, train_llm=None):
-    """Whether the LM trains: as the train_llm setting says, else as the stage says."""
-    if train_llm not in (None, True, False):
-        raise ValueError(f"train_llm={train_llm!r}: use None (the stage decides), True or False")
-    return stage_says if train_llm is None else train_llm
+def decide_train_llm(stage_says, setting=None):
+    """train_llm, whether the LM trains: as the train_llm setting says, else as the stage says."""
+    if setting not in (None, True, False):
+        raise ValueError(f"train_llm={setting!r}: use None (the stage decides), True or False")
+    return stage_says if setting is None else setting
 
 
 def set_trainable(student, train_llm, train_vision=False):

@@ -1,4 +1,6 @@
-"""Attention capture against eager attention, the losses against brute force, layer matching."""
+"""python -m pytest -q tests/test_attention_distill.py
+
+Attention capture against eager attention, the losses against brute force, layer matching."""
 import math
 
 import pytest

@@ -1,4 +1,6 @@
-"""bench.py end to end on the tiny preset (the JSON's structure, which VAT form each row measures, the ratios, the
+"""python -m pytest -q tests/test_bench.py
+
+bench.py end to end on the tiny preset (the JSON's structure, which VAT form each row measures, the ratios, the
 agreement checks; subprocesses, marked slow) and memory.py's estimate."""
 import json
 import os
@@ -55,7 +57,7 @@ def test_bench_tiny_json(tmp_path):
     expected = {}
     for m, form in (("ours", VATSettings.from_config(runner.DEFAULTS)),
                     ("ours_ref", VATSettings(vat_queries="image", vat_pool="column"))):
-        ts.vat = form
+        ts.vat_settings = form
         with torch.no_grad():
             expected[m] = float(ts(batch)["vat"])
         assert R[m]["losses"]["vat"] == pytest.approx(expected[m], rel=1e-5)

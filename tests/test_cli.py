@@ -1,4 +1,6 @@
-"""First contact: every script's --help / -h lists its settings with their defaults and exits 0; a user error
+"""python -m pytest -q tests/test_cli.py
+
+First contact: every script's --help / -h lists its settings with their defaults and exits 0; a user error
 prints one line and exits 2; a real crash keeps its traceback."""
 import importlib
 import os

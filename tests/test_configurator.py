@@ -1,3 +1,4 @@
+"""python -m pytest -q tests/test_configurator.py"""
 import json
 
 import pytest

@@ -1,4 +1,6 @@
-"""experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
+"""python -m pytest -q tests/test_experiments.py
+
+experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
 the --jobs subprocess path (these run the whole pipeline: marked slow); the layer sets and presets of every size."""
 import json
 import os

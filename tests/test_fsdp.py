@@ -1,4 +1,6 @@
-"""Several processes on CPU with gloo (torchrun, two processes; marked slow). FSDP2 (fully_shard): the same training
+"""python -m pytest -q tests/test_fsdp.py
+
+Several processes on CPU with gloo (torchrun, two processes; marked slow). FSDP2 (fully_shard): the same training
 as DDP (which equals one process with gradient accumulation), with and without LoRA, and an exact resume. Every
 rank joins every collective whatever its micro-batch holds, for every combination of the settings that change them."""
 import importlib.util

@@ -1,4 +1,6 @@
 """
+python -m pytest -q tests/test_interop.py
+
 Models in and out, against transformers' own LlavaForConditionalGeneration: Hugging Face LLaVA directories imported
 (logits, generation, key layouts, shards, errors; as teacher= and init_from= of a stage and in evaluate.py), our
 checkpoints sharded, and students exported to LLaVA (TAF folded, processor prompt, round trip, the refusal).

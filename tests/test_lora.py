@@ -1,4 +1,6 @@
-"""LoRA (peft, optional): the trainable set, VAT through adapted attention, merged checkpoints, exact resume."""
+"""python -m pytest -q tests/test_lora.py
+
+LoRA (peft, optional): the trainable set, VAT through adapted attention, merged checkpoints, exact resume."""
 import copy
 import sys
 

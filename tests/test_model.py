@@ -1,4 +1,6 @@
-"""VLM splicing, TAF, save/load, generation and the TeacherStudent losses."""
+"""python -m pytest -q tests/test_model.py
+
+VLM splicing, TAF, save/load, generation and the TeacherStudent losses."""
 import copy
 
 import pytest

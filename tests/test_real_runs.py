@@ -1,4 +1,6 @@
 """
+python -m pytest -q tests/test_real_runs.py
+
 Real-model paths, on tiny Hugging Face checkpoints saved here as real ones come (bf16 LMs with byte-level BPE
 tokenizers and no pad token, SigLIP and CLIP towers) and LLaVA files with text-only and broken rows: DDP, precision,
 the start-up checks, resume rules, compile and signals.

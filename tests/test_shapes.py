@@ -1,4 +1,6 @@
 """
+python -m pytest -q tests/test_shapes.py
+
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_shapes.py
 
 The shapes world (shapes.py): determinism and the default world's digest, truth of every positive, the exact shape of

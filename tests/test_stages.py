@@ -1,4 +1,6 @@
-"""The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
+"""python -m pytest -q tests/test_stages.py
+
+The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
 (DDP against one process: tests/test_real_runs.py.)"""
 import json
 import os

@@ -228,7 +228,7 @@ def vat_positions(is_img, attention_mask, queries, num_image_tokens):
 
 @dataclass
 class VATSettings:
-    """What VAT aligns and how; the fields carry the training settings' names (trainer.DEFAULTS explains each)."""
+    """What VAT aligns and how; the fields carry the training settings' names (run.DEFAULTS explains each)."""
     student_layers: object = None   # the student layers (resolve_layers' forms: None, a name, a depth range, a list)
     teacher_layers: object = None   # the teacher layers they are matched to (the same forms)
     matching: str = "group"         # group | simple | adaptive

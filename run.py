@@ -196,7 +196,6 @@ class Run:
         if self.done:
             return
         cfg, par, data, logger = self.cfg, self.par, self.data, self.logger
-        autocast = lambda: torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()  # noqa: E731
         self.model.train()  # the teacher is not a submodule: it stays in eval()
         done_here = 0
         with stop_signals() as signals:
@@ -214,7 +213,7 @@ class Run:
                     batch = to_device(batch if self.real else data.placeholder, self.device)
                     self._in_step = ExitStack()
                     self._in_step.enter_context(par.sync(self.model, last=micro == cfg["grad_accum"] - 1))
-                    self._in_step.enter_context(autocast())
+                    self._in_step.enter_context(self.autocast())
                     yield batch
                 # One tiny collective per step: whether any rank had a sample, and the signals received (a signal may
                 # reach the ranks at different steps: they agree, so that all of them stop after the same step).
@@ -230,7 +229,7 @@ class Run:
                 logger.step(step, lr, grad_norm, self.skipped)
                 if cfg["eval_interval"] > 0 and due(step, cfg["eval_interval"], cfg) and data.n_val:
                     # under FSDP every forward gathers shards: all ranks run the same batches
-                    ev = evaluate_loss(self.ts, data.val, cfg["eval_batches"], self.device, autocast(),
+                    ev = evaluate_loss(self.ts, data.val, cfg["eval_batches"], self.device, self.autocast(),
                                        cfg["kd_weight"] > 0, cfg["vat_weight"] > 0) \
                         if par.master or par.sharded else None
                     logger.validation(step, ev)
@@ -254,6 +253,10 @@ class Run:
         self.model = None  # DDP's reducer holds the process group: release it first
         compute_cleanup()
         self.result = self.log[-1] if self.log else {}
+
+    def autocast(self):
+        """The compute dtype's autocast (None: float32, no autocast)."""
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
     def step(self, losses):
         """Backward of one micro-batch's losses (a placeholder's at weight 0), its share of the step's gradient."""

@@ -115,7 +115,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
 def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     student = _tiny(world, layers=4, hidden=32, seed=1)
     teacher = _tiny(world, layers=6, hidden=48, seed=2, vision_tower=copy.deepcopy(student.vision_tower))
-    # the matched layers come from the student's training config, as trainer.py records it
+    # the matched layers come from the student's training config, as run_log.Checkpointer records it
     student.config.extra = {"stage": "dft", "train_config": {"student_layers": [1, 2], "teacher_layers": [2, 3, 4],
                                                              "matching": "group"}}
     student.save_pretrained(str(tmp_path / "student"))

@@ -32,13 +32,12 @@ from run_data import load_data, report_drops, to_device
 from run_log import Checkpointer, Logger, due, evaluate_loss, set_rng_state
 from run_models import prepare, ready
 
-# Every setting of a training run, at its general value, each with what it does (--help prints these comments).
-# A stage script's settings block sets its stage's recipe over them; then config files and --key=value.
+# The settings every stage shares, each with what it does (--help prints these comments). What a stage decides for
+# itself (its data, out_dir, where its student starts, its losses' weights, batch, steps, learning rate) is set in its
+# script's settings block only, which overrides some of these too (a teacher, TAF, the layers VAT aligns); then
+# config files and --key=value.
 DEFAULTS = dict(
     # -- what runs ----------------------------------------------------------------------------------------------
-    out_dir="out/run",            # the checkpoint directory this stage writes (the next stage's init_from)
-    init_from="",                 # where the student starts: a checkpoint directory (a stage's out_dir, or a Hugging
-                                  # Face LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
     vision_model="",              # backbones, scratch: HF id or path of a pretrained vision tower (SigLIP, CLIP),
                                   # or a LLaVA / checkpoint directory, whose tower it takes
     llm_model="",                 # backbones: HF id or path of the causal LM, e.g. Qwen/Qwen1.5-1.8B
@@ -51,15 +50,11 @@ DEFAULTS = dict(
     vision_feature_select_strategy="",  # "": the tower's own (CLIP: "default", CLS dropped; SigLIP: "full");
                                   # "default" on SigLIP drops the first patch, as the reference code does
     # -- data ---------------------------------------------------------------------------------------------------
-    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl; several files joined by commas are mixed
     image_folder="",              # the images' root (default: the folder holding the data file)
     val_data="",                  # a separate validation file (default: hold out val_frac of data)
     val_frac=0.02,                # the held-out fraction of data when there is no val_data
-    max_length=512,               # tokens per sample; longer text is cut (and counted), a cut image drops the sample
     num_workers=0,                # DataLoader worker processes
-    # -- the method (each stage script sets its own; attention_distill.VATSettings: the VAT settings) ------
-    kd_weight=0.0,                # weight of L_KD, the logit distillation (0: no KD)
-    vat_weight=0.0,               # weight of L_VAT, the visual attention alignment (0: no VAT)
+    # -- the method (the weights are each stage's; attention_distill.VATSettings: the VAT settings) --------
     kd_temperature=1.0,           # KD's softmax temperature (the loss is scaled by its square)
     taf=False,                    # TAF: the student takes the teacher's connector (frozen) + a new post_connector
     train_llm=None,               # None: the stage decides (the LM trains in DFT and SFT, not in DPT); True / False
@@ -84,15 +79,9 @@ DEFAULTS = dict(
     scenes="",                    # the world's scenes.json the targets come from ("": next to the first data file)
     privileged={},                # which layers and heads (privileged.PrivilegedSettings), e.g. dict(np_layers=[1])
     # -- optimisation -------------------------------------------------------------------------------------------
-    batch_size=16,                # samples per micro-batch per process
     grad_accum=1,                 # micro-batches per step (the batch of a step: batch_size * grad_accum * processes)
-    max_steps=1000,               # optimizer steps of this stage
-    lr=2e-4,                      # peak learning rate (AdamW)
     min_lr_frac=0.0,              # the cosine schedule ends at lr * min_lr_frac
-    warmup_frac=0.03,             # linear warm-up over this fraction of max_steps
-    weight_decay=0.0,             # AdamW's, on matrices only (not on biases and norms)
     beta1=0.9,                    # AdamW's beta1
-    beta2=0.999,                  # AdamW's beta2
     grad_clip=1.0,                # clip the gradient norm to this (0: no clipping)
     seed=0,                       # weights of new modules, data order
     dtype="auto",                 # auto: bf16 autocast on CUDA, fp32 on CPU; or float32 / bfloat16 / float16 (with a
@@ -103,9 +92,7 @@ DEFAULTS = dict(
     fsdp_teacher=True,            # with fsdp: shard the frozen teacher's decoder layers too (else every rank holds it)
     # -- bookkeeping --------------------------------------------------------------------------------------------
     log_interval=10,              # steps between log lines (losses are the mean over them, over all processes)
-    eval_interval=200,            # steps between validation losses (0: none, and no data held out)
     eval_batches=10,              # validation batches per evaluation
-    save_interval=500,            # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
     stop_after=0,                 # >0: save and exit after this many steps of this invocation (pre-emption)
 )
 # Settings a rerun into an existing out_dir may change; any other difference means another run (see check_resume).
@@ -117,7 +104,11 @@ def configure_stage(defaults, argv, doc, script):
     """A stage script's settings: run.DEFAULTS < the script's block (`defaults`) < config files < --key=value. Each
     value is checked against the type of the shared default (the shapes DFT's student_layers=[1, 2] still takes a
     name, a depth range or None)."""
-    return configure(dict(defaults), argv, doc, [__file__, script], kinds=DEFAULTS)
+    cfg = configure(dict(defaults), argv, doc, [__file__, script], kinds=DEFAULTS)
+    if cfg["stage"] != defaults["stage"]:  # one recipe per command
+        raise ValueError(f"stage={cfg['stage']}: {os.path.basename(script)} runs stage {defaults['stage']}; run "
+                         f"train_{cfg['stage']}.py for that one")
+    return cfg
 
 
 class Run:

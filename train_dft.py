@@ -20,27 +20,29 @@ from model import TeacherStudent
 from run import DEFAULTS as SHARED, Run, configure_stage
 from run_models import load_student, load_teacher
 
-# DFT's settings, over the ones every stage shares (run.DEFAULTS: data, optimizer, LoRA, DDP/FSDP, logging)
+# DFT's settings: its recipe on the shapes world, over the settings every stage shares (run.DEFAULTS: the models'
+# start, data, how VAT is computed, LoRA, optimizer, DDP/FSDP, logging)
 DEFAULTS = dict(
     SHARED,
-    stage="dft",                      # this stage (recorded in its checkpoint)
-    init_from="out/shapes/dpt",       # the student: DPT's checkpoint
-    teacher="out/shapes/teacher",     # the frozen teacher (train_sft.py config/shapes_teacher.py)
-    out_dir="out/shapes/dft",         # DFT's checkpoint, where SFT starts
-    data="out/shapes/instruct.json",  # the world's instructions
-    kd_weight=1.0,                    # weight of L_KD
-    vat_weight=1.0,                   # weight of L_VAT (how it is computed: matching, vat_* in run.DEFAULTS)
-    student_layers=[1, 2],            # the student layers VAT aligns: of 4, the middle ones
-    teacher_layers=[2, 3, 4],         # of the teacher's 6: group matching gives windows [2, 3] and [3, 4]
-    max_length=128,                   # tokens per sample: a shapes answer is short
-    batch_size=32,                    # samples per micro-batch
-    max_steps=200,                    # optimizer steps
-    lr=1e-3,                          # peak learning rate: a small LM from scratch takes a high one
-    warmup_frac=0.1,                  # linear warm-up over this fraction of max_steps
-    weight_decay=0.01,                # AdamW's, on matrices
+    stage="dft",                      # this stage, recorded in its checkpoint
+    init_from="out/shapes/dpt",       # where the student starts: DPT's checkpoint (any checkpoint directory, a
+                                      # Hugging Face LLaVA one, "backbones" or "scratch": see train_sft.py)
+    teacher="out/shapes/teacher",     # the frozen teacher's checkpoint (train_sft.py config/shapes_teacher.py)
+    out_dir="out/shapes/dft",         # the checkpoint directory DFT writes, where SFT starts
+    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl (several joined by commas are mixed): instructions
+    kd_weight=1.0,                    # weight of L_KD, the logit distillation (0: none)
+    vat_weight=1.0,                   # weight of L_VAT, the visual attention alignment (0: none)
+    student_layers=[1, 2],            # the student layers VAT aligns (of 4: the middle ones; other forms: run.py)
+    teacher_layers=[2, 3, 4],         # the teacher's (of 6): group matching gives windows [2, 3] and [3, 4]
+    max_length=128,                   # tokens per sample; longer text is cut (and counted), a cut image drops it
+    batch_size=32,                    # samples per micro-batch per process
+    max_steps=200,                    # optimizer steps of this stage
+    lr=1e-3,                          # peak learning rate (AdamW): a small LM from scratch takes a high one
+    warmup_frac=0.1,                  # linear warm-up over this fraction of max_steps, then cosine
+    weight_decay=0.01,                # AdamW's, on matrices only (not on biases and norms)
     beta2=0.98,                       # AdamW's beta2
-    eval_interval=200,                # one validation loss, at the end
-    save_interval=50,                 # Ctrl-C / SIGTERM save too: an interruption costs little
+    eval_interval=200,                # steps between validation losses (0: none, and no data held out): one
+    save_interval=50,                 # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
 )
 
 

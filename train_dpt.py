@@ -22,31 +22,33 @@ from model import TeacherStudent
 from run import DEFAULTS as SHARED, Run, configure_stage
 from run_models import load_student, load_teacher
 
-# DPT's settings, over the ones every stage shares (run.DEFAULTS: data, optimizer, LoRA, DDP/FSDP, logging)
+# DPT's settings: its recipe on the shapes world, over the settings every stage shares (run.DEFAULTS: the models'
+# start, data, how VAT is computed, LoRA, optimizer, DDP/FSDP, logging)
 DEFAULTS = dict(
     SHARED,
-    stage="dpt",                      # this stage (recorded in its checkpoint)
-    init_from="scratch",              # a new student: the LM below, on the teacher's tower and tokenizer
+    stage="dpt",                      # this stage, recorded in its checkpoint
+    init_from="scratch",              # where the student starts: "scratch", a new LM (llm) on the teacher's tower
+                                      # and tokenizer; or "backbones", a checkpoint directory (see train_sft.py)
     llm=dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),  # the new student's LM
-    teacher="out/shapes/teacher",     # the frozen teacher (train_sft.py config/shapes_teacher.py)
-    out_dir="out/shapes/dpt",         # DPT's checkpoint, where DFT starts
-    data="out/shapes/pretrain.json",  # the world's captions
+    teacher="out/shapes/teacher",     # the frozen teacher's checkpoint (train_sft.py config/shapes_teacher.py)
+    out_dir="out/shapes/dpt",         # the checkpoint directory DPT writes, where DFT starts
+    data="out/shapes/pretrain.json",  # LLaVA .json/.jsonl (several joined by commas are mixed): captions
     taf=True,                         # TAF: the teacher's connector (frozen) + a new post_connector
     train_llm=True,                   # the new LM learns language here (None: the stage decides, connector only)
-    kd_weight=1.0,                    # weight of L_KD
-    vat_weight=0.0,                   # no L_VAT in DPT
-    student_layers=[1, 2],            # the layer pairs the checkpoint records (DFT aligns them): of 4, the middle
-    teacher_layers=[2, 3, 4],         # of the teacher's 6: group matching gives windows [2, 3] and [3, 4]
-    max_length=128,                   # tokens per sample: a shapes caption is short
-    batch_size=32,                    # samples per micro-batch
-    max_steps=150,                    # optimizer steps
-    lr=1e-3,                          # peak learning rate: a small LM from scratch takes a high one
-    warmup_frac=0.15,                 # linear warm-up over this fraction of max_steps
-    weight_decay=0.01,                # AdamW's, on matrices
+    kd_weight=1.0,                    # weight of L_KD, the logit distillation (0: none)
+    vat_weight=0.0,                   # weight of L_VAT (0: none in DPT)
+    student_layers=[1, 2],            # the layer pairs the checkpoint records, which DFT aligns: of 4, the middle
+    teacher_layers=[2, 3, 4],         # the teacher's (of 6): group matching gives windows [2, 3] and [3, 4]
+    max_length=128,                   # tokens per sample; longer text is cut (and counted), a cut image drops it
+    batch_size=32,                    # samples per micro-batch per process
+    max_steps=150,                    # optimizer steps of this stage
+    lr=1e-3,                          # peak learning rate (AdamW): a small LM from scratch takes a high one
+    warmup_frac=0.15,                 # linear warm-up over this fraction of max_steps, then cosine
+    weight_decay=0.01,                # AdamW's, on matrices only (not on biases and norms)
     beta2=0.98,                       # AdamW's beta2
-    eval_interval=150,                # one validation loss, at the end
-    save_interval=50,                 # Ctrl-C / SIGTERM save too: an interruption costs little
+    eval_interval=150,                # steps between validation losses (0: none, and no data held out): one
+    save_interval=50,                 # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
 )
 
 

@@ -26,25 +26,26 @@ from run import DEFAULTS as SHARED, Run, configure_stage
 from run_data import scenes_path
 from run_models import load_student
 
-# SFT's settings, over the ones every stage shares (run.DEFAULTS: data, optimizer, LoRA, DDP/FSDP, logging, and the
-# teacher-training options)
+# SFT's settings: its recipe on the shapes world, over the settings every stage shares (run.DEFAULTS: the models'
+# start, data, LoRA, optimizer, DDP/FSDP, logging, and the teacher-training options)
 DEFAULTS = dict(
     SHARED,
-    stage="sft",                      # this stage (recorded in its checkpoint)
-    init_from="out/shapes/dft",       # the student: DFT's checkpoint
-    out_dir="out/shapes/sft",         # the finished student (evaluate.py)
-    data="out/shapes/instruct.json",  # the world's instructions
+    stage="sft",                      # this stage, recorded in its checkpoint
+    init_from="out/shapes/dft",       # where the student starts: a checkpoint directory (DFT's; or a Hugging Face
+                                      # LLaVA one), "backbones" (vision_model + llm_model) or "scratch" (llm / vision)
+    out_dir="out/shapes/sft",         # the checkpoint directory SFT writes: the finished student (evaluate.py)
+    data="out/shapes/instruct.json",  # LLaVA .json/.jsonl (several joined by commas are mixed): instructions
     kd_weight=0.0,                    # no teacher: no L_KD
     vat_weight=0.0,                   # and no L_VAT
-    max_length=128,                   # tokens per sample: a shapes answer is short
-    batch_size=32,                    # samples per micro-batch
-    max_steps=50,                     # optimizer steps
-    lr=3e-4,                          # peak learning rate: lower than DFT's, a short polish
-    warmup_frac=0.1,                  # linear warm-up over this fraction of max_steps
-    weight_decay=0.01,                # AdamW's, on matrices
+    max_length=128,                   # tokens per sample; longer text is cut (and counted), a cut image drops it
+    batch_size=32,                    # samples per micro-batch per process
+    max_steps=50,                     # optimizer steps of this stage
+    lr=3e-4,                          # peak learning rate (AdamW): lower than DFT's, a short polish
+    warmup_frac=0.1,                  # linear warm-up over this fraction of max_steps, then cosine
+    weight_decay=0.01,                # AdamW's, on matrices only (not on biases and norms)
     beta2=0.98,                       # AdamW's beta2
-    eval_interval=50,                 # one validation loss, at the end
-    save_interval=50,                 # one checkpoint, at the end (and on Ctrl-C / SIGTERM)
+    eval_interval=50,                 # steps between validation losses (0: none, and no data held out): one
+    save_interval=50,                 # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
 )
 
 

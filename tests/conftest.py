@@ -182,12 +182,24 @@ def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
-def stage_main(defaults, argv):
-    """A stage script's main on the shared settings at their general values (run.DEFAULTS, not the script's shapes
-    recipe) updated by `defaults`, which names the stage (default sft); then argv."""
-    import importlib
+# What the tests' runs start from: the settings every stage shares (run.DEFAULTS) and, for those each stage script
+# sets for itself (its shapes recipe), plain values, so that a test states what its run needs
+GENERAL = dict(out_dir="out/run", init_from="", data="out/shapes/instruct.json", max_length=512, kd_weight=0.0,
+               vat_weight=0.0, batch_size=16, max_steps=1000, lr=2e-4, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
+               eval_interval=200, save_interval=500)
+
+
+def training_defaults(**kw):
+    """run.DEFAULTS + GENERAL, updated by kw: a complete training config for a test."""
     import run as runner
-    d = dict(runner.DEFAULTS, **{"stage": "sft", **defaults})
+    return {**runner.DEFAULTS, **GENERAL, **kw}
+
+
+def stage_main(defaults, argv):
+    """A stage script's main on training_defaults() (not the script's shapes recipe) updated by `defaults`, which
+    names the stage (default sft); then argv."""
+    import importlib
+    d = training_defaults(**{"stage": "sft", **defaults})
     return importlib.import_module(f"train_{d['stage']}").main(argv, defaults=d)
 
 
@@ -208,13 +220,24 @@ def build_models(cfg, amp=None):
     return ready(lambda resume_dir: mod.models(cfg, resume_dir), cfg, None, None, amp, STAGE_TRAINS_LLM[cfg["stage"]])
 
 
+STAGES = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
+          "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}  # what run(stage) starts from
+
+
 def run(stage, **kw):
     """One stage in this process, small and fast by default."""
-    defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
-                "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
     base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
                 max_length=96, warmup_frac=0.0)
-    return stage_main(defaults, args({**base, **kw}))
+    return stage_main(STAGES[stage], args({**base, **kw}))
+
+
+def script_args(stage, **kw):
+    """The command line on which train_<stage>.py (torchrun, a subprocess) runs what run(stage, **kw) runs: the
+    script's own recipe replaced where it differs from the tests' training_defaults, then kw."""
+    import importlib
+    mine = training_defaults(**STAGES[stage])
+    script = importlib.import_module(f"train_{stage}").DEFAULTS
+    return args({**{k: v for k, v in mine.items() if script[k] != v}, **kw})
 
 
 def weights(path):

@@ -132,7 +132,7 @@ def test_train_dft_help_shows_each_keys_own_comment(capsys):
     lines = capsys.readouterr().out.splitlines()
     # the stage script's own comment where it sets a key; the shared one (run.DEFAULTS) elsewhere
     assert [l.split(None, 1)[1] for l in lines if l.startswith("  lr=")] == [
-        "peak learning rate: a small LM from scratch takes a high one"]
+        "peak learning rate (AdamW): a small LM from scratch takes a high one"]
     assert [l.split(None, 1)[1] for l in lines if l.startswith("  beta1=")] == ["AdamW's beta1"]
     # a comment that goes on over the lines below its key: whole
     at = lines.index(next(l for l in lines if l.startswith("  vision_model=")))

@@ -16,7 +16,7 @@ import run as runner
 import train_dft
 import train_dpt
 import train_sft
-from conftest import stage_main, stage_train
+from conftest import stage_main, stage_train, training_defaults
 from checkpoint import find_checkpoint
 from model import VLM
 
@@ -257,6 +257,6 @@ def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
                                        (dict(taf=True), "stage sft loads no teacher, so taf=True")])
 def test_settings_that_cannot_work_are_refused_before_anything_is_built(bad, says, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "compute_init", lambda **kw: pytest.fail("got past the settings check"))
-    cfg = dict(runner.DEFAULTS, stage="sft", out_dir=str(tmp_path / "o"), **bad)
+    cfg = training_defaults(stage="sft", out_dir=str(tmp_path / "o"), **bad)
     with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
         stage_train(cfg)

@@ -11,8 +11,8 @@ query rows and image-key columns that the VAT loss needs, averaged over heads, i
 
 Everything else here is small pure functions on tensors: the rows and columns VAT reads (vat_positions), the
 seven VAT settings in one place (VATSettings), layer sets and group / simple / adaptive matching (match_layers: the
-one function training and alignment.py both call), `vat_loss` (reference-code and paper forms, cosine / MSE / KL),
-its assembly from the captured maps (vat_term), and `kd_loss`.
+one function training and alignment.py both call), the matched maps from the captured ones (matched_maps), `vat_loss`
+(reference-code and paper forms, cosine / MSE / KL) and `kd_loss`.
 """
 
 import math
@@ -419,11 +419,11 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
-def vat_term(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
+def matched_maps(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
     """
-    L_VAT of one step from the captured maps ({layer: (B, Nq, Nk)} of student and teacher): the student's maps in
-    the matched layers against the teacher's targets (the window means, or adaptive matching's choice), rows outside
-    `row_mask` zeroed, samples without an image (`has_img` False) left out.
+    What vat_loss compares, from the captured maps ({layer: (B, Nq, Nk)} of student and teacher): the student's maps
+    in the matched layers and the teacher's targets (the window means, or adaptive matching's choice among samples
+    with an image, `has_img`), rows outside `row_mask` zeroed. Returns (A_s, A_t), (L, B, Nq, Nk) each.
     """
     A_s = torch.stack([maps_s[l] for l in pairs.student])  # (L, B, Nq, Nv): L matched student layers
     if settings.matching == "adaptive":
@@ -433,7 +433,7 @@ def vat_term(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
         A_t = window_average(maps_t, pairs.windows)  # (L, B, Nq, Nv): each window's mean
     if row_mask is not None:  # rows that are padding (or not text) count for nothing
         A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
-    return vat_loss(A_s, A_t, sample_mask=has_img, **settings.loss_kwargs())
+    return A_s, A_t
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, vocab_size=None):

@@ -3,7 +3,7 @@ Speed and memory of one DFT step (teacher forward; student forward + backward; L
 on random weights built from configs (no downloads), four ways:
   ours       the training path as training runs it by default: model.TeacherStudent(...)(batch) with the paper's
              form of VAT (run.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
-  novat      the same with vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
+  novat      the same with with_vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
   ours_ref   the training path with the reference code's form of VAT (vat_queries=image vat_pool=column: image
              queries, column-pooled, outliers filtered), what `reference` computes.
   reference  the reference code's way, written out only here: eager attention with output_attentions=True
@@ -158,7 +158,7 @@ def make_batch(p, nv, dev):
 
 
 def reference_losses(ts, batch):
-    """The reference code's way (module docstring), for the VAT form ts.vat_settings; both LMs must be on eager attention."""
+    """The reference code's way (module docstring), for the VAT form ts.vat_settings; both LMs on eager attention."""
     s, t = ts.student, ts.teacher
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
@@ -205,7 +205,7 @@ def compute(ts, batch, settings, eager):
         ts.vat_settings = settings
     if eager:
         return reference_losses(ts, batch)
-    return ts(batch, vat=settings is not None)
+    return ts(batch, with_vat=settings is not None)
 
 
 def losses(ts, batch, mode):

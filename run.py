@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from checkpoint import find_checkpoint, load_train_state
-from configurator import configure
 from common import compute_cleanup, compute_init, print0, resolve_dtype
+from configurator import configure
 from parallel import Replicated, Sharded
 from run_data import load_data, report_drops, to_device
 from run_log import Checkpointer, Logger, due, evaluate_loss, set_rng_state
@@ -132,8 +132,8 @@ class Run:
         distributed, self.rank, self.world, self.device = compute_init(single_group=cfg["fsdp"])
         self.par = (Sharded if cfg["fsdp"] else Replicated)(distributed, self.rank, self.world, self.device)
         self.resume_dir, self.state = resume_point(cfg)
-        self.done = bool(self.state and self.state["step"] >= cfg["max_steps"])
-        if self.done:
+        self.finished = bool(self.state and self.state["step"] >= cfg["max_steps"])
+        if self.finished:
             print0(f"{cfg['out_dir']} is already trained to step {self.state['step']} (max_steps={cfg['max_steps']}); "
                    "nothing to do")
             compute_cleanup()
@@ -154,7 +154,7 @@ class Run:
         train_llm setting says otherwise), the frozen teacher in the compute dtype, DDP or FSDP, the optimizer, the
         data and, resuming, the optimizer's state and the RNG. One seed while building, so that new weights (a TAF
         post_connector, LoRA's A) are the same whichever rank builds them; then one seed per rank (dropout)."""
-        if self.done:
+        if self.finished:
             return None
         cfg, par = self.cfg, self.par
         torch.manual_seed(cfg["seed"])
@@ -165,14 +165,14 @@ class Run:
         self.data = load_data(cfg, ts.student, self.state["step"] if self.state else 0, self.rank, self.world,
                               self.device)
         self.optimizer, self.scaler = make_optimizer(self.params, cfg, self.device, self.amp)
-        self.step_, self.skipped, self.log = restore(self.state, par, ts, self.optimizer, self.scaler) \
+        self.steps, self.skipped, self.log = restore(self.state, par, ts, self.optimizer, self.scaler) \
             if self.state else (0, 0, [])
         kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
         print0(f"stage {cfg['stage']}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable params, "
                f"{self.data.n_train} train samples, world {self.world}, device {self.device}, dtype "
                f"{self.amp or torch.float32}, kd={kd} vat={vat} taf={ts.student.config.taf}")
         self.checkpointer = Checkpointer(cfg, par, ts, self.optimizer, self.scaler)
-        self.logger = Logger(cfg, par, self.data.monitor, self.log, self.step_)
+        self.logger = Logger(cfg, par, self.data.monitor, self.log, self.steps)
         return self.forward
 
     def forward(self, batch, **flags):
@@ -184,14 +184,14 @@ class Run:
         """This rank's micro-batches, on the device, each inside the context its forward runs in (autocast; under DDP
         gradients reduced only after a step's last micro-batch), until max_steps, a signal or stop_after. Between
         steps: clipping, AdamW, the LR schedule, the log, validation and checkpoints."""
-        if self.done:
+        if self.finished:
             return
         cfg, par, data, logger = self.cfg, self.par, self.data, self.logger
         self.model.train()  # the teacher is not a submodule: it stays in eval()
         done_here = 0
         with stop_signals() as signals:
-            while self.step_ < cfg["max_steps"]:
-                lr = lr_at(self.step_ - self.skipped, cfg)  # skipped: steps in which no rank had a sample; it waits
+            while self.steps < cfg["max_steps"]:
+                lr = lr_at(self.steps - self.skipped, cfg)  # skipped: steps in which no rank had a sample; it waits
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 self.real_here = 0
@@ -214,9 +214,9 @@ class Run:
                 else:  # every sample of this step was dropped, on every rank: AdamW would still move the weights
                     self.skipped, grad_norm = self.skipped + 1, None
                 self.optimizer.zero_grad(set_to_none=True)
-                self.step_ += 1
+                self.steps += 1
                 done_here += 1
-                step = self.step_
+                step = self.steps
                 logger.step(step, lr, grad_norm, self.skipped)
                 if cfg["eval_interval"] > 0 and due(step, cfg["eval_interval"], cfg) and data.n_val:
                     # under FSDP every forward gathers shards: all ranks run the same batches
@@ -250,7 +250,8 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
     def step(self, losses):
-        """Backward of one micro-batch's losses (a placeholder's at weight 0), its share of the step's gradient."""
+        """Backward of one micro-batch's losses (a placeholder's at weight 0), its share of the step's gradient. Call
+        it once per micro-batch that batches() yields, before asking for the next."""
         self._in_step.close()  # the forward's autocast ends here: backward runs outside it
         loss = losses["total"] * ((1.0 if self.real else 0.0) / self.cfg["grad_accum"])
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -141,7 +141,7 @@ class Logger:
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
+def evaluate_loss(model, loader, n_batches, device, autocast, with_kd, with_vat):
     model.eval()
     sums, n = {}, 0
     for batch in loader:
@@ -150,7 +150,7 @@ def evaluate_loss(model, loader, n_batches, device, autocast, kd, vat):
         if "input_ids" not in batch:  # every sample dropped
             continue
         with autocast:
-            out = model(to_device(batch, device), kd=kd, vat=vat)
+            out = model(to_device(batch, device), with_kd=with_kd, with_vat=with_vat)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

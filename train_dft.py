@@ -51,8 +51,8 @@ def models(cfg, resume_dir=None):
     the module that joins them and computes the losses."""
     teacher = load_teacher(cfg)
     student = load_student(cfg, teacher, resume_dir)
-    vat = VATSettings.from_config(cfg)  # which layers are matched, whose rows, which pooling and distance
-    ts = TeacherStudent(teacher, student, vat, kd_weight=cfg["kd_weight"], vat_weight=cfg["vat_weight"],
+    vat_settings = VATSettings.from_config(cfg)  # which layers are matched, whose rows, which pooling and distance
+    ts = TeacherStudent(teacher, student, vat_settings, kd_weight=cfg["kd_weight"], vat_weight=cfg["vat_weight"],
                         kd_temperature=cfg["kd_temperature"])
     if cfg["taf"] and not student.config.taf:  # TAF normally comes with DPT's checkpoint
         ts.apply_taf()
@@ -61,11 +61,11 @@ def models(cfg, resume_dir=None):
 
 def train(cfg):
     """DFT with the resolved settings `cfg`; returns the last log record."""
-    kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
+    with_kd, with_vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0  # a loss at weight 0 is not computed
     with Run(cfg, distills=True) as run:  # settings checked, out_dir locked, processes, device, the resume point
         model = run.build(lambda resume_dir: models(cfg, resume_dir), train_llm=True)  # the LM trains
         for batch in run.batches():  # this rank's micro-batches, on the device, under autocast
-            losses = model(batch, kd=kd, vat=vat)  # {"lm", "kd", "vat", "total"}
+            losses = model(batch, with_kd=with_kd, with_vat=with_vat)  # {"lm", "kd", "vat", "total"}
             run.step(losses)  # backward; after a step's last micro-batch: clip, AdamW, LR, log, validate, save
     return run.result
 

@@ -66,12 +66,12 @@ def models(cfg, resume_dir=None):
 
 def train(cfg):
     """DPT with the resolved settings `cfg`; returns the last log record."""
-    kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
+    with_kd, with_vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0  # a loss at weight 0 is not computed
     with Run(cfg, distills=True) as run:  # settings checked, out_dir locked, processes, device, the resume point
         # what trains: the post_connector; the LM only where the train_llm setting says so (the shapes recipe)
         model = run.build(lambda resume_dir: models(cfg, resume_dir), train_llm=False)
         for batch in run.batches():  # this rank's micro-batches, on the device, under autocast
-            losses = model(batch, kd=kd, vat=vat)  # {"lm", "kd", "vat", "total"}
+            losses = model(batch, with_kd=with_kd, with_vat=with_vat)  # {"lm", "kd", "vat", "total"}
             run.step(losses)  # backward; after a step's last micro-batch: clip, AdamW, LR, log, validate, save
     return run.result
 

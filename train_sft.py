@@ -71,7 +71,7 @@ def train(cfg):
     with Run(cfg, distills=False) as run:  # settings checked, out_dir locked, processes, device, the resume point
         model = run.build(lambda resume_dir: models(cfg, resume_dir), train_llm=True)  # the LM trains
         for batch in run.batches():  # this rank's micro-batches, on the device, under autocast
-            losses = model(batch, kd=False, vat=False)  # {"lm", "kd", "vat", "total"} (+ "look", "readout")
+            losses = model(batch, with_kd=False, with_vat=False)  # {"lm", "kd", "vat", "total"} (+ "look", "readout")
             run.step(losses)  # backward; after a step's last micro-batch: clip, AdamW, LR, log, validate, save
     return run.result
 

@@ -97,7 +97,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     def training_vat(**form):
         ts = TeacherStudent(teacher, student, VATSettings([1, 2], [2, 3, 4], vat_layer_reduce="mean", **form))
         with torch.no_grad():
-            return float(ts(batch, kd=False)["vat"])
+            return float(ts(batch, with_kd=False)["vat"])
     assert got["n"] == 7
     # image queries: the reference code's form; all queries: the paper's (the training default)
     assert got["image_queries"]["vat_cos"] == pytest.approx(1 - training_vat(vat_queries="image", vat_pool="column"),

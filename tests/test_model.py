@@ -245,14 +245,14 @@ def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
     calls = []
     for layer in ts.teacher.llm.model.layers:
         layer.register_forward_hook(lambda *a: calls.append(1))
-    out = ts(text, kd=kd, vat=True)
+    out = ts(text, with_kd=kd, with_vat=True)
     assert len(calls) == len(ts.teacher.llm.model.layers)
     assert float(out["vat"]) == 0.0 and out["vat"].requires_grad
     out["total"].backward()
     grads = {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
     ts.student.zero_grad(set_to_none=True)
-    ts(text, kd=kd, vat=False)["total"].backward()  # the same gradients as without VAT
+    ts(text, with_kd=kd, with_vat=False)["total"].backward()  # the same gradients as without VAT
     for n, p in ts.student.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, grads[n]), n

@@ -28,7 +28,7 @@ DEFAULTS = dict(
     SHARED,
     stage="dpt",                      # this stage, recorded in its checkpoint
     init_from="scratch",              # where the student starts: "scratch", a new LM (llm) on the teacher's tower
-                                      # and tokenizer; or "backbones", a checkpoint directory (see train_sft.py)
+                                      # and tokenizer (or "backbones", or a checkpoint directory: see train_sft.py)
     llm=dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),  # the new student's LM
     teacher="out/shapes/teacher",     # the frozen teacher's checkpoint (train_sft.py config/shapes_teacher.py)

@@ -189,6 +189,19 @@ def test_a_stage_script_without_arguments_runs_its_shapes_preset():
     assert len(outs) == 3
 
 
+def test_a_stage_script_takes_every_form_of_a_setting_and_only_its_own_stage():
+    """A stage's own default does not narrow a setting's type (DFT's student_layers=[1, 2] still takes a depth name or
+    None, DPT's train_llm=True still None), and a script refuses another stage's name: that is another script."""
+    c = runner.configure_stage(train_dft.DEFAULTS, ["--student_layers=late", "--teacher_layers=None"], "",
+                               train_dft.__file__)
+    assert (c["student_layers"], c["teacher_layers"]) == ("late", None)
+    assert runner.configure_stage(train_dpt.DEFAULTS, ["--train_llm=None"], "", train_dpt.__file__)["train_llm"] is None
+    with pytest.raises(ValueError, match="^config key 'lr' .* expects float"):
+        runner.configure_stage(train_dft.DEFAULTS, ["--lr=fast"], "", train_dft.__file__)
+    with pytest.raises(ValueError, match=r"^stage=dpt: train_dft.py runs stage dft; run train_dpt.py for that one"):
+        runner.configure_stage(train_dft.DEFAULTS, ["--stage=dpt"], "", train_dft.__file__)
+
+
 def test_the_presets_chain_stage_to_stage():
     """Every preset passes the config checks (the hard world's layered over the default world's); each writes its own
     out_dir; each init_from / teacher that is a directory is another preset's out_dir (the hand-off a reader follows:

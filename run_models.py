@@ -12,7 +12,6 @@ from common import cast_weights
 from model import VLM, load_vlm
 
 
-
 def load_teacher(cfg):
     """The frozen teacher, when a loss or TAF needs one (kd_weight, vat_weight, taf), else None."""
     if not (cfg["kd_weight"] > 0 or cfg["vat_weight"] > 0 or cfg["taf"]):
@@ -32,12 +31,13 @@ def load_student(cfg, teacher, resume_dir):
     return student.float()
 
 
-def ready(make, cfg, resume_dir, state, amp, train_llm):
+def ready(make, cfg, resume_dir, state, amp, stage_train_llm):
     """The stage's models (make) as training starts them, on the CPU: LoRA's adapters (restored at resume), the
-    trainable set, LoRA's frozen base and the frozen teacher in the compute dtype."""
+    trainable set (the LM trains as the stage says, `stage_train_llm`, unless the train_llm setting says otherwise),
+    LoRA's frozen base and the frozen teacher in the compute dtype."""
     lora = cfg["lora_rank"] > 0
     ts = make(None if lora else resume_dir)  # LoRA resumes from its base plus the adapters (restore_lora)
-    train_llm = decide_train_llm(train_llm, cfg["train_llm"])
+    train_llm = decide_train_llm(stage_train_llm, cfg["train_llm"])
     if cfg["train_vision"] and ts.teacher is not None:
         raise ValueError("train_vision=True with a teacher: KD/VAT/TAF rely on the student sharing the teacher's "
                          "frozen vision tower")

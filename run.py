@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 import numpy as np
 import torch
 
+from attention_distill import VATSettings
 from checkpoint import find_checkpoint, load_train_state
 from common import compute_cleanup, compute_init, print0, resolve_dtype
 from configurator import configure
@@ -167,18 +168,16 @@ class Run:
         self.optimizer, self.scaler = make_optimizer(self.params, cfg, self.device, self.amp)
         self.steps, self.skipped, self.log = restore(self.state, par, ts, self.optimizer, self.scaler) \
             if self.state else (0, 0, [])
-        kd, vat = cfg["kd_weight"] > 0, cfg["vat_weight"] > 0
         print0(f"stage {cfg['stage']}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable params, "
                f"{self.data.n_train} train samples, world {self.world}, device {self.device}, dtype "
-               f"{self.amp or torch.float32}, kd={kd} vat={vat} taf={ts.student.config.taf}")
+               f"{self.amp or torch.float32}, kd={cfg['kd_weight'] > 0} vat={cfg['vat_weight'] > 0} "
+               f"taf={ts.student.config.taf}")
         self.checkpointer = Checkpointer(cfg, par, ts, self.optimizer, self.scaler)
         self.logger = Logger(cfg, par, self.data.monitor, self.log, self.steps)
         return self.forward
 
-    def forward(self, batch, **flags):
-        # the Run holds the wrapped model, not the script: DDP's reducer holds the process group, and is dropped
-        # before the group ends (see compute_cleanup)
-        return self.model(batch, **flags)
+    def forward(self, batch, **flags):  # the Run, not the script, holds DDP's wrapper: it is dropped before
+        return self.model(batch, **flags)  # the process group ends (its reducer holds the group: compute_cleanup)
 
     def batches(self):
         """This rank's micro-batches, on the device, each inside the context its forward runs in (autocast; under DDP
@@ -284,6 +283,7 @@ def check_settings(cfg, distills):
         raise ValueError(f"kd_temperature={cfg['kd_temperature']}: must be above 0")
     if not 0 <= cfg["val_frac"] < 1:
         raise ValueError(f"val_frac={cfg['val_frac']}: the held-out fraction lies in [0, 1)")
+    VATSettings.from_config(cfg)  # an unknown matching or VAT form, in any stage
     privileged = [f"{k}={cfg[k]}" for k in ("look_weight", "readout_weight") if cfg[k]]
     if privileged and (distills or cfg["fsdp"]):
         raise ValueError(f"{', '.join(privileged)}: privileged supervision is for training a teacher (train_sft.py "

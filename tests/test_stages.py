@@ -266,6 +266,7 @@ def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
                                        (dict(batch_size=-2), "batch_size=-2: must be at least 1"),
                                        (dict(lr=-1e-3), "lr=-0.001: must be at least 0"),
                                        (dict(val_frac=1.0), "val_frac=1.0"),
+                                       (dict(vat_loss="l1"), "unknown vat_loss 'l1'"),
                                        (dict(kd_weight=1.0), "stage sft loads no teacher, so kd_weight=1.0"),
                                        (dict(taf=True), "stage sft loads no teacher, so taf=True")])
 def test_settings_that_cannot_work_are_refused_before_anything_is_built(bad, says, tmp_path, monkeypatch):

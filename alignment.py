@@ -36,7 +36,7 @@ from data import load_image
 def matched_layers(student, teacher, student_layers=None, teacher_layers=None, matching=None):
     """
     The layer pairs (attention_distill.LayerPairs) as in training: explicit arguments, else the layers the student
-    was distilled on (config.extra["distill"], carried by trainer.py through later stages), else its training
+    was distilled on (config.extra["distill"], carried by run_log.Checkpointer through later stages), else its training
     config, else the presets. Without a teacher, the student layers alone (teacher and windows None). Adaptive
     matching is reported on its group windows (it picks per step in training).
     """

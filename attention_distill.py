@@ -11,8 +11,8 @@ query rows and image-key columns that the VAT loss needs, averaged over heads, i
 
 Everything else here is small pure functions on tensors: the rows and columns VAT reads (vat_positions), the
 seven VAT settings in one place (VATSettings), layer sets and group / simple / adaptive matching (match_layers: the
-one function training and alignment.py both call), `vat_loss` (reference-code and paper forms, cosine / MSE / KL),
-its assembly from the captured maps (vat_term), and `kd_loss`.
+one function training and alignment.py both call), the matched maps from the captured ones (matched_maps), `vat_loss`
+(reference-code and paper forms, cosine / MSE / KL) and `kd_loss`.
 """
 
 import math
@@ -228,7 +228,7 @@ def vat_positions(is_img, attention_mask, queries, num_image_tokens):
 
 @dataclass
 class VATSettings:
-    """What VAT aligns and how; the fields carry the training settings' names (trainer.DEFAULTS explains each)."""
+    """What VAT aligns and how; the fields carry the training settings' names (run.DEFAULTS explains each)."""
     student_layers: object = None   # the student layers (resolve_layers' forms: None, a name, a depth range, a list)
     teacher_layers: object = None   # the teacher layers they are matched to (the same forms)
     matching: str = "group"         # group | simple | adaptive
@@ -399,41 +399,41 @@ def vat_loss(student_maps, teacher_maps, pool="column", loss="cosine", filter_ou
     pairs (layer_reduce="mean" averages them, as the paper's Eq. 2 does).
     """
     A_s, A_t = student_maps.float(), teacher_maps.float()
-    if filter_outliers:
+    if filter_outliers:  # valid: (L, B, Nq, Nk) bool
         valid = outlier_keep(A_s) & outlier_keep(A_t) & (A_t != 0)
     else:
         valid = torch.ones_like(A_s, dtype=torch.bool)
     if pool == "column":
         count = valid.sum(-2).clamp(min=1)
-        p_s = (A_s * valid).sum(-2) / count
+        p_s = (A_s * valid).sum(-2) / count  # (L, B, Nk): each column's mean over its kept rows
         p_t = (A_t * valid).sum(-2) / count
     elif pool == "flat":
-        p_s, p_t = (A_s * valid).flatten(2), (A_t * valid).flatten(2)
+        p_s, p_t = (A_s * valid).flatten(2), (A_t * valid).flatten(2)  # (L, B, Nq * Nk)
     else:
         raise ValueError(f"unknown VAT pooling '{pool}': use column or flat")
     per = _distance(p_s, p_t, loss)  # (L, B)
     if sample_mask is None:
         sample_mask = torch.ones(per.shape[1], dtype=torch.bool, device=per.device)
-    w = sample_mask.to(per.dtype)
-    per_layer = (per * w).sum(1) / w.sum().clamp(min=1)  # mean over samples with an image
+    w = sample_mask.to(per.dtype)  # (B,)
+    per_layer = (per * w).sum(1) / w.sum().clamp(min=1)  # (L,): mean over samples with an image
     return per_layer.sum() if layer_reduce == "sum" else per_layer.mean()
 
 
-def vat_term(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
+def matched_maps(maps_s, maps_t, pairs, settings, has_img, row_mask=None):
     """
-    L_VAT of one step from the captured maps ({layer: (B, Nq, Nk)} of student and teacher): the student's maps in
-    the matched layers against the teacher's targets (the window means, or adaptive matching's choice), rows outside
-    `row_mask` zeroed, samples without an image (`has_img` False) left out.
+    What vat_loss compares, from the captured maps ({layer: (B, Nq, Nk)} of student and teacher): the student's maps
+    in the matched layers and the teacher's targets (the window means, or adaptive matching's choice among samples
+    with an image, `has_img`), rows outside `row_mask` zeroed. Returns (A_s, A_t), (L, B, Nq, Nk) each.
     """
-    A_s = torch.stack([maps_s[l] for l in pairs.student])
+    A_s = torch.stack([maps_s[l] for l in pairs.student])  # (L, B, Nq, Nv): L matched student layers
     if settings.matching == "adaptive":
         chosen = adaptive_matching(A_s, maps_t, pairs.windows, sample_mask=has_img)
-        A_t = torch.stack([maps_t[l] for l in chosen])
+        A_t = torch.stack([maps_t[l] for l in chosen])  # (L, B, Nq, Nv)
     else:
-        A_t = window_average(maps_t, pairs.windows)
+        A_t = window_average(maps_t, pairs.windows)  # (L, B, Nq, Nv): each window's mean
     if row_mask is not None:  # rows that are padding (or not text) count for nothing
         A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
-    return vat_loss(A_s, A_t, sample_mask=has_img, **settings.loss_kwargs())
+    return A_s, A_t
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, vocab_size=None):

@@ -2,8 +2,8 @@
 Speed and memory of one DFT step (teacher forward; student forward + backward; LM + KD + VAT losses)
 on random weights built from configs (no downloads), four ways:
   ours       the training path as training runs it by default: model.TeacherStudent(...)(batch) with the paper's
-             form of VAT (trainer.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
-  novat      the same with vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
+             form of VAT (run.DEFAULTS: vat_queries=all vat_pool=flat, every query row), TAF applied.
+  novat      the same with with_vat=False (LM + KD): what VAT costs on top. Target: ours <= 1.10x novat.
   ours_ref   the training path with the reference code's form of VAT (vat_queries=image vat_pool=column: image
              queries, column-pooled, outliers filtered), what `reference` computes.
   reference  the reference code's way, written out only here: eager attention with output_attentions=True
@@ -63,8 +63,8 @@ from common import cast_weights, pick_device, resolve_dtype
 from configurator import cli, configure
 from data import IGNORE_INDEX
 from model import VLM, TeacherStudent, VLMConfig
-from stages import set_trainable
-from trainer import DEFAULTS as TRAINING_DEFAULTS, enable_checkpointing
+from run import DEFAULTS as TRAINING_DEFAULTS
+from run_models import enable_checkpointing, set_trainable
 
 DEFAULTS = dict(
     preset="tiny",                 # tiny (CPU, well under a second a step) | qwen15-1.8b-4b (GPU)
@@ -120,7 +120,7 @@ def build(p, dev):
         torch.manual_seed(1)
         student = VLM(VLMConfig(vision=dict(VISION, **p["vision"]), llm=lm(p["student"]), image_token_id=img_id),
                       vision_tower=teacher.vision_tower)
-        ts = TeacherStudent(teacher, student, PAPER_FORM).apply_taf().to(dev)  # ts.vat: set per mode (losses)
+        ts = TeacherStudent(teacher, student, PAPER_FORM).apply_taf().to(dev)  # ts.vat_settings: set per mode (losses)
     # Random init attends almost uniformly (VAT ~ 0, a vacuous check): give q/k a std of 1.5/sqrt(d),
     # so attention logits have a std of ~2 as in trained models. Speed does not depend on the values.
     with torch.no_grad():
@@ -128,7 +128,7 @@ def build(p, dev):
             for a in ad.attention_modules(m).values():
                 for proj in (a.q_proj, a.k_proj):
                     proj.weight.normal_(0, 1.5 / math.sqrt(proj.in_features))
-    set_trainable(student, "dft")
+    set_trainable(student, train_llm=True)  # as in DFT
     student.train()
     student.vision_tower.eval()  # shared with the frozen teacher
     return ts
@@ -157,12 +157,12 @@ def make_batch(p, nv, dev):
 
 
 def reference_losses(ts, batch):
-    """The reference code's way (module docstring), for the VAT form ts.vat; both LMs must be on eager attention."""
+    """The reference code's way (module docstring), for the VAT form ts.vat_settings; both LMs on eager attention."""
     s, t = ts.student, ts.teacher
     ids, mask, labels, px = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
     is_img, has_img = s.image_positions(ids)
     nv = s.num_image_tokens
-    rows, cols, row_mask = ad.vat_positions(is_img, mask, ts.vat.vat_queries, nv)  # (B, Nq), (B, Nv), (B, Nq)
+    rows, cols, row_mask = ad.vat_positions(is_img, mask, ts.vat_settings.vat_queries, nv)  # (B, Nq), (B, Nv), (B, Nq)
     nq = rows.shape[1]
 
     def forward(m):
@@ -184,7 +184,7 @@ def reference_losses(ts, batch):
     A_t = ad.window_average(A_t, ts.pairs.windows)
     if row_mask is not None:  # rows that do not count (padding; image rows under vat_queries=text)
         A_s, A_t = A_s * row_mask[None, :, :, None], A_t * row_mask[None, :, :, None]
-    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat.loss_kwargs())
+    vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **ts.vat_settings.loss_kwargs())
     lm = F.cross_entropy(out_s.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                          ignore_index=IGNORE_INDEX)
     # KD as the reference computes it: softmaxes over every position, then masked (here with the right shift)
@@ -201,10 +201,10 @@ def compute(ts, batch, settings, eager):
     for m in (ts.student, ts.teacher):
         m.llm.set_attn_implementation("eager" if eager else ad.ATTN_IMPLEMENTATION)
     if settings is not None:
-        ts.vat = settings
+        ts.vat_settings = settings
     if eager:
         return reference_losses(ts, batch)
-    return ts(batch, vat=settings is not None)
+    return ts(batch, with_vat=settings is not None)
 
 
 def losses(ts, batch, mode):

@@ -114,11 +114,14 @@ def usage(defaults, doc="", sources=()):
         "settings (default, then what it does):\n" + "\n".join(rows)
 
 
-def configure(defaults, argv, doc="", sources=()):
+def configure(defaults, argv, doc="", sources=(), kinds=None):
     """Apply config files and --key=value overrides to the dict `defaults` in place; return the resolved settings.
-    -h / --help prints usage(defaults, doc, sources) and exits; with config files, their values and comments."""
+    -h / --help prints usage(defaults, doc, sources) and exits; with config files, their values and comments.
+    `kinds`: where a default's type is not the setting's (a stage's list of layers, where a name or None would do
+    too), the dict whose values' types are checked instead."""
     help_ = any(a in ("-h", "--help") for a in argv)
     keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+    kinds = {**keys, **{k: v for k, v in (kinds or {}).items() if k in keys}}
     files = [a for a in argv if not a.startswith("-")]
     for arg in files if help_ else argv:
         if not arg.startswith("--"):
@@ -134,7 +137,7 @@ def configure(defaults, argv, doc="", sources=()):
             exec(compile(code, arg, "exec"), scope)
             for k, v in scope.items():
                 if not k.startswith("_") and isinstance(v, PLAIN_TYPES) and (k not in current or v is not current[k]):
-                    defaults[k] = _check(k, v, keys, f"set in {arg}")
+                    defaults[k] = _check(k, v, kinds, f"set in {arg}")
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq:
@@ -146,7 +149,7 @@ def configure(defaults, argv, doc="", sources=()):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-        defaults[key] = _check(key, value, keys, f"from {arg}")
+        defaults[key] = _check(key, value, kinds, f"from {arg}")
     if help_:
         print(usage(defaults, doc, [*sources, *files]))
         raise SystemExit(0)

@@ -191,8 +191,9 @@ def teacher_args(size, name, **kw):
 
 
 def resolved_dft(overrides, size="quick"):
-    import train_dft, trainer
-    return configure(dict(trainer.DEFAULTS, **train_dft.STAGE_DEFAULTS), [*presets(size, "dft"), *args(overrides)])
+    import train_dft
+    from run import configure_stage
+    return configure_stage(train_dft.DEFAULTS, [*presets(size, "dft"), *args(overrides)], "", train_dft.__file__)
 
 
 def load(path):
@@ -211,7 +212,7 @@ def run(script, argv, out_path, product, jobs):
     t0 = time.time()
     if jobs == 1:
         mod = importlib.import_module(script[:-3])
-        mod.main(argv) if script == "evaluate.py" else importlib.import_module("trainer").main(mod.STAGE_DEFAULTS, argv)
+        mod.main(argv)
     else:
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         env = dict(os.environ)

@@ -1,6 +1,6 @@
 """
 The per-GPU memory of one DFT step, estimated from parameter counts and a per-token activation formula (no GPU
-needed): what trainer.py holds under each setup (DDP or FSDP, full fine-tuning or LoRA, with or without gradient
+needed): what run.py holds under each setup (DDP or FSDP, full fine-tuning or LoRA, with or without gradient
 checkpointing), and what a rank holds at start-up or resume. These are estimates, not measurements: parameter counts
 are exact (the models are built on the meta device from bench.PRESETS' configs), the activations follow
 layer_activation_bytes, and a card "fits" when the larger of the step's total and the start-up peak, plus 10 %, is
@@ -109,7 +109,7 @@ def memory_estimate(p, setup, ckpt, world=8, batch=4, seq=2048, sup=0.25, rank=1
 
 def startup_estimate(p, setup, world=8, rank=128):
     """Per-GPU GiB at start-up or resume, before the first step (the larger: a resume also holds AdamW's states), as
-    trainer.py loads: ddp: the student (float32; LoRA's base LM in bf16) and the teacher (cast to bf16 on the CPU before
+    run.py loads: ddp: the student (float32; LoRA's base LM in bf16) and the teacher (cast to bf16 on the CPU before
     it moves), AdamW's states loaded. fsdp: every rank builds the models on the meta device and receives its shards
     from rank 0 tensor by tensor, so its shards (student, teacher's decoder layers, AdamW's states and the zero
     gradients torch's optimizer loading initialises them with), the teacher's unsharded rest, and the largest tensor in

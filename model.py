@@ -361,8 +361,8 @@ def pretrained_tower(path, select="", dtype=None):
 
 def load_vlm(cfg, teacher=None):
     """
-    The one way a model starts, from a training config `cfg` (trainer.DEFAULTS names and explains the settings read
-    here). cfg["init_from"]:
+    The one way a model starts, from a training config `cfg` (run.DEFAULTS and the stage scripts name and explain
+    the settings read here). cfg["init_from"]:
       a directory   a checkpoint: ours (any stage's out_dir) or a Hugging Face LLaVA one (VLM.from_pretrained)
       "backbones"   a pretrained vision tower (vision_model) and causal LM (llm_model), HF ids or paths, and a new
                     connector (VLM.from_backbones); vision_model may also be a LLaVA directory or one of our
@@ -440,18 +440,18 @@ class TeacherStudent(nn.Module):
     """
     Student + frozen teacher; forward(batch) -> {lm, kd, vat, total}. With teacher=None (SFT) it
     is the plain LM loss. The teacher is deliberately *not* a registered submodule: DDP, the
-    optimizer, state_dict() and checkpoints see only the student. `vat`: attention_distill.VATSettings
+    optimizer, state_dict() and checkpoints see only the student. `vat_settings`: attention_distill.VATSettings
     (which layers, how they are matched, which form of the loss).
     """
 
-    def __init__(self, teacher, student, vat=None, kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0,
+    def __init__(self, teacher, student, vat_settings=None, kd_weight=1.0, vat_weight=1.0, kd_temperature=1.0,
                  privileged=None):
         super().__init__()
         self.student = student
         # privileged.Privileged: supervision only a teacher in training gets (never with a teacher of its own)
         self.privileged = privileged
         object.__setattr__(self, "teacher", teacher)
-        self.vat = vat or ad.VATSettings()
+        self.vat_settings = vat_settings or ad.VATSettings()
         self.kd_weight, self.vat_weight, self.kd_temperature = kd_weight, vat_weight, kd_temperature
         self.pairs = None  # the matched layers (attention_distill.LayerPairs); with a teacher only
         if teacher is None:
@@ -473,7 +473,8 @@ class TeacherStudent(nn.Module):
         else:
             self.vocab_size = min(m.llm.get_output_embeddings().out_features for m in (teacher, student))
         self.pairs = ad.match_layers(student.llm.config.num_hidden_layers, teacher.llm.config.num_hidden_layers,
-                                     self.vat.student_layers, self.vat.teacher_layers, self.vat.matching)
+                                     self.vat_settings.student_layers, self.vat_settings.teacher_layers,
+                                     self.vat_settings.matching)
         # Checked once, before any cast to bf16: a shared frozen tower lets one vision forward serve both models.
         self.shared_vision = (same_weights(teacher.vision_tower, student.vision_tower)
                               and teacher.config.vision_feature_layer == student.config.vision_feature_layer
@@ -527,55 +528,65 @@ class TeacherStudent(nn.Module):
         # teacher's connector output is the student's pre-post_connector input: compute it once.
         return bool(self.student.config.taf and self.shared_vision and self._same_connector)
 
-    def forward(self, batch, kd=True, vat=True):
+    def forward(self, batch, with_kd=True, with_vat=True):
+        """The losses of one micro-batch: {"lm", "kd", "vat", "total"} (0-d tensors); with_kd, with_vat: whether to
+        compute L_KD and L_VAT (with a teacher). Shapes: B samples, T tokens (Nv of them visual), V vocabulary, D
+        hidden."""
         s, t = self.student, self.teacher
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        pixel_values = batch.get("pixel_values")
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (B, T) each
+        pixel_values = batch.get("pixel_values")  # (B, 3, H, W), or None for a text-only micro-batch
         # The teacher runs on every micro-batch when a configured loss needs it, images or not: under FSDP its
         # sharded layers gather from every rank at once. On a text-only micro-batch VAT masks every sample (a zero).
-        kd, vat = kd and t is not None, vat and t is not None
-        is_img, has_img = s.image_positions(ids)
+        with_kd, with_vat = with_kd and t is not None, with_vat and t is not None
+        is_img, has_img = s.image_positions(ids)  # (B, T) bool: image-token positions; (B,) bool: has an image
 
         # 1. visual tokens: the frozen tower (and teacher connector under TAF) run once for both
         img_s = img_t = None
         if pixel_values is not None:
-            z = s.vision_features(pixel_values)
-            if kd or vat:
-                with torch.no_grad():
+            z = s.vision_features(pixel_values)  # (B, Nv, D_vision)
+            if with_kd or with_vat:
+                with torch.no_grad():  # (B, Nv, D_teacher)
                     img_t = t.project(z if self.shared_vision else t.vision_features(pixel_values))
             if img_t is not None and self._reuses_teacher_connector():
-                img_s = s.post_connector(img_t.to(s.post_connector.weight.dtype))
+                img_s = s.post_connector(img_t.to(s.post_connector.weight.dtype))  # (B, Nv, D_student)
             else:
-                img_s = s.project(z)
+                img_s = s.project(z)  # (B, Nv, D_student)
 
         # 2. the attention rows / columns VAT reads: each sample's own image positions
         rows = cols = row_mask = None
-        if vat:
-            rows, cols, row_mask = ad.vat_positions(is_img, mask, self.vat.vat_queries, s.num_image_tokens)
+        if with_vat:
+            # (B, Nq) query rows, (B, Nv) image columns, (B, Nq) which rows are real
+            rows, cols, row_mask = ad.vat_positions(is_img, mask, self.vat_settings.vat_queries, s.num_image_tokens)
 
         # 3. the two forwards (teacher without a graph), capturing only the matched layers
-        pred = labels[:, 1:] != IGNORE_INDEX  # positions that predict a supervised token
-        targets = labels[:, 1:][pred]
+        pred = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): positions that predict a supervised token
+        targets = labels[:, 1:][pred]  # (P,): the P supervised tokens of the micro-batch
         maps_t = maps_s = None
-        if kd or vat:
+        if with_kd or with_vat:
             with torch.no_grad():
-                with ad.capture_attention(t.llm, self.pairs.captured, rows, cols) if vat else nullcontext() as maps_t:
-                    h_t = t.hidden_states(ids, mask, img_t)
-                logits_t = t.logits(h_t[:, :-1][pred]) if kd else None
-        with ad.capture_attention(s.llm, self.pairs.student, rows, cols) if vat else nullcontext() as maps_s, \
+                # maps_t: {layer: (B, Nq, Nv)}, head-averaged attention of each captured teacher layer
+                with ad.capture_attention(t.llm, self.pairs.captured, rows, cols) if with_vat else \
+                        nullcontext() as maps_t:
+                    h_t = t.hidden_states(ids, mask, img_t)  # (B, T, D_teacher)
+                logits_t = t.logits(h_t[:, :-1][pred]) if with_kd else None  # (P, V_teacher)
+        with ad.capture_attention(s.llm, self.pairs.student, rows, cols) if with_vat else nullcontext() as maps_s, \
                 self.privileged.capture(s.llm) if self.privileged is not None else nullcontext() as seen:
-            h_s = s.hidden_states(ids, mask, img_s)
-        logits_s = s.logits(h_s[:, :-1][pred])
+            h_s = s.hidden_states(ids, mask, img_s)  # (B, T, D_student); maps_s as maps_t, the student's layers
+        logits_s = s.logits(h_s[:, :-1][pred])  # (P, V_student)
 
         # 4. losses
-        zero = h_s.sum() * 0.0
-        lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero
-        kd_l = ad.kd_loss(logits_s, logits_t, self.kd_temperature, self.vocab_size) if kd else zero
-        vat_l = ad.vat_term(maps_s, maps_t, self.pairs, self.vat, has_img, row_mask) if vat else zero
-        total = lm + self.kd_weight * kd_l + self.vat_weight * vat_l
+        zero = h_s.sum() * 0.0  # () on the graph: a loss that is off still backpropagates (as nothing)
+        l_lm = F.cross_entropy(logits_s.float(), targets) if targets.numel() else zero  # ()
+        l_kd = ad.kd_loss(logits_s, logits_t, self.kd_temperature, self.vocab_size) if with_kd else zero  # ()
+        if with_vat:  # the matched maps, (L, B, Nq, Nv) each: L layer pairs; samples without an image left out
+            A_s, A_t = ad.matched_maps(maps_s, maps_t, self.pairs, self.vat_settings, has_img, row_mask)
+            l_vat = ad.vat_loss(A_s, A_t, sample_mask=has_img, **self.vat_settings.loss_kwargs())  # ()
+        else:
+            l_vat = zero
+        total = l_lm + self.kd_weight * l_kd + self.vat_weight * l_vat
         if img_s is None:  # text only: under DDP every trainable parameter must join the backward, the connector too
             total = total + sum(p.sum() for p in s.trainable_connector.parameters() if p.requires_grad) * 0.0
-        out = {"lm": lm, "kd": kd_l, "vat": vat_l, "total": total}
+        out = {"lm": l_lm, "kd": l_kd, "vat": l_vat, "total": total}
         if self.privileged is not None:  # a teacher in training: where to look, where things are
             p = self.privileged
             out["look"], out["readout"] = p.losses(seen, batch, is_img, s.num_image_tokens)

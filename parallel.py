@@ -1,7 +1,7 @@
 """
 How the training loop's models are placed over the processes: Replicated (one process, or DDP under torchrun: every
 rank holds the whole student and the frozen teacher) and Sharded (FSDP2: the student, its gradients and optimizer
-states, and the teacher's decoder layers, sharded over the ranks). trainer.train() asks them to build, wrap, sync,
+states, and the teacher's decoder layers, sharded over the ranks). run.Run asks them to build, wrap, sync,
 gather and restore state, and to agree across ranks; nothing else in the loop differs between the two.
 """
 from contextlib import nullcontext

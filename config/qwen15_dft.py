@@ -5,12 +5,16 @@ teacher = "out/qwen15/teacher"
 out_dir = "out/qwen15/dft"
 data = "DATA/llava_v1_5_mix665k.json"
 image_folder = "DATA"
+student_layers = None      # VAT's layers: the reference's preset for the model's depth (8..14 of 24)
+teacher_layers = None      # and the teacher's (13..23 of 40)
 max_length = 2048
 batch_size = 4
 grad_accum = 4             # x 8 GPUs = 128 (reference)
 max_steps = 5200
 lr = 2e-5                  # full fine-tuning of the LM: LLaVA-1.5's rate (with LoRA, below: the reference's 2e-4)
 warmup_frac = 0.03
+weight_decay = 0.0         # AdamW's (the shapes recipe's 0.01 is for its small LMs from scratch)
+beta2 = 0.999              # AdamW's beta2
 val_frac = 0.001           # 0.1 % held out for the validation loss (the start-up log counts them); the rest trains
 num_workers = 4            # DataLoader processes per GPU: image decoding and resizing stay out of the training process
 grad_ckpt = True

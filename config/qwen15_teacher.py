@@ -14,6 +14,8 @@ grad_accum = 4             # x 8 GPUs = 256
 max_steps = 2180           # one epoch of 558K
 lr = 1e-3                  # connector pre-training: LLaVA-1.5's rate
 warmup_frac = 0.03
+weight_decay = 0.0         # AdamW's (the shapes recipe's 0.01 is for its small LMs from scratch)
+beta2 = 0.999              # AdamW's beta2
 val_frac = 0.001           # 0.1 % held out for the validation loss (the start-up log counts them); the rest trains
 num_workers = 4            # DataLoader processes per GPU: image decoding and resizing stay out of the training process
 grad_ckpt = True

@@ -214,14 +214,62 @@ def args(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
+# What the tests' runs start from: the settings every stage shares (run.DEFAULTS) and, for those each stage script
+# sets for itself (its shapes recipe), plain values, so that a test states what its run needs
+GENERAL = dict(out_dir="out/run", init_from="", data="out/shapes/instruct.json", max_length=512, kd_weight=0.0,
+               vat_weight=0.0, batch_size=16, max_steps=1000, lr=2e-4, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
+               eval_interval=200, save_interval=500)
+
+
+def training_defaults(**kw):
+    """run.DEFAULTS + GENERAL, updated by kw: a complete training config for a test."""
+    import run as runner
+    return {**runner.DEFAULTS, **GENERAL, **kw}
+
+
+def stage_main(defaults, argv):
+    """A stage script's main on training_defaults() (not the script's shapes recipe) updated by `defaults`, which
+    names the stage (default sft); then argv."""
+    import importlib
+    d = training_defaults(**{"stage": "sft", **defaults})
+    return importlib.import_module(f"train_{d['stage']}").main(argv, defaults=d)
+
+
+def stage_train(cfg):
+    """The stage script of cfg["stage"] run with the resolved settings `cfg`."""
+    import importlib
+    return importlib.import_module(f"train_{cfg['stage']}").train(cfg)
+
+
+STAGE_TRAINS_LLM = dict(dpt=False, dft=True, sft=True)  # what each script passes to Run.build
+
+
+def build_models(cfg, amp=None):
+    """The models of cfg["stage"] as its training starts them (run_models.ready), without running."""
+    import importlib
+    from run_models import ready
+    mod = importlib.import_module(f"train_{cfg['stage']}")
+    return ready(lambda resume_dir: mod.models(cfg, resume_dir), cfg, None, None, amp, STAGE_TRAINS_LLM[cfg["stage"]])
+
+
+STAGES = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
+          "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}  # what run(stage) starts from
+
+
 def run(stage, **kw):
     """One stage in this process, small and fast by default."""
-    import trainer
-    defaults = {"sft": dict(stage="sft"), "dpt": dict(stage="dpt", kd_weight=1.0, taf=True),
-                "dft": dict(stage="dft", kd_weight=1.0, vat_weight=1.0)}[stage]
     base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
                 max_length=96, warmup_frac=0.0)
-    return trainer.main(defaults, args({**base, **kw}))
+    return stage_main(STAGES[stage], args({**base, **kw}))
+
+
+def script_args(stage, **kw):
+    """The command line on which train_<stage>.py (torchrun, a subprocess) runs what run(stage, **kw) runs: the
+    script's own recipe replaced where it differs from the tests' training_defaults, then kw."""
+    import importlib
+    mine = training_defaults(**STAGES[stage])
+    script = importlib.import_module(f"train_{stage}").DEFAULTS
+    return args({**{k: v for k, v in mine.items() if script[k] != v}, **kw})
 
 
 def weights(path):
@@ -248,11 +296,11 @@ def torchrun(script, argv, nproc=2, timeout=240, env=None):
 
 
 def data_order(n, seed, steps, world):
-    """The dataset index each (step, rank) micro-batch of size 1 reads (trainer.BatchSampler over the train split,
+    """The dataset index each (step, rank) micro-batch of size 1 reads (run_data.BatchSampler over the train split,
     which with eval_interval=0 is the whole file in the fixed permutation of seed 1234)."""
-    import trainer
+    from run_data import BatchSampler
     split = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
-    sampler = iter(trainer.BatchSampler(n, 1, seed, 0, 1))
+    sampler = iter(BatchSampler(n, 1, seed, 0, 1))
     return [[split[next(sampler)[0]] for _ in range(world)] for _ in range(steps)]
 
 

@@ -423,12 +423,12 @@ def test_a_distillation_step_is_bitwise_that_of_the_code_before(queries, pool, m
     import copy
     from data import IGNORE_INDEX
     from model import TeacherStudent
-    from stages import set_trainable
+    from run_models import set_trainable
     t = tiny_vlm(layers=5, hidden=64, heads=8, kv_heads=2, seed=0)
     s = tiny_vlm(layers=3, hidden=32, heads=4, kv_heads=2, seed=1, vision_tower=copy.deepcopy(t.vision_tower))
     ts = TeacherStudent(t, s, ad.VATSettings(student_layers=[1, 2], teacher_layers=[1, 2, 3], vat_queries=queries,
                                              vat_pool=pool)).apply_taf()
-    set_trainable(ts.student, "dft")
+    set_trainable(ts.student, train_llm=True)
     ts.student.train()
     ids, mask = tiny_ids()
     labels = ids.masked_fill(ids == 3, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)

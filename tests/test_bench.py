@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bench
-import trainer
+import run as runner
 from attention_distill import VATSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def test_bench_tiny_json(tmp_path):
     assert res["shape"]["image_tokens"] == 64 and res["shape"]["supervised"] > 0
     # which VAT form each row passes to the loss: `ours` is training's default (the paper's form), `ours_ref` and
     # `reference` the reference code's form, `novat` none
-    paper = {k: trainer.DEFAULTS[k] for k in ("vat_queries", "vat_pool", "vat_loss", "vat_layer_reduce", "matching")}
+    paper = {k: runner.DEFAULTS[k] for k in ("vat_queries", "vat_pool", "vat_loss", "vat_layer_reduce", "matching")}
     assert paper["vat_queries"] == "all" and paper["vat_pool"] == "flat"
     R = res["results"]
     assert list(R) == ["ours", "novat", "ours_ref", "reference"]
@@ -57,9 +57,9 @@ def test_bench_tiny_json(tmp_path):
     ts = bench.build(p, dev)
     batch = bench.make_batch(p, ts.student.num_image_tokens, dev)
     expected = {}
-    for m, form in (("ours", VATSettings.from_config(trainer.DEFAULTS)),
+    for m, form in (("ours", VATSettings.from_config(runner.DEFAULTS)),
                     ("ours_ref", VATSettings(vat_queries="image", vat_pool="column"))):
-        ts.vat = form
+        ts.vat_settings = form
         with torch.no_grad():
             expected[m] = float(ts(batch)["vat"])
         assert R[m]["losses"]["vat"] == pytest.approx(expected[m], rel=1e-5)

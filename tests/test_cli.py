@@ -1,4 +1,6 @@
-"""First contact: every script's --help / -h lists its settings with their defaults and exits 0; a user error
+"""python -m pytest -q tests/test_cli.py
+
+First contact: every script's --help / -h lists its settings with their defaults and exits 0; a user error
 prints one line and exits 2; a real crash keeps its traceback."""
 import importlib
 import os
@@ -8,15 +10,13 @@ import sys
 import pytest
 
 import configurator
-import trainer
+from conftest import stage_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(script, argv):
     mod = importlib.import_module(script)
-    if hasattr(mod, "STAGE_DEFAULTS"):
-        return trainer.main(mod.STAGE_DEFAULTS, argv, doc=mod.__doc__)
     return mod.main(argv) if script != "bench" else mod.main(configurator.configure(dict(mod.DEFAULTS), argv,
                                                                                         mod.__doc__, [mod.__file__]))
 
@@ -30,7 +30,7 @@ def test_help_lists_every_setting_and_exits_0(script, flag, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     mod = importlib.import_module(script)
-    defaults = dict(trainer.DEFAULTS, **mod.STAGE_DEFAULTS) if hasattr(mod, "STAGE_DEFAULTS") else mod.DEFAULTS
+    defaults = mod.DEFAULTS
     assert out.startswith(mod.__doc__.strip()[:40]) and "usage: python " in out
     for k, v in defaults.items():  # one line each: the setting, its default, what it does
         line = next(line for line in out.splitlines() if line.startswith(f"  {k}={v!r}"))
@@ -39,7 +39,7 @@ def test_help_lists_every_setting_and_exits_0(script, flag, capsys):
 
 def test_user_errors_are_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
+        configurator.cli(lambda: stage_main({}, ["--lr=fast"]))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("config key 'lr' (from --lr=fast) expects float like the default 0.0002, got str 'fast'")
@@ -50,7 +50,7 @@ def test_under_torchrun_every_rank_names_itself(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # an error of rank 1 alone must not go unsaid
     with pytest.raises(SystemExit):
-        configurator.cli(lambda: trainer.main({}, ["--lr=fast"]))
+        configurator.cli(lambda: stage_main({}, ["--lr=fast"]))
     # on a line of its own (see test_an_error_is_one_write_on_a_line_of_its_own)
     assert capsys.readouterr().err.startswith(f"\n{os.path.basename(sys.argv[0])} [rank 1]: config key 'lr'")
 

@@ -1,3 +1,4 @@
+"""python -m pytest -q tests/test_configurator.py"""
 import json
 
 import pytest
@@ -125,12 +126,15 @@ def test_help_comments_come_from_the_settings_alone(tmp_path):
 
 
 def test_train_dft_help_shows_each_keys_own_comment(capsys):
-    import trainer
-    from stages import stage_defaults
+    import train_dft
     with pytest.raises(SystemExit):
-        trainer.main(stage_defaults("dft"), ["--help"])
+        train_dft.main(["--help"])
     lines = capsys.readouterr().out.splitlines()
-    assert [l.split(None, 1)[1] for l in lines if l.startswith("  lr=")] == ["peak learning rate (AdamW)"]
-    init = lines.index(next(l for l in lines if l.startswith("  init_from=")))
-    assert " ".join(l.strip() for l in lines[init:init + 3]).endswith(
-        "LLaVA one), \"backbones\" (vision_model + llm_model) or \"scratch\" (llm / vision)")
+    # the stage script's own comment where it sets a key; the shared one (run.DEFAULTS) elsewhere
+    assert [l.split(None, 1)[1] for l in lines if l.startswith("  lr=")] == [
+        "peak learning rate (AdamW): a small LM from scratch takes a high one"]
+    assert [l.split(None, 1)[1] for l in lines if l.startswith("  beta1=")] == ["AdamW's beta1"]
+    # a comment that goes on over the lines below its key: whole
+    at = lines.index(next(l for l in lines if l.startswith("  vision_model=")))
+    assert " ".join(l.strip() for l in lines[at:at + 2]).endswith(
+        "or a LLaVA / checkpoint directory, whose tower it takes")

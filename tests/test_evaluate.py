@@ -97,7 +97,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
     def training_vat(**form):
         ts = TeacherStudent(teacher, student, VATSettings([1, 2], [2, 3, 4], vat_layer_reduce="mean", **form))
         with torch.no_grad():
-            return float(ts(batch, kd=False)["vat"])
+            return float(ts(batch, with_kd=False)["vat"])
     assert got["n"] == 7
     # image queries: the reference code's form; all queries: the paper's (the training default)
     assert got["image_queries"]["vat_cos"] == pytest.approx(1 - training_vat(vat_queries="image", vat_pool="column"),
@@ -115,7 +115,7 @@ def test_alignment_is_one_minus_the_training_vat_loss(world):
 def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     student = _tiny(world, layers=4, hidden=32, seed=1)
     teacher = _tiny(world, layers=6, hidden=48, seed=2, vision_tower=copy.deepcopy(student.vision_tower))
-    # the matched layers come from the student's training config, as trainer.py records it
+    # the matched layers come from the student's training config, as run_log.Checkpointer records it
     student.config.extra = {"stage": "dft", "train_config": {"student_layers": [1, 2], "teacher_layers": [2, 3, 4],
                                                              "matching": "group"}}
     student.save_pretrained(str(tmp_path / "student"))

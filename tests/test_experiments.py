@@ -1,4 +1,6 @@
-"""experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
+"""python -m pytest -q tests/test_experiments.py
+
+experiments.py at --size=test: every row trained (1-2 steps) and evaluated, the table, JSON and chart; resume;
 the --jobs subprocess path (these run the whole pipeline: marked slow); the layer sets and presets of every size."""
 import json
 import os
@@ -9,7 +11,10 @@ from PIL import Image
 import attention_distill as ad
 import evaluate
 import experiments
-import trainer
+import train_dft
+import train_dpt
+import train_sft
+from run import configure_stage
 
 SUBSETS = ["swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att"]
 COLUMNS = (["row", "setting", "seeds", "n (skipped)", "VQA", "CR avg (likelihood)"] + SUBSETS +
@@ -100,7 +105,8 @@ def test_rerun_resumes_without_training(first, monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a finished stage ran again")
-    monkeypatch.setattr(trainer, "main", refuse)
+    for script in (train_dpt, train_dft, train_sft):
+        monkeypatch.setattr(script, "main", refuse)
     monkeypatch.setattr(evaluate, "main", refuse)
     again = experiments.main(argv)
     assert [r["per_seed"][0]["cr"] for r in again] == [r["per_seed"][0]["cr"] for r in results]
@@ -114,7 +120,8 @@ def test_only_published_sizes_write_to_results_by_default(first, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # where a relative results/ would land
     def refuse(*a, **k):
         raise AssertionError("a finished stage ran again")
-    monkeypatch.setattr(trainer, "main", refuse)
+    for script in (train_dpt, train_dft, train_sft):
+        monkeypatch.setattr(script, "main", refuse)
     monkeypatch.setattr(evaluate, "main", refuse)
     experiments.main([a for a in argv if not a.startswith("--results=")])  # every stage done: only the tables
     assert not (tmp_path / "results").exists()
@@ -151,7 +158,8 @@ def test_parallel_subprocess_jobs_match_in_process(first, tmp_path):
 @pytest.mark.parametrize("size", sorted(experiments.SIZES))
 def test_every_size_and_row_resolves(size):
     for stage in ("teacher", "dpt", "dft", "sft"):  # unknown keys or wrong types would raise here
-        trainer.configure(dict(trainer.DEFAULTS), experiments.stage_args(size, stage))
+        script = {"teacher": train_sft, "dpt": train_dpt, "dft": train_dft, "sft": train_sft}[stage]
+        configure_stage(script.DEFAULTS, experiments.stage_args(size, stage), "", script.__file__)
     for name, kind, dpt, dft in experiments.size_rows(size):  # layer sets valid on the 4-layer student / 6-layer teacher
         c = experiments.resolved_dft(dft, size)
         s, t = ad.resolve_layers(c["student_layers"], 4), ad.resolve_layers(c["teacher_layers"], 6)
@@ -163,10 +171,11 @@ def test_every_size_and_row_resolves(size):
     # first's preset and the size's overrides); the hard world's published one in a single run, unsupervised
     runs = experiments.teacher_runs(size)
     assert runs == (("teacher",) if hard else ("teacher", "teacher_it"))
-    first = trainer.configure(dict(trainer.DEFAULTS), experiments.teacher_args(size, "teacher", out_dir="t_pt"))
+    resolve = lambda argv: configure_stage(train_sft.DEFAULTS, argv, "", train_sft.__file__)
+    first = resolve(experiments.teacher_args(size, "teacher", out_dir="t_pt"))
     assert first["init_from"] == "scratch" and first["privileged"] == {} and (first["look_weight"] > 0) == (not hard)
     if not hard:
-        it = trainer.configure(dict(trainer.DEFAULTS), experiments.teacher_args(size, "teacher_it", init_from="t_pt"))
+        it = resolve(experiments.teacher_args(size, "teacher_it", init_from="t_pt"))
         assert it["init_from"] == "t_pt" and it["privileged"] == {"relation_head": 3}
         assert it["look_weight"] == it["readout_weight"] == 1.0 and it["lr"] == 5e-4
         assert it["max_steps"] == {"test": 2, "quick": 500, "full": 500}[size]

@@ -1,4 +1,6 @@
 """
+python -m pytest -q tests/test_interop.py
+
 Models in and out, against transformers' own LlavaForConditionalGeneration: Hugging Face LLaVA directories imported
 (logits, generation, key layouts, shards, errors; as teacher= and init_from= of a stage and in evaluate.py), our
 checkpoints sharded, and students exported to LLaVA (TAF folded, processor prompt, round trip, the refusal).
@@ -14,8 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_model
 
 import evaluate as ev
-import trainer
-from conftest import bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
+from conftest import stage_main, bpe_tokenizer, llm_cfg, save_llava, save_lm, vision_cfg, write_llava
 from data import image_processor, tokenize_conversation
 from export_hf import export
 from attention_distill import LayerPairs, VATSettings
@@ -156,7 +157,7 @@ def test_another_kind_of_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json \(found: nothing\); expected a CompoDistill"):
         ev._load(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="model_type 'qwen2'"):
-        trainer.main(dict(stage="sft"), [f"--init_from={lm}", f"--out_dir={tmp_path / 'out'}",
+        stage_main(dict(stage="sft"), [f"--init_from={lm}", f"--out_dir={tmp_path / 'out'}",
                                          f"--data={write_llava(tmp_path / 'd.json', ['image'] * 2)}"])
 
 
@@ -170,7 +171,7 @@ def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
     llm = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
     dpt = str(tmp_path / "dpt")
-    log = trainer.main(dict(stage="dpt", kd_weight=1.0, taf=True), args({
+    log = stage_main(dict(stage="dpt", kd_weight=1.0, taf=True), args({
         **base, "init_from": "scratch", "teacher": llava["clip"], "data": data, "out_dir": dpt, "llm": llm,
         "student_layers": [0, 1], "teacher_layers": [0, 1]}))
     assert log["kd"] > 0 and np.isfinite(log["total"])
@@ -178,7 +179,7 @@ def test_llava_dirs_as_teacher_init_from_and_in_evaluate(llava, tmp_path):
     assert student.config.taf and student.num_image_tokens == 4  # CLIP's CLS dropped, as in the teacher
     assert torch.equal(student.connector[2].weight, teacher["multi_modal_projector.linear_2.weight"].float())
     sft = str(tmp_path / "sft")
-    trainer.main(dict(stage="sft"), args({**base, "init_from": llava["siglip"], "data": data, "out_dir": sft}))
+    stage_main(dict(stage="sft"), args({**base, "init_from": llava["siglip"], "data": data, "out_dir": sft}))
     assert find_checkpoint(llava["siglip"]) == llava["siglip"]
     assert VLM.from_pretrained(sft).config.extra["stage"] == "sft"
     m, p = ev._load(llava["siglip"])
@@ -200,7 +201,7 @@ def test_a_scratch_student_reads_the_llava_teachers_feature_layer(tmp_path):
     pv = pixels(teacher, picture())
     for taf in (True, False):
         out = str(tmp_path / f"taf{taf}")
-        trainer.main(dict(stage="dpt", kd_weight=1.0, taf=taf), args({**base, "out_dir": out}))
+        stage_main(dict(stage="dpt", kd_weight=1.0, taf=taf), args({**base, "out_dir": out}))
         s = VLM.from_pretrained(out)
         assert (s.config.vision_feature_layer, s.config.vision_feature_select_strategy) == (-1, "default")
         assert torch.equal(s.vision_features(pv), teacher.vision_features(pv))
@@ -223,7 +224,7 @@ def test_a_llava_directory_as_vision_model_gives_its_own_tower(tmp_path):
     # and so a backbones student may take TAF from that LLaVA teacher
     data = write_llava(tmp_path / "data.json", ["image"] * 4)
     out = str(tmp_path / "dpt")
-    trainer.main(dict(stage="dpt", kd_weight=1.0, taf=True), [
+    stage_main(dict(stage="dpt", kd_weight=1.0, taf=True), [
         "--init_from=backbones", f"--vision_model={path}", f"--llm_model={lm}", f"--teacher={path}", f"--data={data}",
         f"--out_dir={out}", "--batch_size=2", "--max_steps=1", "--eval_interval=0", "--max_length=96",
         "--student_layers=[0, 1]", "--teacher_layers=[0, 1]"])
@@ -306,7 +307,7 @@ def test_a_damaged_train_state_names_the_file(how, tmp_path):
     torch.save({"step": 1, "optimizer": {"state": {i: torch.zeros(64) for i in range(8)}}}, f"{out}/train_state.pt")
     damage(f"{out}/train_state.pt", how)
     with pytest.raises(ValueError) as e:
-        trainer.main(dict(stage="sft"), [f"--out_dir={out}", f"--init_from={out}", "--data=unused.json"])
+        stage_main(dict(stage="sft"), [f"--out_dir={out}", f"--init_from={out}", "--data=unused.json"])
     msg = str(e.value)
     assert msg.startswith(f"{out}/train_state.pt: cannot read the training state (") and "\n" not in msg
     assert msg.endswith(f"to start this stage over instead, move {out} away")

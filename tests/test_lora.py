@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from conftest import run, tiny_batch, tiny_pair, tiny_vlm, weights  # noqa: E402
 from checkpoint import plain_state_dict  # noqa: E402
-from stages import add_lora, set_trainable  # noqa: E402
+from run_models import add_lora, set_trainable  # noqa: E402
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -20,7 +20,7 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def test_lora_trains_the_adapters_and_the_trainable_connector_only():
     ts = tiny_pair()
     add_lora(ts.student, rank=4)
-    set_trainable(ts.student, "dft")
+    set_trainable(ts.student, train_llm=True)
     got = sorted(n for n, p in ts.student.named_parameters() if p.requires_grad)
     want = sorted([f"llm.model.layers.{i}.{'self_attn' if m in LINEARS[:4] else 'mlp'}.{m}.lora_{ab}.default.weight"
                    for i in range(4) for m in LINEARS for ab in "AB"] + ["post_connector.bias", "post_connector.weight"])
@@ -32,7 +32,7 @@ def test_vat_loss_and_gradients_through_zero_initialised_adapters():
     adapters through the captured attention: dL/dB = scale * dL/dW @ A^T for W's adapter."""
     b = tiny_batch()
     plain = tiny_pair()
-    set_trainable(plain.student, "dft")
+    set_trainable(plain.student, train_llm=True)
     plain.student.train()
     out = plain(b)
     out["vat"].backward()
@@ -40,7 +40,7 @@ def test_vat_loss_and_gradients_through_zero_initialised_adapters():
 
     lora = tiny_pair()
     add_lora(lora.student, rank=4, dropout=0.0)
-    set_trainable(lora.student, "dft")
+    set_trainable(lora.student, train_llm=True)
     lora.student.train()
     out_l = lora(b)
     out_l["vat"].backward()

@@ -2,7 +2,7 @@
     python -m pytest -q tests/test_memory.py
 
 memory.py's estimate against what it estimates: the tiny preset's models as bench.py builds them for DFT, the
-gradients and AdamW states of one real step on them, LoRA's adapters as stages.add_lora puts them; and the documented
+gradients and AdamW states of one real step on them, LoRA's adapters as run_models.add_lora puts them; and the documented
 command.
 """
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 import bench
 import memory
-from stages import add_lora, set_trainable
+from run_models import add_lora, set_trainable
 
 P = bench.PRESETS["tiny"]
 
@@ -48,7 +48,7 @@ def test_lora_counts_are_those_of_the_adapters_stages_adds():
     c = memory.param_counts(P, rank=rank)
     ts = bench.build(P, torch.device("cpu"))
     add_lora(ts.student, rank=rank)
-    set_trainable(ts.student, "dft")
+    set_trainable(ts.student, train_llm=True)
     assert c["lora"] == sum(x.numel() for name, x in ts.student.named_parameters() if ".lora_" in name)
     grads, states = step(ts)  # the adapters and the post_connector train
     lora = memory.memory_estimate(P, "ddp_lora", ckpt=True, rank=rank)

@@ -15,8 +15,7 @@ from conftest import (IMAGE_TOKEN_ID, bpe_tokenizer, llm_cfg, save_llava, save_l
                       tiny_pair, tiny_vlm)
 from data import IGNORE_INDEX
 from model import VLM, TeacherStudent, load_vlm
-from stages import set_trainable
-from trainer import enable_checkpointing
+from run_models import enable_checkpointing, set_trainable
 
 
 def test_splicing_puts_visual_tokens_at_placeholders():
@@ -50,7 +49,7 @@ def test_taf_copies_frozen_teacher_connector_and_dpt_trains_post_connector_only(
     for a, b in zip(s.connector.parameters(), t.connector.parameters()):
         assert torch.equal(a, b) and not a.requires_grad
     assert s.post_connector.weight.shape == (32, 48)  # (d_student, d_teacher)
-    trainable = set_trainable(s, "dpt")
+    trainable = set_trainable(s, train_llm=False)
     assert [p.shape for p in trainable] == [(32, 48), (32,)]
     out = ts(tiny_batch())
     out["total"].backward()
@@ -58,7 +57,7 @@ def test_taf_copies_frozen_teacher_connector_and_dpt_trains_post_connector_only(
     assert got == ["post_connector.bias", "post_connector.weight"]
     assert all(p.grad is None for p in t.parameters())
     # DFT trains the LM too; the TAF connector and the vision tower never
-    names = {n for n, p in s.named_parameters() if p.requires_grad} if set_trainable(s, "dft") else set()
+    names = {n for n, p in s.named_parameters() if p.requires_grad} if set_trainable(s, train_llm=True) else set()
     assert "post_connector.weight" in names and "llm.model.layers.0.self_attn.q_proj.weight" in names
     assert not any(n.startswith(("connector.", "vision_tower.")) for n in names)
 
@@ -188,7 +187,7 @@ def test_from_backbones_on_saved_tiny_checkpoints(tmp_path):
 
 def test_vat_gradients_are_the_same_with_gradient_checkpointing():
     ts = tiny_pair(taf=True)
-    set_trainable(ts.student, "dft")
+    set_trainable(ts.student, train_llm=True)
     ts.student.train()
     b = tiny_batch()
 
@@ -212,7 +211,7 @@ def test_train_vision_gives_the_tower_gradients_only_when_asked():
     b = tiny_batch()
     for train_vision in (False, True):
         m.zero_grad(set_to_none=True)
-        set_trainable(m, "sft", train_vision=train_vision)
+        set_trainable(m, train_llm=True, train_vision=train_vision)
         m(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"])["loss"].backward()
         grads = {n: p.grad is not None for n, p in m.vision_tower.named_parameters()}
         # features come from layer -2: the patch embedding and the first layer learn, the last layer is unused
@@ -226,20 +225,20 @@ def test_teacher_runs_on_a_text_only_micro_batch_when_a_loss_needs_it(kd):
     image must run them too. VAT then counts for nothing there (it is a zero with a graph) and the gradients are
     what the LM and KD losses give."""
     ts = tiny_pair(taf=True)
-    set_trainable(ts.student, "dft")
+    set_trainable(ts.student, train_llm=True)
     b = tiny_batch()
     text = {k: v[2:] for k, v in b.items() if k != "pixel_values"}  # the text-only sample alone
     calls = []
     for layer in ts.teacher.llm.model.layers:
         layer.register_forward_hook(lambda *a: calls.append(1))
-    out = ts(text, kd=kd, vat=True)
+    out = ts(text, with_kd=kd, with_vat=True)
     assert len(calls) == len(ts.teacher.llm.model.layers)
     assert float(out["vat"]) == 0.0 and out["vat"].requires_grad
     out["total"].backward()
     grads = {n: p.grad.clone() for n, p in ts.student.named_parameters() if p.grad is not None}
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
     ts.student.zero_grad(set_to_none=True)
-    ts(text, kd=kd, vat=False)["total"].backward()  # the same gradients as without VAT
+    ts(text, with_kd=kd, with_vat=False)["total"].backward()  # the same gradients as without VAT
     for n, p in ts.student.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, grads[n]), n

@@ -1,4 +1,6 @@
-"""The shapes teacher's privileged supervision: targets from hand-made scenes, the loss at its minimum exactly at the
+"""python -m pytest -q tests/test_privileged.py
+
+The shapes teacher's privileged supervision: targets from hand-made scenes, the loss at its minimum exactly at the
 target, the heads' maps against eager attention, and a teacher run that keeps none of it in its checkpoint.
 
     python -m pytest -q tests/test_privileged.py
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 import privileged as pv
 import shapes
 import shapes_tower
-import trainer
+from conftest import stage_main
 from data import IGNORE_INDEX, tokenize_conversation
 from model import VLM
 
@@ -181,7 +183,7 @@ def teacher_run(world, out, **kw):
     d = world["data"]
     cfg = dict(TEACHER, data=f"{d}/pretrain.json,{d}/instruct.json", vision_model=str(d / "vision_tower"),
                out_dir=str(out), **kw)
-    return trainer.main({}, [f"--{k}={v}" for k, v in cfg.items()])
+    return stage_main({}, [f"--{k}={v}" for k, v in cfg.items()])
 
 
 def test_a_teacher_trains_with_it_keeps_none_of_it_and_resumes_bit_exact(world):
@@ -208,4 +210,4 @@ def test_a_teacher_trains_with_it_keeps_none_of_it_and_resumes_bit_exact(world):
 @pytest.mark.parametrize("stage", ["dpt", "dft"])
 def test_a_distilling_stage_refuses_it(stage, tmp_path):
     with pytest.raises(ValueError, match="privileged supervision is for training a teacher"):
-        trainer.main(dict(stage=stage), ["--look_weight=1", f"--out_dir={tmp_path / 'x'}"])
+        stage_main(dict(stage=stage), ["--look_weight=1", f"--out_dir={tmp_path / 'x'}"])

@@ -15,9 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import trainer
-from conftest import (CORPUS, LAYERS, args, bpe_tokenizer, data_order, run, save_lm, save_tower, torchrun, weights,
-                      write_layout, write_llava)
+import run as runner
+import run_log
+import run_models
+from conftest import (CORPUS, LAYERS, bpe_tokenizer, build_models, data_order, run, save_lm, save_tower,
+                      script_args, torchrun, training_defaults, weights, write_layout, write_llava)
 from model import VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +42,7 @@ def ddp_runs(hf):
     single = str(root / "ddp" / "single")
     run("dft", out_dir=single, grad_accum=2, **common)
     out = str(root / "ddp" / "ddp")
-    r = torchrun("train_dft.py", args({**common, "out_dir": out}))  # a hang fails at its timeout
+    r = torchrun("train_dft.py", script_args("dft", **common, out_dir=out))  # a hang fails at its timeout
     return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
 
 
@@ -91,8 +93,8 @@ def test_bf16_checkpoints_train_float32_masters_and_small_updates_survive(hf):
     m = VLM.from_pretrained(out)
     assert m.config.llm["dtype"] == "float32" and next(m.llm.parameters()).dtype == torch.float32
     # as a bf16 run starts: the frozen teacher is cast to bf16, every weight of the student stays a float32 master
-    ts = trainer.build(dict(trainer.DEFAULTS, stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0),
-                       None, None, torch.bfloat16)
+    ts = build_models(training_defaults(stage="dpt", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0),
+                      torch.bfloat16)
     assert {p.dtype for p in ts.teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in ts.student.parameters()} == {torch.float32}
 
@@ -231,15 +233,15 @@ def test_compile_compiles_the_decoders_training_calls(hf):
     import torch._dynamo
     from torch._dynamo.utils import counters
     from data import LLaVADataset, collate
-    cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0,
+    cfg = training_defaults(stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0,
                vat_weight=1.0, **LAYERS)
-    ts, _ = trainer.build_model(cfg, None)
+    ts = build_models(cfg)
     ds = LLaVADataset(hf["data"], None, ts.student.tokenizer, ts.student.image_processor, 4, 96)
     batch = collate([ds[i] for i in range(4)], ts.student.tokenizer.pad_token_id)
     want = ts(batch)
     torch._dynamo.reset()
     counters.clear()
-    trainer.compile_models(ts, backend="eager")  # dynamo's tracing without code generation: fast
+    run_models.compile_models(ts, backend="eager")  # dynamo's tracing without code generation: fast
     got = ts(batch)
     assert counters["stats"]["unique_graphs"] >= 2  # the student's and the teacher's decoder really ran compiled
     for k in want:
@@ -253,8 +255,8 @@ def test_taf_connector_shortcut_survives_the_bf16_cast(hf):
     """Under TAF the student's frozen connector is the teacher's: a step runs it once, for both models, also after
     the teacher was cast to bf16 as a bf16 run starts."""
     from data import LLaVADataset, collate
-    cfg = dict(trainer.DEFAULTS, stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0, **LAYERS)
-    ts = trainer.build(cfg, None, None, torch.bfloat16)
+    cfg = training_defaults(stage="dft", init_from=hf["dpt"], teacher=hf["teacher"], kd_weight=1.0, **LAYERS)
+    ts = build_models(cfg, torch.bfloat16)
     assert next(ts.teacher.connector.parameters()).dtype == torch.bfloat16
     ds = LLaVADataset(hf["data"], None, ts.student.tokenizer, ts.student.image_processor, 4, 96)
     batch = collate([ds[i] for i in range(4)], ts.student.tokenizer.pad_token_id)
@@ -337,8 +339,8 @@ def test_a_step_without_any_sample_does_not_update_and_the_schedule_waits(hf):
     assert adam_steps[0] == adam_steps[1]
     last = run("sft", out_dir=str(root / "two"), **common)  # resumed
     log = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
-    cfg = dict(trainer.DEFAULTS, lr=1e-3, **common)
-    assert [r["lr"] for r in log if r["step"] != 2] == [trainer.lr_at(i, cfg) for i in range(3)]
+    cfg = training_defaults(lr=1e-3, **common)
+    assert [r["lr"] for r in log if r["step"] != 2] == [runner.lr_at(i, cfg) for i in range(3)]
     assert last["step"] == 4 and last["skipped_steps"] == 1 and log[1]["skipped_steps"] == 1
 
 
@@ -351,7 +353,7 @@ def test_signal_saves_the_step_and_the_rerun_resumes_bit_exact(hf, sig):
     common = dict(init_from=hf["dpt"], data=hf["data"], max_steps=40, batch_size=2, log_interval=1,
                   eval_interval=0, save_interval=1000, max_length=96, lr=1e-3, warmup_frac=0.2)
     run("sft", out_dir=str(root / "straight"), **common)
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), *args({**common, "out_dir": str(root / "cut")})]
+    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), *script_args("sft", **common, out_dir=str(root / "cut"))]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     lines = []
@@ -391,7 +393,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_at_start_up(case, tmp_path
 
     def built(*a, **k):
         raise AssertionError("a model was built before out_dir was checked")
-    monkeypatch.setattr(trainer, "build_model", built)
+    monkeypatch.setattr(runner, "ready", built)
     why = {"file": f"{blocker} is a file, not a directory", "parent_file": f"{blocker} is a file, not a directory",
            "read_only": f"cannot write in {tmp_path / 'ro'}"}[case]
     with pytest.raises(ValueError) as e:
@@ -403,8 +405,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_at_start_up(case, tmp_path
 def test_a_new_students_start_depends_on_its_seed_alone(hf):
     """Reading a checkpoint moves torch's random stream; a new student's weights (scratch LM, or a backbones
     connector) must not depend on what was read before it, e.g. whether the teacher was loaded first."""
-    import trainer
-    base = dict(trainer.DEFAULTS, data=hf["data"], teacher=hf["teacher"], seed=5)
+    base = training_defaults(data=hf["data"], teacher=hf["teacher"], seed=5)
     cases = [dict(init_from="scratch", llm=dict(model_type="qwen2", hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
              dict(init_from="backbones", vision_model=hf["siglip"], llm_model=hf["student_lm"])]
@@ -415,7 +416,7 @@ def test_a_new_students_start_depends_on_its_seed_alone(hf):
             torch.manual_seed(0)
             if history:
                 VLM.from_pretrained(hf["teacher"])  # what a distilling stage reads before its student
-            starts.append(trainer.build_student(cfg, None, None).state_dict())
+            starts.append(run_models.load_student(cfg, None, None).state_dict())
         assert starts[0].keys() == starts[1].keys()
         assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), case["init_from"]
 
@@ -428,7 +429,7 @@ def test_a_step_without_any_sample_logs_no_losses(hf):
     run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, out_dir=str(root / "every"))
     log = torch.load(root / "every" / "train_state.pt", weights_only=False)["log"]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert [[r[k] is None for k in trainer.LOSSES] for r in log] == [[False] * 4, [True] * 4] * 2
+    assert [[r[k] is None for k in run_log.LOSSES] for r in log] == [[False] * 4, [True] * 4] * 2
     assert all(r["lm"] > 0 for r in log[::2])
     run("sft", init_from=hf["dpt"], data=data, batch_size=1, max_steps=4, log_interval=2, out_dir=str(root / "two"))
     pairs = torch.load(root / "two" / "train_state.pt", weights_only=False)["log"]
@@ -450,7 +451,7 @@ def test_a_second_run_on_a_live_out_dir_is_refused_and_a_finished_one_leaves_no_
     def built(*a, **k):
         raise AssertionError("a model was built on a live out_dir")
     with monkeypatch.context() as m:
-        m.setattr(trainer, "build_model", built)
+        m.setattr(runner, "ready", built)
         with pytest.raises(ValueError) as e:
             run("sft", **common)
     assert str(e.value) == (f"out_dir={out}: another run is writing it now (it holds {out}.lock); wait for it to "
@@ -461,7 +462,7 @@ def test_a_second_run_on_a_live_out_dir_is_refused_and_a_finished_one_leaves_no_
     with open(str(out) + ".lock") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: released when train() returned
     with monkeypatch.context() as m:  # and when it failed
-        m.setattr(trainer, "build_model", built)
+        m.setattr(runner, "ready", built)
         with pytest.raises(AssertionError):
             run("sft", **common)
     assert run("sft", **common)["step"] == 2

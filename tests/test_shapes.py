@@ -1,4 +1,6 @@
 """
+python -m pytest -q tests/test_shapes.py
+
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_shapes.py
 
 The shapes world (shapes.py): determinism and the default world's digest, truth of every positive, the exact shape of
@@ -365,9 +367,8 @@ def _run_shapes_calls(tmp_path, extra, env=None):
     """The commands run_shapes.sh runs with `extra` arguments, each as (script, the settings it resolves): the script
     runs from a copy in tmp_path with a stand-in python that only records its arguments."""
     import subprocess
-    import trainer
-    from configurator import configure
-    from stages import stage_defaults
+    import importlib
+    from run import configure_stage
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tmp_path / "repo"
     work.mkdir(parents=True)
@@ -386,7 +387,8 @@ def _run_shapes_calls(tmp_path, extra, env=None):
         if script.startswith("train_"):
             stage = script.removeprefix("train_").removesuffix(".py")
             files = [os.path.join(root, a) if a.startswith("config/") else a for a in rest]
-            calls.append((script, configure(dict(trainer.DEFAULTS, **stage_defaults(stage)), files)))
+            mod = importlib.import_module(f"train_{stage}")
+            calls.append((script, configure_stage(mod.DEFAULTS, files, "", mod.__file__)))
         elif script == "evaluate.py":
             calls.append((script, dict(a[2:].split("=", 1) for a in rest)))
     return calls

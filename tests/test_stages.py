@@ -1,4 +1,6 @@
-"""The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
+"""python -m pytest -q tests/test_stages.py
+
+The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
 (DDP against one process: tests/test_real_runs.py.)"""
 import json
 import os
@@ -10,7 +12,11 @@ from safetensors.torch import load_file
 
 import shapes
 import shapes_tower
-import trainer
+import run as runner
+import train_dft
+import train_dpt
+import train_sft
+from conftest import stage_main, stage_train, training_defaults
 from checkpoint import find_checkpoint
 from model import VLM
 
@@ -31,7 +37,7 @@ def args(d):
 def run_stage(script_defaults, **kw):
     base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
                 max_length=64, warmup_frac=0.0)
-    return trainer.main(script_defaults, args({**base, **kw}))
+    return stage_main(script_defaults, args({**base, **kw}))
 
 
 SFT = dict(stage="sft", kd_weight=0.0, vat_weight=0.0)
@@ -159,18 +165,41 @@ def test_killed_write_leaves_previous_checkpoint(world, monkeypatch):
     assert all(torch.equal(v, good[k]) for k, v in old.state_dict().items() if k in good)
 
 
-def test_each_stage_script_takes_its_row_of_the_recipe():
-    """stages.STAGES is where a stage's data, losses and teacher are decided: the scripts' defaults are its rows."""
-    import train_dft
-    import train_dpt
-    import train_sft
-    assert train_dpt.STAGE_DEFAULTS == dict(stage="dpt", out_dir="out/shapes/dpt", data="out/shapes/pretrain.json",
-                                            teacher="out/shapes/teacher", kd_weight=1.0, vat_weight=0.0, taf=True)
-    assert train_dft.STAGE_DEFAULTS == dict(stage="dft", out_dir="out/shapes/dft", init_from="out/shapes/dpt",
-                                            data="out/shapes/instruct.json", teacher="out/shapes/teacher",
-                                            kd_weight=1.0, vat_weight=1.0)
-    assert train_sft.STAGE_DEFAULTS == dict(stage="sft", out_dir="out/shapes/sft", init_from="out/shapes/dft",
-                                            data="out/shapes/instruct.json", kd_weight=0.0, vat_weight=0.0)
+def script_of(config_file):
+    """The stage script a preset is for: a teacher's is train_sft.py's (SFT's script trains teachers too)."""
+    name = os.path.basename(config_file)
+    stage = "sft" if "teacher" in name else name.removesuffix(".py").rsplit("_", 1)[1]
+    return {"dpt": train_dpt, "dft": train_dft, "sft": train_sft}[stage]
+
+
+def resolved(config_files):
+    mod = script_of(config_files[-1])
+    return runner.configure_stage(mod.DEFAULTS, config_files, "", mod.__file__)
+
+
+def test_a_stage_script_without_arguments_runs_its_shapes_preset():
+    """One recipe per command: `python train_X.py` trains what `python train_X.py config/shapes_X.py` does (the
+    preset changes nothing), into the same out_dir; the stages' out_dirs differ."""
+    outs = set()
+    for mod, stage in ((train_dpt, "dpt"), (train_dft, "dft"), (train_sft, "sft")):
+        bare = runner.configure_stage(mod.DEFAULTS, [], "", mod.__file__)
+        assert bare == resolved([os.path.join(ROOT, "config", f"shapes_{stage}.py")])
+        assert bare["stage"] == stage and bare["out_dir"] == f"out/shapes/{stage}"
+        outs.add(bare["out_dir"])
+    assert len(outs) == 3
+
+
+def test_a_stage_script_takes_every_form_of_a_setting_and_only_its_own_stage():
+    """A stage's own default does not narrow a setting's type (DFT's student_layers=[1, 2] still takes a depth name or
+    None, DPT's train_llm=True still None), and a script refuses another stage's name: that is another script."""
+    c = runner.configure_stage(train_dft.DEFAULTS, ["--student_layers=late", "--teacher_layers=None"], "",
+                               train_dft.__file__)
+    assert (c["student_layers"], c["teacher_layers"]) == ("late", None)
+    assert runner.configure_stage(train_dpt.DEFAULTS, ["--train_llm=None"], "", train_dpt.__file__)["train_llm"] is None
+    with pytest.raises(ValueError, match="^config key 'lr' .* expects float"):
+        runner.configure_stage(train_dft.DEFAULTS, ["--lr=fast"], "", train_dft.__file__)
+    with pytest.raises(ValueError, match=r"^stage=dpt: train_dft.py runs stage dft; run train_dpt.py for that one"):
+        runner.configure_stage(train_dft.DEFAULTS, ["--stage=dpt"], "", train_dft.__file__)
 
 
 def test_the_presets_chain_stage_to_stage():
@@ -180,7 +209,7 @@ def test_the_presets_chain_stage_to_stage():
     def files(f):
         base = f.replace("shapes_hard_", "shapes_")
         return [os.path.join(ROOT, "config", g) for g in ([base, f] if base != f else [f])]
-    cfgs = {f: trainer.configure(dict(trainer.DEFAULTS), files(f))
+    cfgs = {f: resolved(files(f))
             for f in sorted(os.listdir(os.path.join(ROOT, "config"))) if f.endswith(".py")}
     outs = [c["out_dir"] for c in cfgs.values()]
     assert len(set(outs)) == len(outs)
@@ -197,7 +226,7 @@ def test_the_paper_presets_state_their_rate_hold_out_and_workers(tmp_path):
         if not f.startswith("qwen15_"):
             continue
         path = os.path.join(ROOT, "config", f)
-        c = trainer.configure(dict(trainer.DEFAULTS), [path])
+        c = resolved([path])
         assert c["num_workers"] >= 2 and 0 < c["val_frac"] <= 0.002, f
         if f in ("qwen15_dft.py", "qwen15_sft.py"):
             assert c["lr"] == 2e-5 and c["lora_rank"] == 0, f
@@ -207,7 +236,7 @@ def test_the_paper_presets_state_their_rate_hold_out_and_workers(tmp_path):
             block = [l[2:] if l.startswith("# ") and "=" in l.split("#")[1] else l for l in lines[start:]]
             lora = tmp_path / f"lora_{f}"
             lora.write_text("\n".join(lines[:start] + block))
-            c = trainer.configure(dict(trainer.DEFAULTS), [str(lora)])
+            c = runner.configure_stage(script_of(path).DEFAULTS, [str(lora)], "", path)
             assert (c["lora_rank"], c["lr"]) == (128, 2e-4), f
 
 
@@ -233,11 +262,11 @@ def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
                                        (dict(batch_size=-2), "batch_size=-2: must be at least 1"),
                                        (dict(lr=-1e-3), "lr=-0.001: must be at least 0"),
                                        (dict(val_frac=1.0), "val_frac=1.0"),
+                                       (dict(vat_loss="l1"), "unknown vat_loss 'l1'"),
                                        (dict(kd_weight=1.0), "stage sft loads no teacher, so kd_weight=1.0"),
                                        (dict(taf=True), "stage sft loads no teacher, so taf=True")])
 def test_settings_that_cannot_work_are_refused_before_anything_is_built(bad, says, tmp_path, monkeypatch):
-    import trainer
-    monkeypatch.setattr(trainer, "compute_init", lambda **kw: pytest.fail("got past the settings check"))
-    cfg = dict(trainer.DEFAULTS, stage="sft", out_dir=str(tmp_path / "o"), **bad)
+    monkeypatch.setattr(runner, "compute_init", lambda **kw: pytest.fail("got past the settings check"))
+    cfg = training_defaults(stage="sft", out_dir=str(tmp_path / "o"), **bad)
     with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
-        trainer.train(cfg)
+        stage_train(cfg)

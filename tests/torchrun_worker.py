@@ -3,9 +3,9 @@ Many trainings in one torchrun launch (a launch costs tens of seconds; a trainin
 
     torchrun --nproc_per_node=2 tests/torchrun_worker.py SPEC.json
 
-SPEC.json: {"timeout_s": ..., "runs": [{"name": ..., "cfg": {...}}, ...]}. Each run calls trainer.train() with
-trainer.DEFAULTS updated by its cfg, in the process group this script initialised. A collective that does not
-complete within timeout_s fails instead of hanging. A ValueError (the project's refusals) is recorded and the next run
+SPEC.json: {"timeout_s": ..., "runs": [{"name": ..., "cfg": {...}}, ...]}. Each run calls its stage script's train()
+with conftest.training_defaults() updated by its cfg, in the process group this script initialised. A collective that
+does not complete within timeout_s fails instead of hanging. A ValueError (the project's refusals) is recorded and the next run
 starts; any other error prints its traceback and ends the launch. Each rank writes <SPEC>.rank<r>.json: per run, the
 last log record or the error, and the high-water mark of the resident memory (kB) reached before the training loop
 started, counted from the resident memory at the run's start.
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import trainer  # noqa: E402
+import run as runner  # noqa: E402
+from conftest import stage_train, training_defaults  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -47,14 +48,14 @@ def main(spec_path):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec.get("timeout_s", 120)))
     rank = dist.get_rank()
     results, mark = {}, {}
-    loop_signals = trainer.stop_signals
+    loop_signals = runner.stop_signals
 
     @contextmanager
     def at_loop_start():  # train() enters this right before its first step: what came before was start-up
         mark["startup_kb"] = status_kb("VmHWM") - mark["base_kb"]
         with loop_signals() as got:
             yield got
-    trainer.stop_signals = at_loop_start
+    runner.stop_signals = at_loop_start
 
     for run in spec["runs"]:
         print(f"rank {rank}: {run['name']}", flush=True)
@@ -62,7 +63,7 @@ def main(spec_path):
         reset_peak()
         mark["base_kb"] = status_kb("VmRSS")
         try:
-            last = trainer.train(dict(trainer.DEFAULTS, **run["cfg"]))
+            last = stage_train(training_defaults(**run["cfg"]))
             results[run["name"]] = dict(last=last, startup_kb=mark.get("startup_kb"))
         except ValueError as e:
             results[run["name"]] = dict(error=str(e))

@@ -21,6 +21,7 @@ from conftest import llm_cfg, vision_cfg, write_huge_png, write_lines, write_ree
 from data import collate
 from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
+from report import compare_table, report_markdown
 from tasks import common, cr, pope, reefknot, vqa
 
 IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
@@ -188,7 +189,7 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert os.path.isfile(cmp_out / "student" / "report.json") and os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
     assert set(json.load(open(cmp_out / "report.json"))) == {"teacher", "student"}
 
-    table = ev.compare_table({"a": saved, "b": rep2})
+    table = compare_table({"a": saved, "b": rep2})
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | vqa 3, cr 21 | ")
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
@@ -214,7 +215,7 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     with pytest.warns(UserWarning) as w:
         rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
     assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 4}
-    md = ev.report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
+    md = report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
     assert "| vqa 3 (4 skipped) | " in md
     assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (4 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)

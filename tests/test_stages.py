@@ -1,7 +1,7 @@
 """python -m pytest -q tests/test_stages.py
 
 The three stages end to end on a tiny shapes world: hand-off, trainable sets, resume, crash safety, presets.
-(DDP against one process: tests/test_real_runs.py.)"""
+(DDP against one process: tests/test_parallel.py.)"""
 import json
 import os
 import re

@@ -5,6 +5,7 @@ run.py's Run on tiny Hugging Face checkpoints: out_dir checks and its lock, the 
 another number of processes, float16's grad scaler, a step with no sample, signals.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import run as runner
-from conftest import LAYERS, run, script_args, training_defaults, weights, write_layout, write_llava
+from conftest import (LAYERS, SFT, run, run_stage, script_args, stage_train, training_defaults, weights, write_layout,
+                      write_llava)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,3 +207,34 @@ def test_a_killed_run_leaves_no_stuck_lock(hf, tmp_path):
         p.kill()
         p.wait(timeout=60)
     assert run("sft", init_from=hf["dpt"], data=hf["data"], out_dir=str(out))["step"] == 2
+
+
+def test_resume_is_bit_exact(world):
+    root = world["root"]
+    common = dict(init_from=world["dpt"], data=world["instruct"], max_steps=6, lr=1e-3, warmup_frac=0.3)
+    run_stage(SFT, out_dir=str(root / "straight"), **common)
+    run_stage(SFT, out_dir=str(root / "resumed"), stop_after=3, **common)
+    assert torch.load(root / "resumed" / "train_state.pt", weights_only=False)["step"] == 3
+    run_stage(SFT, out_dir=str(root / "resumed"), **common)
+    a, b = weights(root / "straight"), weights(root / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(root / "straight" / "train_state.pt", weights_only=False)
+    sb = torch.load(root / "resumed" / "train_state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 6
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("bad, says", [(dict(save_interval=0), "save_interval=0: must be at least 1"),
+                                       (dict(grad_accum=0), "grad_accum=0: must be at least 1"),
+                                       (dict(batch_size=-2), "batch_size=-2: must be at least 1"),
+                                       (dict(lr=-1e-3), "lr=-0.001: must be at least 0"),
+                                       (dict(val_frac=1.0), "val_frac=1.0"),
+                                       (dict(vat_loss="l1"), "unknown vat_loss 'l1'"),
+                                       (dict(kd_weight=1.0), "stage sft loads no teacher, so kd_weight=1.0"),
+                                       (dict(taf=True), "stage sft loads no teacher, so taf=True")])
+def test_settings_that_cannot_work_are_refused_before_anything_is_built(bad, says, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "compute_init", lambda **kw: pytest.fail("got past the settings check"))
+    cfg = training_defaults(stage="sft", out_dir=str(tmp_path / "o"), **bad)
+    with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+        stage_train(cfg)

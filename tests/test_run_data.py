@@ -4,11 +4,13 @@
 run_data.py through short runs on LLaVA files with missing images and text-only rows: the data checked before
 training, and what the loader dropped and cut, counted once per sample.
 """
+import json
 import os
 
 import pytest
+import torch
 
-from conftest import run, write_layout, write_llava
+from conftest import SFT, run, run_stage, write_layout, write_llava
 
 
 # -- a run that would train on nothing --------------------------------------------------------------------------
@@ -43,3 +45,20 @@ def test_the_drop_breakdown_adds_up_to_the_drops_counted(hf):
         run("sft", init_from=hf["dpt"], data=data, out_dir=str(hf["root"] / "breakdown" / "run"), batch_size=1,
             grad_accum=4, max_steps=2)
     assert str(e.value).startswith(f"{data}: 4 of 4 samples read cannot be used ({{'missing_image': 4}})")
+
+
+def test_the_validation_hold_out_is_said_at_start_up(world, capsys):
+    """How many samples are held out for validation, and from which file."""
+    root = world["root"]
+    files = [world["pretrain"], world["instruct"]]
+    sizes = [len(json.load(open(p))) for p in files]
+    run_stage(SFT, init_from=world["dpt"], data=",".join(files), out_dir=str(root / "val_log"), eval_interval=2,
+              val_frac=0.25, max_steps=1)
+    n_val = int(0.25 * sum(sizes))
+    held = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(1234))[:n_val]
+    first = int((held < sizes[0]).sum())
+    assert (f"validation: {n_val} samples held out of the training data (val_frac=0.25): {first} of {files[0]}, "
+            f"{n_val - first} of {files[1]}") in capsys.readouterr().out
+    run_stage(SFT, init_from=world["dpt"], data=world["pretrain"], val_data=world["instruct"],
+              out_dir=str(root / "val_log2"), eval_interval=2, max_steps=1)
+    assert f"validation: the {sizes[1]} samples of val_data={world['instruct']}" in capsys.readouterr().out

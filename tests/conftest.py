@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its scripts run from here
+sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 import shapes_tower  # noqa: E402
@@ -335,7 +336,7 @@ def torchrun(script, argv, nproc=2, timeout=240, env=None):
     """`script` under torchrun with `nproc` CPU processes (gloo); a hang fails at `timeout` instead of blocking."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            os.path.join(root, script), *argv]
     return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),

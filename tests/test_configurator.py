@@ -15,9 +15,7 @@ import pytest
 
 import configurator
 from configurator import configure  # noqa: E402
-from conftest import stage_main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, stage_main
 
 
 def defaults():

@@ -186,7 +186,8 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert list(reps) == ["teacher", "student"] and "align" not in reps["teacher"] and "align" in reps["student"]
     md = open(cmp_out / "report.md").read()
     assert "| teacher | " in md and "| student | " in md
-    assert os.path.isfile(cmp_out / "student" / "report.json") and os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
+    assert os.path.isfile(cmp_out / "student" / "report.json") and \
+        os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
     assert set(json.load(open(cmp_out / "report.json"))) == {"teacher", "student"}
 
     table = compare_table({"a": saved, "b": rep2})
@@ -350,7 +351,8 @@ def test_predictions_that_do_not_match_stop_with_one_line_naming_the_file(tmp_pa
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=reefknot"])
     write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
                                       dict(question_id=99, text="red")])
-    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of .*vqa.jsonl \(1 unknown, 1 unanswered\)"):
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of "
+                                         r".*vqa.jsonl \(1 unknown, 1 unanswered\)"):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
     write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
                                       dict(question_id=13, response="0")])

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import run as runner
-from conftest import (LAYERS, SFT, run, run_stage, script_args, stage_train, training_defaults, weights, write_layout,
-                      write_llava)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import (LAYERS, ROOT, SFT, run, run_stage, script_args, stage_train, training_defaults, weights,
+                      write_layout, write_llava)
 
 
 def test_float16_runs_with_a_grad_scaler_and_resumes_it(hf):

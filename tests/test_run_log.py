@@ -1,8 +1,8 @@
 """
     python -m pytest -q tests/test_run_log.py
 
-run_log.py: the training log of a run with steps that had no sample (no losses logged for them), and checkpoint
-writes.
+run_log.py: the training log of a run with steps that had no sample (no losses logged for them; a record over
+several steps averages the steps that had one).
 """
 import pytest
 import torch

@@ -16,10 +16,8 @@ import run as runner
 import train_dft
 import train_dpt
 import train_sft
-from conftest import DFT, DPT, SFT, llm, run_stage, weights
+from conftest import DFT, DPT, ROOT, SFT, llm, run_stage, weights
 from model import VLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def changed(a, b):

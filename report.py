@@ -98,7 +98,7 @@ def write_report(out, rep):
 
 def write_comparison(out, data, reports, n_runs, status):
     """--compare's <out>/report.json (every model's report by name) and <out>/report.md (one table, a link to each
-    model's own report); `status` ("running", "interrupted" or "" when done) heads the table. Returns the table."""
+    model's own report); `status` ("running", "interrupted" or "" when done) heads the table."""
     table = compare_table(reports)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -107,4 +107,3 @@ def write_comparison(out, data, reports, n_runs, status):
         f.write(f"# Comparison on {data}\n\n" +
                 (f"**Status: {status}** ({len(reports)} of {n_runs} models)\n\n" if status else "") +
                 f"{table}\n" + "".join(f"- [{n}]({n}/report.md): {r['model']}\n" for n, r in reports.items()))
-    return table

@@ -14,8 +14,9 @@ three ways, and drawn as heat maps over the patch grid.
                  attention, image-token queries never see the text, so image-query numbers depend on the image
                  alone; text-query numbers are the ones that differ between tasks.
 
-evaluate.py calls run_align (the "align" task) and write_heatmaps (--heatmaps=N) with its Runner, which batches
-(prompt, image, answer) specs through the same chat template as training, and the layer pairs of matched_layers.
+evaluate.py calls align_task (the "align" task) and heatmap_task (--heatmaps=N) with its Runner, which batches
+(prompt, image, answer) specs through the same chat template as training, and the layer pairs of matched_layers;
+markdown() is the alignment's section of report.md.
 """
 import math
 import os
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import attention_distill as ad
 from data import load_image
+from tasks.common import pct
 
 # -----------------------------------------------------------------------------
 # attention of every query position on the image keys, in the matched layers
@@ -108,15 +110,44 @@ def run_align(r, teacher, pairs, specs, desc):
                                                             filter_outliers=False, layer_reduce="mean")))
         tm = text_rows[None, :, :, None].float()
         T_s, T_t = A_s * tm, A_t * tm
-        sums["text_flat_cos"] += float(F.cosine_similarity(T_s.flatten(2), T_t.flatten(2), dim=-1, eps=1e-8).mean(0).sum())
+        sums["text_flat_cos"] += float(F.cosine_similarity(T_s.flatten(2), T_t.flatten(2), dim=-1,
+                                                           eps=1e-8).mean(0).sum())
         sums["text_column_cos"] += float(F.cosine_similarity(T_s.sum(2), T_t.sum(2), dim=-1, eps=1e-8).mean(0).sum())
         n += B
     names = [ad.pair_label(s, w) for s, w in zip(pairs.student, pairs.windows)]
-    per_pair = {nm: dict(vat_cos=pair["vat_cos"][l] / n, flat_cos=pair["flat_cos"][l] / n) for l, nm in enumerate(names)}
+    per_pair = {nm: dict(vat_cos=pair["vat_cos"][l] / n, flat_cos=pair["flat_cos"][l] / n)
+                for l, nm in enumerate(names)}
     mean = lambda key: sum(v[key] for v in per_pair.values()) / len(per_pair)  # noqa: E731
     return dict(n=n, image_queries=dict(vat_cos=mean("vat_cos"), flat_cos=mean("flat_cos"), per_pair=per_pair),
                 text_queries=dict(flat_cos=sums["text_flat_cos"] / n, column_cos=sums["text_column_cos"] / n),
                 all_queries=dict(vat_cos=sums["all_vat_cos"] / n))
+
+
+def align_task(r, teacher, pairs, items, answer_suffix, caption_prompt, rep):
+    """The "align" task: the alignment on the VQA questions (prompt only) and on CR's true captions (prompt and
+    caption), each where the test set has the file, into the dict `rep` as each finishes (an interrupted run keeps
+    the part it finished). items(task): that task's items, None without its file."""
+    if items("vqa") is not None:
+        rep["vqa"] = run_align(r, teacher, pairs, [(it["question"] + answer_suffix, it["image"], None)
+                                                   for it in items("vqa")], "align vqa")
+    if items("cr") is not None:
+        rep["cr"] = run_align(r, teacher, pairs, [(caption_prompt, it["image"], it["pos"]) for it in items("cr")],
+                              "align cr")
+
+
+def markdown(align):
+    """The alignment's section of report.md, one row per task."""
+    md = ["## Attention alignment (student vs teacher, matched layers)", "",
+          "| task | n | all q: 1 - paper VAT | img q: 1 - reference VAT | img q: flat cos | text q: flat cos | "
+          "text q: column cos | per pair (img q, 1 - VAT) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for t, a in align.items():
+        pp = ", ".join(f"{k} {pct(v['vat_cos'], 2)}" for k, v in a["image_queries"]["per_pair"].items())
+        md.append(f"| {t} | {a['n']} | {pct(a['all_queries']['vat_cos'], 2)} | "
+                  f"{pct(a['image_queries']['vat_cos'], 2)} | {pct(a['image_queries']['flat_cos'], 2)} | "
+                  f"{pct(a['text_queries']['flat_cos'], 2)} | {pct(a['text_queries']['column_cos'], 2)} | {pp} |")
+    md.append("")
+    return md
 
 
 # -----------------------------------------------------------------------------
@@ -268,3 +299,19 @@ def write_heatmaps(r, teacher, pairs, specs, titles, out_dir):
             paths.append(draw_heatmaps(path, image, titles[k], rows, col_titles))
             k += 1
     return paths
+
+
+def heatmap_task(r, teacher, pairs, items, n, answer_suffix, caption_prompt, out_dir):
+    """--heatmaps=n: heat maps of the first VQA questions (half, rounded up) and the first CR captions (the rest) into
+    out_dir; returns their paths. items(task): that task's items, None without its file."""
+    os.makedirs(out_dir, exist_ok=True)
+    specs, titles = [], []
+    vqa_items = items("vqa")[:(n + 1) // 2] if items("vqa") is not None else []
+    cr_items = items("cr")[:n - len(vqa_items)] if items("cr") is not None else []
+    for it in vqa_items:
+        specs.append((it["question"] + answer_suffix, it["image"], None))
+        titles.append(f"VQA: {it['question']}  (answer: {it['answers']})")
+    for it in cr_items:
+        specs.append((caption_prompt, it["image"], it["pos"]))
+        titles.append(f"CR {it['subset']}: {it['pos']}")
+    return write_heatmaps(r, teacher, pairs, specs, titles, out_dir)

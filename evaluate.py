@@ -51,7 +51,6 @@ caption_prompt to what they were trained with. The shapes models are never train
 MCQ scores sit near chance; the likelihood protocol is the informative one there.
 """
 
-import json
 import os
 import signal
 import sys
@@ -61,17 +60,17 @@ from collections import OrderedDict
 import torch
 from tqdm import tqdm
 
-from alignment import matched_layers, run_align, write_heatmaps
+from alignment import align_task, heatmap_task, matched_layers
 from checkpoint import find_checkpoint, open_checkpoint
 from common import pick_device, resolve_dtype, why
 from data import IGNORE_INDEX, collate, decode_answer, load_image, tokenize_conversation
 from model import VLM
-from tasks import cr, pope, reefknot, vqa, winoground
-from tasks.common import CAPTION_PROMPT, get, image_folders, pct
+from report import compare_table, report_markdown, write_comparison, write_report
+from tasks import BENCHMARKS, cr, pope, reefknot, vqa, winoground
+from tasks.common import CAPTION_PROMPT, image_folders
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
 ANSWER_TASKS = ["vqa", "pope", "reefknot"]  # the tasks --predictions scores from answer files
-BENCHMARKS = dict(vqa=vqa, cr=cr, pope=pope, wino=winoground, reefknot=reefknot)  # task -> its file in tasks/
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +92,8 @@ def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reef
                 pope=pope_files,
                 wino=wino_file or _first_existing(os.path.join(t, "winoground.jsonl"),
                                                   os.path.join(data_dir, "winoground.jsonl")),
-                reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"), os.path.join(data_dir, "reefknot")))
+                reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"),
+                                                         os.path.join(data_dir, "reefknot")))
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +222,8 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
     data_dir = data
     t_start = time.time()
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    protocols = [p.strip() for p in o["cr_protocol"].split(",")] if isinstance(o["cr_protocol"], str) else list(o["cr_protocol"])
+    protocols = o["cr_protocol"]
+    protocols = [p.strip() for p in protocols.split(",")] if isinstance(protocols, str) else list(protocols)
     bad = [t for t in tasks if t not in TASKS] + [p for p in protocols if p not in ("mcq", "likelihood")]
     if bad:
         raise ValueError(f"unknown task / CR protocol {bad}: tasks are {TASKS}, protocols mcq and likelihood")
@@ -243,7 +244,8 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
         r, model_path, teacher = None, None, None
     else:
         if model is None:
-            raise ValueError("no model to evaluate: give a VLM or a checkpoint directory (or predictions=<answers dir>)")
+            raise ValueError("no model to evaluate: give a VLM or a checkpoint directory "
+                             "(or predictions=<answers dir>)")
         model, model_path = _load(model)
         if model_path and torch.cuda.is_available():  # loaded here: use the GPU (a passed-in model stays put)
             model.cuda()
@@ -285,6 +287,8 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
             report["skipped"][task] = cache[task][1]
         return cache[task][0]
 
+    items = lambda task: load(task) if files[task] else None  # noqa: E731  (the align task and heat maps use both)
+
     if pred_dir:  # every answer file read and matched before anything is written
         for task in tasks:
             load(task)
@@ -298,11 +302,7 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
 
     def save():
         if out:
-            os.makedirs(out, exist_ok=True)
-            for fname, text in (("report.json", json.dumps(report, indent=1)), ("report.md", report_markdown(report))):
-                with open(os.path.join(out, fname + ".tmp"), "w") as f:
-                    f.write(text)
-                os.replace(os.path.join(out, fname + ".tmp"), os.path.join(out, fname))
+            write_report(out, report)
 
     save()  # an older report in `out` is replaced now, not at the end: what is there is always this run's
     try:
@@ -320,28 +320,13 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
                 report["reefknot"] = reefknot.run(r, load("reefknot"))
             elif task == "align":
                 report["align"] = {}
-                if files["vqa"]:
-                    report["align"]["vqa"] = run_align(r, teacher, pairs, [(it["question"] + answer_suffix, it["image"],
-                                                                            None) for it in load("vqa")], "align vqa")
-                if files["cr"]:
-                    report["align"]["cr"] = run_align(r, teacher, pairs, [(caption_prompt, it["image"], it["pos"])
-                                                                          for it in load("cr")], "align cr")
+                align_task(r, teacher, pairs, items, answer_suffix, caption_prompt, report["align"])
             report["seconds"][task] = round(time.time() - t0, 2)
             save()
 
         if heatmaps:
-            os.makedirs(out, exist_ok=True)
-            specs, titles = [], []
-            vqa_items = load("vqa")[:(heatmaps + 1) // 2] if files["vqa"] else []
-            cr_items = load("cr")[:heatmaps - len(vqa_items)] if files["cr"] else []
-            for it in vqa_items:
-                specs.append((it["question"] + answer_suffix, it["image"], None))
-                titles.append(f"VQA: {it['question']}  (answer: {it['answers']})")
-            for it in cr_items:
-                specs.append((caption_prompt, it["image"], it["pos"]))
-                titles.append(f"CR {it['subset']}: {it['pos']}")
             t0 = time.time()
-            report["heatmaps"] = write_heatmaps(r, teacher, pairs, specs, titles, out)
+            report["heatmaps"] = heatmap_task(r, teacher, pairs, items, heatmaps, answer_suffix, caption_prompt, out)
             report["seconds"]["heatmaps"] = round(time.time() - t0, 2)
     except BaseException as e:  # Ctrl-C, SIGTERM (main) or a crash: keep what finished, say that the run did not
         report["status"] = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else \
@@ -352,91 +337,6 @@ def evaluate(model, data, teacher=None, out="", progress=True, name=None, teache
     report["status"] = "complete"
     save()
     return report
-
-
-# -----------------------------------------------------------------------------
-# tables
-
-
-def task_n(rep, task):
-    """The number of items a task's figures were computed on (None when the report lacks the task)."""
-    t = rep.get(task) if isinstance(rep, dict) else None
-    if not isinstance(t, dict):
-        return None
-    if task == "cr":
-        per = get(t, "likelihood", "per_subset") or get(t, "mcq", "per_subset") or {}
-        return sum(v["n"] for v in per.values())
-    if task == "pope":
-        return sum(v["n"] for v in (get(t, "generate", "per_split") or {}).values())
-    if task == "reefknot":
-        return sum(t[k]["n"] for k in reefknot.REEFKNOT_FILES if k in t)
-    return t.get("n")
-
-
-def counts(rep):
-    """"vqa 200, pope 597 (3 skipped), ...": the items behind each task's figures and those the run skipped."""
-    cells = []
-    for task in ("vqa", "cr", "pope", "wino", "reefknot"):
-        n = task_n(rep, task)
-        if n is not None:
-            k = rep.get("skipped", {}).get(task, 0)
-            cells.append(f"{task} {n}" + (f" ({k} skipped)" if k else ""))
-    return ", ".join(cells) or "-"
-
-
-def compare_table(reports):
-    """Markdown: one row per model (name -> report); numbers in %. CR subset cells are "MCQ / likelihood"; the n column
-    counts each task's items and the skipped ones (a missing or unreadable image)."""
-    subsets = list(dict.fromkeys(s for rep in reports.values() for s in (get(rep, "cr", "subsets") or [])))
-    head = (["model", "n (skipped)", "VQA", "CR mcq", "CR lik"] + [f"{s} (mcq/lik)" for s in subsets] +
-            ["POPE F1 (gen/forced)", "Wino group", "Reefknot halluc. (yes-no / mc / vqa / mean)",
-             "align VQA (all / img / text q)", "align CR (all / img / text q)"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, rep in reports.items():
-        row = [name, counts(rep), pct(get(rep, "vqa", "accuracy")), pct(get(rep, "cr", "mcq", "avg")),
-               pct(get(rep, "cr", "likelihood", "avg"))]
-        row += [f"{pct(get(rep, 'cr', 'mcq', 'per_subset', s, 'acc'))} / "
-                f"{pct(get(rep, 'cr', 'likelihood', 'per_subset', s, 'acc'))}" for s in subsets]
-        row += [f"{pct(get(rep, 'pope', 'generate', 'avg', 'f1'))} / {pct(get(rep, 'pope', 'forced', 'avg', 'f1'))}",
-                pct(get(rep, "wino", "group")),
-                " / ".join(pct(get(rep, "reefknot", t, "hallucination_rate"))
-                           for t in (*reefknot.REEFKNOT_FILES, "mean"))]
-        row += [" / ".join(pct(get(rep, "align", t, *form), 2) for form in
-                           (("all_queries", "vat_cos"), ("image_queries", "vat_cos"), ("text_queries", "flat_cos")))
-                for t in ("vqa", "cr")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def report_markdown(rep):
-    name = os.path.basename(os.path.normpath(rep["model"])) if isinstance(rep["model"], str) else "model"
-    md = [f"# Evaluation of {rep['model']}", "", f"data: {rep['data']}; teacher: {rep['teacher']}; "
-          f"limit: {rep['limit']}; device: {rep['device']}", ""]
-    if rep.get("status", "complete") != "complete":
-        done = [t for t in rep["tasks"] if t in rep]
-        md += [f"**Status: {rep['status']}** (finished: {', '.join(done) or 'none'}; not finished: "
-               f"{', '.join(t for t in rep['tasks'] if t not in done) or 'none'})", ""]
-    md.append(compare_table({name: rep}))
-    for note in rep.get("notes", []):
-        md.append(f"Note: {note}\n")
-    skipped = lambda task: f" ({rep['skipped'][task]} skipped)" if rep.get("skipped", {}).get(task) else ""
-    for task, bench in BENCHMARKS.items():  # each benchmark's section, written by its file in tasks/
-        if task in rep:
-            md += bench.markdown(rep[task], skipped(task))
-    if "align" in rep:
-        md += ["## Attention alignment (student vs teacher, matched layers)", "",
-               "| task | n | all q: 1 - paper VAT | img q: 1 - reference VAT | img q: flat cos | text q: flat cos | "
-               "text q: column cos | per pair (img q, 1 - VAT) |",
-               "|---|---|---|---|---|---|---|---|"]
-        for t, a in rep["align"].items():
-            pp = ", ".join(f"{k} {pct(v['vat_cos'], 2)}" for k, v in a["image_queries"]["per_pair"].items())
-            md.append(f"| {t} | {a['n']} | {pct(a['all_queries']['vat_cos'], 2)} | {pct(a['image_queries']['vat_cos'], 2)} | "
-                      f"{pct(a['image_queries']['flat_cos'], 2)} | {pct(a['text_queries']['flat_cos'], 2)} | "
-                      f"{pct(a['text_queries']['column_cos'], 2)} | {pp} |")
-        md.append("")
-    if rep.get("heatmaps"):
-        md += ["## Attention heat maps", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in rep["heatmaps"]]
-    return "\n".join(md) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +362,8 @@ DEFAULTS = dict(
     student_layers=None,      # the layer pairs to align (default: the student's training config, else presets)
     teacher_layers=None,      # (as student_layers)
     matching="",              # group | simple | adaptive (default: the student's training config)
-    answer_suffix="",         # appended to VQA / POPE questions (LLaVA: "\nAnswer the question using a single word or phrase.")
+    answer_suffix="",         # appended to VQA / POPE questions (LLaVA: "\nAnswer the question using a single word
+                              # or phrase.")
     caption_prompt=CAPTION_PROMPT,  # the prompt CR captions are scored after
     mcq_prompt=cr.MCQ_PROMPT,    # CR's multiple-choice question ({a}, {b}: the two captions)
     vqa_file="",              # the files, when they are not where shapes.py puts them under data:
@@ -523,17 +424,7 @@ def main(argv=None):
     if teacher is not None:
         teacher.to(device)
     reports = {}
-
-    def write_table(status):
-        table = compare_table(reports)
-        os.makedirs(cfg["out"], exist_ok=True)
-        with open(os.path.join(cfg["out"], "report.json"), "w") as f:
-            json.dump(reports, f, indent=1)
-        with open(os.path.join(cfg["out"], "report.md"), "w") as f:
-            f.write(f"# Comparison on {cfg['data']}\n\n" +
-                    (f"**Status: {status}** ({len(reports)} of {len(runs)} models)\n\n" if status else "") +
-                    f"{table}\n" + "".join(f"- [{n}]({n}/report.md): {r['model']}\n" for n, r in reports.items()))
-        return table
+    write_table = lambda status: write_comparison(cfg["out"], cfg["data"], reports, len(runs), status)  # noqa: E731
 
     if cfg["compare"]:
         write_table("running")  # an older table in --out is replaced now, not when the last model is done

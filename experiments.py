@@ -1,11 +1,12 @@
 """
 Every row of the CompoDistill comparison on the shapes world (teacher; student alone; KD; +TAF; +VAT; CompoDistill;
-matching, layer, VAT-loss, VAT-weight and VAT-stage ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on each SFT checkpoint,
-then <results>/shapes_table.md, shapes_results.json and shapes_chart.png (<results>: --results, else results/ for the
-sizes whose tables are published there, quick and hard, else <out>/<size>/results).
+matching, layer, VAT-loss, VAT-weight and VAT-stage ablations): DPT -> DFT -> SFT per row and seed, evaluate.py on
+each SFT checkpoint, then <results>/shapes_table.md, shapes_results.json and shapes_chart.png (<results>: --results,
+else results/ for the sizes whose tables are published there, quick and hard, else <out>/<size>/results).
 
     python experiments.py --size=quick             # CPU: the steps of config/shapes_*.py, as run_shapes.sh uses them
-    python experiments.py --size=full --jobs=6     # one GPU (not yet run): longer teacher, batch 128, 6 pipelines at once
+    python experiments.py --size=full --jobs=6     # one GPU (not yet run): longer teacher, batch 128, 6 pipelines
+                                                   # at once
     python experiments.py --size=test --seeds=1    # tiny world and models, 1-2 steps (tests/test_experiments.py)
     python experiments.py --size=hard --ablation_seeds=3   # the hard world (shapes.WORLDS["hard"]): module ablation
                                                    # and VAT forms -> <results>/shapes_hard_table.md, ...json, ...png
@@ -28,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, ImageDraw
 
-import evaluate
 import shapes
 import shapes_tower
 from alignment import load_font
 from configurator import cli, configure
+from report import counts
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -242,7 +243,8 @@ def metrics(report, cr_protocol, dft_dir=None, vat_on=False):
     """The table's numbers from an evaluate.py report (and the DFT log's last training VAT loss)."""
     cr = report["cr"]["likelihood" if "likelihood" in cr_protocol else "mcq"]
     pope = report["pope"]["generate"]  # POPE read as its own evaluate.py reads answers (tasks/pope.py, pope_reading)
-    m = dict(counts=evaluate.counts(report), vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"], pope_acc=pope["avg"]["accuracy"],
+    m = dict(counts=counts(report), vqa=report["vqa"]["accuracy"], cr=cr["avg"], pope_f1=pope["avg"]["f1"],
+             pope_acc=pope["avg"]["accuracy"],
              cr_subsets={s: v["acc"] for s, v in cr["per_subset"].items()},
              pope_splits={s: v["f1"] for s, v in pope["per_split"].items()},
              vqa_types=dict(report["vqa"].get("per_type", {})))
@@ -442,8 +444,8 @@ def write_results(opts, results, subsets, header, info):
     rel_types = [t for t in ("rel_yn", "rel_query", "rel_what", "rel_choice") if t in results[0]["mean"]["vqa_types"]]
     splits = list(results[0]["mean"]["pope_splits"])
     tasks = [t for t in ("yesno", "multichoice", "vqa", "mean") if t in results[0]["mean"]["reefknot"]]
-    rcols = (["row", "seeds", "n (skipped)", "replace_rel"] + [f"VQA {t}" for t in rel_types] + [f"POPE F1 {s}" for s in splits] +
-             ["POPE acc"] + [f"Reefknot halluc. {t}" for t in tasks])
+    rcols = (["row", "seeds", "n (skipped)", "replace_rel"] + [f"VQA {t}" for t in rel_types] +
+             [f"POPE F1 {s}" for s in splits] + ["POPE acc"] + [f"Reefknot halluc. {t}" for t in tasks])
     lines += ["", "## Relations and hallucination (main rows)", "", "| " + " | ".join(rcols) + " |",
               "|" + "---|" * len(rcols)]
     for row in results:
@@ -453,15 +455,18 @@ def write_results(opts, results, subsets, header, info):
         lines.append("| " + " | ".join([row["name"], seeds_of(row), counts_of(row),
                                         cell(means["cr_subsets"].get("replace_rel"))] +
                                         [cell(means["vqa_types"].get(t)) for t in rel_types] +
-                                        [cell(means["pope_splits"].get(s)) for s in splits] + [cell(means["pope_acc"])] +
+                                        [cell(means["pope_splits"].get(s)) for s in splits] +
+                                        [cell(means["pope_acc"])] +
                                         [cell(means["reefknot"].get(t)) for t in tasks]) + " |")
     first = opts["seed_offset"]
-    lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. CR: the "
-              f"SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluate.py reads them, F1 "
+    lines += ["", f"Scores in %, mean ± sample std over seeds {first}..{first or ''}{'+' if first else ''}n-1. "
+              f"CR: the SugarCrepe-style subsets by {proto}. POPE: generated answers read as POPE's evaluate.py "
+              "reads them, F1 "
               "(mean over the splits) and accuracy. Reefknot: hallucination rate (1 - accuracy) per task and their "
               "mean (lower is better). VQA: VQAv2's reading (normalised exact match against the one answer); rel_*: "
               "accuracy on the test questions of that kind. n (skipped): the items each task's figures rest on, and "
-              "those skipped (a missing or unreadable image). align: on the CR captions, on each row's own DFT layer sets and matching; paper VAT: 1 - the "
+              "those skipped (a missing or unreadable image). align: on the CR captions, on each row's own DFT "
+              "layer sets and matching; paper VAT: 1 - the "
               "paper-form VAT distance (all queries, flattened; the training default); img q: 1 - the reference "
               "code's form (image queries, column-pooled); text q: cosine of the caption tokens' attention over the "
               "image. Final VAT loss: the DFT run's last logged training value (scales differ across vat_loss and VAT "
@@ -476,7 +481,8 @@ def write_results(opts, results, subsets, header, info):
     with open(os.path.join(opts["results"], f"{prefix}_results.json"), "w") as f:
         json.dump(dict(info, rows=results), f, indent=1)
     chart(os.path.join(opts["results"], f"{prefix}_chart.png"),
-          [(row["name"] + (f" (= {row['shared_with']})" if row["shared_with"] else ""), row["mean"]) for row in results],
+          [(row["name"] + (f" (= {row['shared_with']})" if row["shared_with"] else ""), row["mean"])
+           for row in results],
           f"{world[0].upper() + world[1:]} ({opts['size']}): VQA and CR ({proto} avg), %, mean ± std over seeds")
     print("\n".join(lines) + f"\n-> {opts['results']}/{prefix}_table.md, {prefix}_results.json, {prefix}_chart.png")
 

@@ -11,3 +11,6 @@ The benchmarks, one file each with its reader, its scorer and its metric (nanoch
 Each benchmark file has load(...) -> (items, skipped count), run(runner, items, ...) -> its report, and
 markdown(report, skipped) -> its section of report.md. They never import evaluate.py.
 """
+from tasks import cr, pope, reefknot, vqa, winoground
+
+BENCHMARKS = dict(vqa=vqa, cr=cr, pope=pope, wino=winoground, reefknot=reefknot)  # task name -> its file, report order

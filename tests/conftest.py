@@ -7,8 +7,11 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its scripts run from here
+sys.path.insert(0, ROOT)
 
+import shapes  # noqa: E402
+import shapes_tower  # noqa: E402
 from model import VLM, VLMConfig  # noqa: E402
 
 # Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP's
@@ -102,7 +105,8 @@ def bpe_tokenizer(bos=False, corpus=CORPUS, vocab_size=320):
     t.train_from_iterator(list(corpus) * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos:
-        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+        t.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                         special_tokens=[("<s>", t.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", bos_token="<s>" if bos else None)
     tok.chat_template = CHATML
     return tok
@@ -160,7 +164,8 @@ def write_llava(path, kinds, image_dir="images", seed=0):
             rec["image"] = f"{image_dir}/{i}.png"
             rec["conversations"][0]["value"] = "<image>\n" + q
             if kind == "image":
-                Image.new("RGB", (20, 20), tuple(rng.randrange(256) for _ in range(3))).save(os.path.join(root, rec["image"]))
+                Image.new("RGB", (20, 20), tuple(rng.randrange(256) for _ in range(3))).save(
+                    os.path.join(root, rec["image"]))
         recs.append(rec)
     with open(path, "w") as f:
         json.dump(recs, f)
@@ -277,6 +282,49 @@ def weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+# -----------------------------------------------------------------------------
+# a tiny shapes world and its first two stages (the stage scripts' recipes and the machinery they share)
+
+VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, image_size=24, patch_size=8)  # 9 visual tokens (24 px world, 3x3 grid)
+
+
+def llm(hidden, layers):
+    return dict(model_type="qwen2", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def run_stage(script_defaults, **kw):
+    """A stage script's main (`script_defaults` names the stage) on a shapes world: short steps at max_length 64."""
+    base = dict(batch_size=2, max_steps=2, log_interval=1, eval_interval=0, save_interval=100, lr=1e-3,
+                max_length=64, warmup_frac=0.0)
+    return stage_main(script_defaults, args({**base, **kw}))
+
+
+# what run_stage(stage) starts from
+SFT = dict(stage="sft", kd_weight=0.0, vat_weight=0.0)
+DPT = dict(stage="dpt", kd_weight=1.0, vat_weight=0.0, taf=True)
+DFT = dict(stage="dft", kd_weight=1.0, vat_weight=1.0)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny world, a 2-step teacher and a 2-step DPT student, shared by the tests of every file (each writes its
+    own directories under world["root"])."""
+    root = tmp_path_factory.mktemp("stages")
+    data = root / "shapes"
+    shapes.generate(str(data), n_train=24, n_test=4, image_size=24, progress=False)
+    d = dict(pretrain=str(data / "pretrain.json"), instruct=str(data / "instruct.json"),
+             teacher=str(root / "teacher"), dpt=str(root / "dpt"), root=root)
+    d["tower"] = str(data / "vision_tower")
+    shapes_tower.pretrain_tower(str(data), d["tower"], vision=VISION, steps=2, batch_size=4, progress=False)
+    run_stage(SFT, init_from="scratch", data=d["pretrain"] + "," + d["instruct"], out_dir=d["teacher"],
+              vision_model=d["tower"], llm=llm(48, 4))
+    run_stage(DPT, init_from="scratch", teacher=d["teacher"], data=d["pretrain"], out_dir=d["dpt"],
+              llm=llm(32, 2), student_layers=[0, 1], teacher_layers=[1, 2, 3])
+    return d
+
+
 def free_port():
     import socket
     with socket.socket() as s:  # a fixed port hangs when two suites run at once
@@ -288,7 +336,7 @@ def torchrun(script, argv, nproc=2, timeout=240, env=None):
     """`script` under torchrun with `nproc` CPU processes (gloo); a hang fails at `timeout` instead of blocking."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            os.path.join(root, script), *argv]
     return subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
@@ -344,7 +392,8 @@ def write_huge_png(path, width=20000, height=10000):
     chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +  # noqa: E731
                                 struct.pack(">I", zlib.crc32(kind + data)))
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) +
+                chunk(b"IEND", b""))
 
 
 def write_lines(path, rows):

@@ -5,7 +5,6 @@ bench.py end to end on the tiny preset: the JSON's structure, which VAT form eac
 agreement checks (subprocesses, marked slow). memory.py's estimate is tested in tests/test_memory.py.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -15,8 +14,7 @@ import torch
 import bench
 import run as runner
 from attention_distill import VATSettings
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 @pytest.mark.slow

@@ -1,3 +1,9 @@
+"""
+    python -m pytest -q tests/test_data.py
+
+data.py: the word tokenizer, the chat template's ids and labels, image placeholders, truncation, the collator, the
+records' formats and their errors, dropped samples, and one image reader for every image format.
+"""
 import json
 
 import pytest
@@ -64,7 +70,8 @@ def test_two_turn_conversation_with_image_exact_ids_and_labels():
     prompt2 = ["user", ":", "and", "the", "circle", "?", "assistant", ":"]
     answer2 = ["blue", "<eos>"]
     assert input_ids == ids(tok, prompt1 + answer1 + prompt2 + answer2)
-    assert labels == [IGNORE_INDEX] * len(prompt1) + ids(tok, answer1) + [IGNORE_INDEX] * len(prompt2) + ids(tok, answer2)
+    assert labels == ([IGNORE_INDEX] * len(prompt1) + ids(tok, answer1) + [IGNORE_INDEX] * len(prompt2) +
+                      ids(tok, answer2))
     assert input_ids.count(3) == N_V and input_ids[17:21] == [3, 3, 3, 3]
 
 
@@ -107,7 +114,8 @@ def test_truncation_never_cuts_the_image(tmp_path):
     ds = make_dataset(tmp_path, rec, max_length=5, template=NO_SYSTEM)
     d = ds[0]
     assert isinstance(d, Dropped) and d.reason == "image_truncated"
-    assert d.message.endswith("data.json, sample 'i': its image tokens end at position 6 > max_length=5; raise max_length")
+    assert d.message.endswith("data.json, sample 'i': its image tokens end at position 6 > max_length=5; "
+                              "raise max_length")
     assert ds.dropped == {"image_truncated": 1}
 
     ds = make_dataset(tmp_path, rec, max_length=6, template=NO_SYSTEM)  # image fits, but no answer token left
@@ -361,7 +369,8 @@ def test_an_image_file_that_is_not_an_image_is_not_called_missing(tmp_path):
     empty, page, nope = ds[0], ds[1], ds[2]
     assert (empty.reason, page.reason, nope.reason) == ("unreadable_image", "unreadable_image", "missing_image")
     assert empty.message.startswith(f"{ds.path}, sample 0: image {tmp_path / 'empty.jpg'} is empty (0 bytes)")
-    assert page.message.startswith(f"{ds.path}, sample 1: image {tmp_path / 'page.jpg'} exists but cannot be read as an image")
+    assert page.message.startswith(f"{ds.path}, sample 1: image {tmp_path / 'page.jpg'} exists but cannot be read "
+                                   "as an image")
     assert "image_folder" not in empty.message + page.message
     assert nope.message == f"{ds.path}, sample 2: image {tmp_path / 'nope.jpg'} not found; check image_folder"
     assert ds.dropped == {"unreadable_image": 2, "missing_image": 1}

@@ -21,6 +21,7 @@ from conftest import llm_cfg, vision_cfg, write_huge_png, write_lines, write_ree
 from data import collate
 from attention_distill import LayerPairs, VATSettings
 from model import VLM, TeacherStudent, VLMConfig
+from report import compare_table, report_markdown
 from tasks import common, cr, pope, reefknot, vqa
 
 IMAGE_SIZE, PATCH = 32, 8  # shapes needs image_size >= 8 * grid (3): 32 px / 8 px patches = 16 image tokens
@@ -185,10 +186,11 @@ def test_end_to_end_report_heatmap_and_cli(world, tmp_path, capsys):
     assert list(reps) == ["teacher", "student"] and "align" not in reps["teacher"] and "align" in reps["student"]
     md = open(cmp_out / "report.md").read()
     assert "| teacher | " in md and "| student | " in md
-    assert os.path.isfile(cmp_out / "student" / "report.json") and os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
+    assert os.path.isfile(cmp_out / "student" / "report.json") and \
+        os.path.isfile(cmp_out / "teacher" / "heatmap_000.png")
     assert set(json.load(open(cmp_out / "report.json"))) == {"teacher", "student"}
 
-    table = ev.compare_table({"a": saved, "b": rep2})
+    table = compare_table({"a": saved, "b": rep2})
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| a | ") and lines[3].startswith("| b | vqa 3, cr 21 | ")
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
@@ -214,7 +216,7 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     with pytest.warns(UserWarning) as w:
         rep = ev.evaluate(m, str(tmp_path), tasks="vqa", progress=False)
     assert rep["vqa"]["n"] == 3 and rep["skipped"] == {"vqa": 4}
-    md = ev.report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
+    md = report_markdown(rep)  # the skipped items beside the figure computed without them, in both tables
     assert "| vqa 3 (4 skipped) | " in md
     assert f"accuracy {100 * rep['vqa']['accuracy']:.1f} on 3 items (4 skipped); reading: VQAv2's" in md
     said = " ".join(str(x.message) for x in w)
@@ -349,7 +351,8 @@ def test_predictions_that_do_not_match_stop_with_one_line_naming_the_file(tmp_pa
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=reefknot"])
     write_lines(pred / "vqa.jsonl", [dict(question_id=13, text="0"), dict(question_id=11, text="2"),
                                       dict(question_id=99, text="red")])
-    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of .*vqa.jsonl \(1 unknown, 1 unanswered\)"):
+    with pytest.raises(ValueError, match=rf"^{pred / 'vqa.jsonl'}: question_id '99' is not a question of "
+                                         r".*vqa.jsonl \(1 unknown, 1 unanswered\)"):
         ev.main([f"--predictions={pred}", f"--data={data}", "--tasks=vqa"])
     write_lines(pred / "vqa.jsonl", [dict(question_id=11, text="2"), dict(question_id=12, answer="red"),
                                       dict(question_id=13, response="0")])

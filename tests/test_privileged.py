@@ -1,12 +1,11 @@
-"""python -m pytest -q tests/test_privileged.py
-
-The shapes teacher's privileged supervision: targets from hand-made scenes, the loss at its minimum exactly at the
-target, the heads' maps against eager attention, and a teacher run that keeps none of it in its checkpoint.
-
+"""
     python -m pytest -q tests/test_privileged.py
+
+privileged.py, the shapes teacher's privileged supervision: targets from hand-made scenes, the loss at its minimum
+exactly at the target, the heads' maps against eager attention, and a teacher run that keeps none of it in its
+checkpoint.
 """
 import json
-import os
 
 import pytest
 import torch

@@ -1,6 +1,4 @@
 """
-python -m pytest -q tests/test_shapes.py
-
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_shapes.py
 
 The shapes world (shapes.py): determinism and the default world's digest, truth of every positive, the exact shape of
@@ -131,7 +129,8 @@ def test_scenes_obey_rules(world):
 def test_held_out_combos(world):
     _, meta, scenes = world
     held = {tuple(h) for h in meta["held_out"]}
-    combos = lambda split: {(o["color"], o["shape"]) for s in scenes.values() if s["split"] == split for o in s["objects"]}
+    combos = lambda split: {(o["color"], o["shape"]) for s in scenes.values() if s["split"] == split
+                            for o in s["objects"]}
     assert not combos("train") & held
     assert combos("test") >= held  # all four appear among 20 test images
 
@@ -173,7 +172,8 @@ def test_cr_negatives_differ_exactly_as_named(world):
         p, n, d = diff(item)
         assert len(p) == len(n) and d and min(d) > max(i for i, w in enumerate(p) if w in (",", "and"))
         new = shapes.parse_caption(item["negative_caption"])[0][-1]
-        assert all((o["color"], o["shape"]) != (new["color"], new["shape"]) for o in scenes[item["filename"]]["objects"])
+        assert all((o["color"], o["shape"]) != (new["color"], new["shape"])
+                   for o in scenes[item["filename"]]["objects"])
     for item in _cr(out, "add_att").values():  # one extra colour or size word, nothing else changes
         p, n, _ = diff(item)
         assert len(n) == len(p) + 1
@@ -249,7 +249,8 @@ def test_reefknot_items_are_true_to_their_scene(world):
     assert len(rows["YESNO"]) == 40
     for k, items in rows.items():
         for r in items:
-            assert set(r) == {"image_id", "query_prompt", "label", "relation_type"} and r["relation_type"] == "perception"
+            assert set(r) == {"image_id", "query_prompt", "label", "relation_type"} and \
+                r["relation_type"] == "perception"
             objs = scenes[f"images/{r['image_id']}.png"]["objects"]
             assert _oracle(r["query_prompt"], objs) == r["label"].lower(), r
     yn = rows["YESNO"]

@@ -1,9 +1,10 @@
 """
-    python -m pytest -q tests/test_fsdp.py
+    python -m pytest -q tests/test_parallel.py
 
-Several processes on CPU with gloo (torchrun, two processes; marked slow). FSDP2 (fully_shard): the same training
-as DDP (which equals one process with gradient accumulation), with and without LoRA, and an exact resume. Every
-rank joins every collective whatever its micro-batch holds, for every combination of the settings that change them.
+Several processes on CPU with gloo (parallel.py under torchrun, two processes; marked slow): DDP against one process
+with gradient accumulation (a text-only and an all-dropped micro-batch, the logged losses), FSDP2 (fully_shard)
+against DDP with and without LoRA and an exact resume, every rank joining every collective whatever its micro-batch
+holds, and FSDP's start-up and resume memory.
 """
 import importlib.util
 import json
@@ -13,8 +14,64 @@ import warnings
 import pytest
 import torch
 
-from conftest import (LAYERS, bpe_tokenizer, run, save_lm, script_args, stage_train, torchrun, training_defaults, weights,
-                      write_layout)
+from conftest import (LAYERS, bpe_tokenizer, data_order, run, save_lm, script_args, stage_train, torchrun,
+                      training_defaults, weights, write_layout, write_llava)
+
+
+# -- DDP with a text-only and an all-dropped micro-batch ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_runs(hf):
+    """DFT for 3 steps of batch 1: under torchrun with 2 processes, and in one process with grad_accum=2 (the same
+    samples in the same groups). Rank 0's first micro-batch is text-only (no gradient reaches the trainable connector
+    there), rank 1's second one has only a missing image (dropped: nothing to run)."""
+    root = hf["root"]
+    order = data_order(8, 0, 3, 2)
+    kinds = ["image"] * 8
+    kinds[order[0][0]], kinds[order[1][1]] = "text", "missing"
+    data = write_llava(root / "ddp" / "data.json", kinds, seed=1)
+    common = dict(init_from=hf["dpt"], teacher=hf["teacher"], data=data, batch_size=1, max_steps=3,
+                  log_interval=1, eval_interval=0, save_interval=100, max_length=96, lr=1e-3, warmup_frac=0.0, **LAYERS)
+    single = str(root / "ddp" / "single")
+    run("dft", out_dir=single, grad_accum=2, **common)
+    out = str(root / "ddp" / "ddp")
+    r = torchrun("train_dft.py", script_args("dft", **common, out_dir=out))  # a hang fails at its timeout
+    return dict(single=single, ddp=out, result=r, kinds=kinds, order=order)
+
+
+@pytest.mark.slow
+def test_ddp_survives_a_text_only_micro_batch_and_matches_one_process(ddp_runs):
+    r = ddp_runs["result"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(ddp_runs["single"]), weights(ddp_runs["ddp"])
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert not torch.equal(a["post_connector.weight"], b["post_connector.weight"] * 0)
+
+
+@pytest.mark.slow
+def test_ddp_rank_with_an_all_dropped_micro_batch_still_joins(ddp_runs):
+    r = ddp_runs["result"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(os.path.join(ddp_runs["ddp"], "train_state.pt"), weights_only=False)
+    assert state["step"] == 3
+    assert "dropped samples {'missing_image': 1}" in r.stdout
+
+
+@pytest.mark.slow
+def test_logged_losses_are_the_mean_over_all_ranks(ddp_runs):
+    def log(path):
+        return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["log"]
+    single, ddp = log(ddp_runs["single"]), log(ddp_runs["ddp"])
+    assert [r["step"] for r in ddp] == [1, 2, 3]
+    for s, d in zip(single, ddp):
+        for k in ("lm", "kd", "vat", "total"):
+            assert d[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), (d["step"], k)
+    # step 1: rank 1 has the only image sample, so a rank-0-only log would show no VAT at all
+    assert ddp[0]["vat"] > 0 and ddp[0]["lm"] != pytest.approx(ddp[1]["lm"])
+
+
+# -- FSDP against DDP --------------------------------------------------------------------------------------------------
 
 STEPS = dict(batch_size=2, max_steps=3, log_interval=1, eval_interval=0, save_interval=100, max_length=96, lr=1e-3,
              warmup_frac=0.0, **LAYERS)
@@ -26,7 +83,7 @@ def fsdp_runs(hf):
     common = dict(init_from=hf["dpt"], teacher=hf["teacher"], data=hf["data"], **STEPS)
     lora = dict(lora_rank=4, lora_dropout=0.0)  # LoRA's A starts random: every rank must draw the same
     runs = {}
-    for name, kw in [("single", {}), ("single_lora", lora)]:  # DDP's equal (tests/test_real_runs.py)
+    for name, kw in [("single", {}), ("single_lora", lora)]:  # DDP's equal (the DDP tests above)
         runs[name] = str(root / name)
         run("dft", out_dir=runs[name], **{**common, **kw, "batch_size": 1, "grad_accum": 2})
     for name, kw in [("fsdp", {}), ("cut", dict(stop_after=2)), ("resumed", {}), ("fsdp_lora", lora)]:
@@ -224,7 +281,8 @@ def test_fsdp_ranks_hold_their_shard_at_start_up_and_resume(memory):
     """Only rank 0 reads the checkpoints (on the CPU); every rank builds the models on the meta device, shards them
     and receives its shards tensor by tensor. Rank 1's peak before the first step is its half of the models, plus at
     resume its half of AdamW's states and of the gradients (torch initialises the optimizer state with a step on zero
-    gradients before loading it), within 10 % of the models: not the whole models, nor the whole optimizer state. Rank 0 holds at most one whole copy besides its shards."""
+    gradients before loading it), within 10 % of the models: not the whole models, nor the whole optimizer state. Rank 0
+    holds at most one whole copy besides its shards."""
     sizes, peaks = memory
     models, student, optimizer = sizes["teacher"] + sizes["student"], sizes["student"], sizes["optimizer"]
     slack = 0.1 * models

@@ -67,33 +67,10 @@ from data import IGNORE_INDEX, collate, decode_answer, load_image, tokenize_conv
 from model import VLM
 from report import compare_table, report_markdown, write_comparison, write_report
 from tasks import BENCHMARKS, cr, pope, reefknot, vqa, winoground
-from tasks.common import CAPTION_PROMPT, image_folders
+from tasks.common import CAPTION_PROMPT, find_files, image_folders
 
 TASKS = ["vqa", "cr", "pope", "wino", "reefknot", "align"]
 ANSWER_TASKS = ["vqa", "pope", "reefknot"]  # the tasks --predictions scores from answer files
-
-
-# -----------------------------------------------------------------------------
-# where the test files are
-
-
-def _first_existing(*paths):
-    return next((p for p in paths if p and os.path.exists(p)), None)
-
-
-def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reefknot_dir=""):
-    """The test files under data_dir (shapes layout <data>/test/..., or directly in <data>), or the overrides."""
-    t = os.path.join(data_dir, "test")
-    pope_dir = pope_dir or _first_existing(t, data_dir) or data_dir
-    pope_files = sorted(os.path.join(pope_dir, f) for f in os.listdir(pope_dir)
-                        if "pope_" in f and f.endswith((".json", ".jsonl"))) if os.path.isdir(pope_dir) else []
-    return dict(vqa=vqa_file or _first_existing(os.path.join(t, "vqa.jsonl"), os.path.join(data_dir, "vqa.jsonl")),
-                cr=cr_dir or _first_existing(os.path.join(t, "cr"), os.path.join(data_dir, "cr")),
-                pope=pope_files,
-                wino=wino_file or _first_existing(os.path.join(t, "winoground.jsonl"),
-                                                  os.path.join(data_dir, "winoground.jsonl")),
-                reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"),
-                                                         os.path.join(data_dir, "reefknot")))
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """
-What the benchmarks share: reading their files (JSON or JSON lines, a field or an error naming file and line), each
-item's images found in one or more folders and checked before the run (a missing or unreadable one skipped and
-counted), answers read from --predictions instead of generated, and our stricter yes/no reading (VQA's verdict figure,
-POPE's invalid column). Each benchmark's own reader, scorer and metric are in its file beside this one.
+What the benchmarks share: finding their test files under a data folder, reading them (JSON or JSON lines, a field
+or an error naming file and line), each item's images found in one or more folders and checked before the run (a
+missing or unreadable one skipped and counted), answers read from --predictions instead of generated, and our
+stricter yes/no reading (VQA's verdict figure, POPE's invalid column). Each benchmark's own reader, scorer and metric
+are in its file beside this one.
 """
 import json
 import math
@@ -16,6 +17,26 @@ from common import why
 from data import json_lines
 
 CAPTION_PROMPT = "describe the image ."  # = shapes.PROMPT, the LLaVA-pretrain style prompt of the captions
+
+
+def _first_existing(*paths):
+    return next((p for p in paths if p and os.path.exists(p)), None)
+
+
+def find_files(data_dir, vqa_file="", cr_dir="", pope_dir="", wino_file="", reefknot_dir=""):
+    """Each benchmark's test file(s) under data_dir (the shapes layout <data>/test/..., or directly in <data>), or the
+    overrides."""
+    t = os.path.join(data_dir, "test")
+    pope_dir = pope_dir or _first_existing(t, data_dir) or data_dir
+    pope_files = sorted(os.path.join(pope_dir, f) for f in os.listdir(pope_dir)
+                        if "pope_" in f and f.endswith((".json", ".jsonl"))) if os.path.isdir(pope_dir) else []
+    return dict(vqa=vqa_file or _first_existing(os.path.join(t, "vqa.jsonl"), os.path.join(data_dir, "vqa.jsonl")),
+                cr=cr_dir or _first_existing(os.path.join(t, "cr"), os.path.join(data_dir, "cr")),
+                pope=pope_files,
+                wino=wino_file or _first_existing(os.path.join(t, "winoground.jsonl"),
+                                                  os.path.join(data_dir, "winoground.jsonl")),
+                reefknot=reefknot_dir or _first_existing(os.path.join(t, "reefknot"),
+                                                         os.path.join(data_dir, "reefknot")))
 
 
 def mean(xs):

@@ -64,6 +64,8 @@ class PrivilegedSettings:
     relation_head: int = -1          # >= 0: this head of answer_layers, at the answer positions of a question that
                                      # names a relation, is pulled to that relation word (-1: off)
     captions: bool = True            # answer heads and readout at caption tokens too (else questions only)
+    place_words: bool = False        # np_heads also at the place words of "what is in the <row> <col> ?": at the row
+                                     # word that row's objects, at the column word the cell's (or "elsewhere": empty)
 
     @classmethod
     def from_config(cls, overrides):
@@ -176,7 +178,7 @@ class SceneTargets:
     classes (IGNORE_INDEX: none): subject row, column, reference row, column, the subject's horizontal and vertical
     side of the reference. Needs a word-level tokenizer (one token per word, as the shapes world's)."""
 
-    def __init__(self, scenes_path, tokenizer, num_image_tokens, captions=True):
+    def __init__(self, scenes_path, tokenizer, num_image_tokens, captions=True, place_words=False):
         if not os.path.isfile(scenes_path):
             raise FileNotFoundError(f"scenes={scenes_path}: no such file; the privileged supervision reads the shapes "
                                     "world's scenes.json (python shapes.py writes it next to the data)")
@@ -194,7 +196,7 @@ class SceneTargets:
             raise ValueError("privileged supervision reads each token as one word of the shapes world: it needs the "
                              "world's word-level tokenizer (<data folder>/tokenizer), not this one; it is for the shapes "
                              "teacher only")
-        self.tokenizer, self.captions = tokenizer, captions
+        self.tokenizer, self.captions, self.place_words = tokenizer, captions, place_words
         self._weights = {}
 
     def object_weights(self, image):
@@ -254,6 +256,13 @@ class SceneTargets:
             run = run + [w] if _is_np_word(w) else []
             if run:
                 np_t[p] = self.distribution(image, _np_match(run, objects))
+        names = position_words(self.grid) if self.place_words else None
+        for p in range(4, T - 1) if names else ():  # "what is in the <row> <col>": the row's objects, then the cell's
+            if words[p - 4:p] == ["what", "is", "in", "the"] and words[p] in names[0] and words[p + 1] in names[1]:
+                r, c = names[0].index(words[p]), names[1].index(words[p + 1])
+                in_row = [i for i, o in enumerate(objects) if o["row"] == r]
+                np_t[p] = self.distribution(image, in_row)
+                np_t[p + 1] = self.distribution(image, [i for i in in_row if objects[i]["col"] == c])
         # answer heads and readout: the positions predicting each answer run (turn k's answer)
         turns = record["conversations"]
         runs, p = [], 1

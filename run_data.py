@@ -35,8 +35,9 @@ def load_data(cfg, student, step, rank, world, device):
     annotate = None
     if cfg["look_weight"] > 0 or cfg["readout_weight"] > 0:  # the teacher's privileged targets, per position
         from privileged import PrivilegedSettings, SceneTargets
-        annotate = SceneTargets(scenes_path(cfg), tok, student.num_image_tokens,
-                                PrivilegedSettings.from_config(cfg["privileged"]).captions)
+        settings = PrivilegedSettings.from_config(cfg["privileged"])
+        annotate = SceneTargets(scenes_path(cfg), tok, student.num_image_tokens, settings.captions,
+                                settings.place_words)
 
     def read(paths):
         nonlocal placeholder

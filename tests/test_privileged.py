@@ -104,6 +104,35 @@ def test_targets_of_a_tokenized_sample_by_hand(world):
             assert t["answer"][p].sum() == 0 and (t["readout"][p] == IGNORE_INDEX).all() and t["relword"][p] < 0
 
 
+@pytest.mark.parametrize("place_words", [False, True])
+def test_place_words_look_at_the_named_row_then_the_cell(world, place_words):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(world["data"] / "tokenizer"))
+    image = "images/train_00000.png"
+    objs = world["scenes"][image]["objects"]
+    rows, cols = shapes.position_words(3)
+    a = objs[0]
+    empty = next((r, c) for r in range(3) for c in range(3) if all((o["row"], o["col"]) != (r, c) for o in objs))
+    one_hot = lambda cell: torch.eye(10)[cell]
+    share = lambda objects: sum(one_hot(o["row"] * 3 + o["col"]) for o in objects) / len(objects)
+    st = pv.SceneTargets(str(world["data"] / "scenes.json"), tok, 9, place_words=place_words)
+    for (r, c), in_cell in (((a["row"], a["col"]), [a]), (empty, [])):
+        q = f"what is in the {rows[r]} {cols[c]} ?"
+        rec = {"image": image, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                 {"from": "gpt", "value": "nothing"}]}
+        ids, labels = tokenize_conversation(rec["conversations"], tok, 9, True)
+        t = st(rec, ids, labels)
+        words = tok.convert_ids_to_tokens(ids)
+        p = words.index(rows[r], words.index("in"))
+        if not place_words:
+            assert t["np"][p].sum() == 0 and t["np"][p + 1].sum() == 0
+            continue
+        in_row = [o for o in objs if o["row"] == r]
+        assert torch.allclose(t["np"][p], share(in_row) if in_row else one_hot(9)), (r, c)  # 9: "elsewhere"
+        assert torch.equal(t["np"][p + 1], one_hot(a["row"] * 3 + a["col"]) if in_cell else one_hot(9)), (r, c)
+        assert all(t["np"][k].sum() == 0 for k in range(len(ids)) if k not in (p, p + 1))  # no NP words here
+
+
 def test_test_images_and_unknown_images_are_refused(world):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(world["data"] / "tokenizer"))

@@ -10,6 +10,8 @@ vision_model = "out/shapes_hard/vision_tower"
 eval_interval = 500
 save_interval = 500
 # The default world's teacher is trained with privileged supervision (config/shapes_teacher.py); this world's
-# published teacher was not, and a supervised one has not been measured here yet: off, so the presets reproduce it.
+# published teacher was not: off, so the presets reproduce it. Two supervised teachers of this world (these presets
+# with look_weight=1.0 readout_weight=1.0, then config/shapes_teacher_it.py) are in results/README.md, "The hard world
+# with supervised teachers".
 look_weight = 0.0
 readout_weight = 0.0

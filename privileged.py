@@ -49,6 +49,7 @@ from shapes import COLORS, PROMPT, RELATIONS, SHAPES, label_map, position_words
 
 SIZE_WORDS = ("small", "large")
 _COLORS, _SHAPES, _RELATIONS = set(COLORS), set(SHAPES), set(RELATIONS)
+CELL_QUESTION = ["what", "is", "in", "the"]  # the question that names a cell by its row and column words
 SIDES = 3  # a subject lies before (left of / above), level with, or after (right of / below) its reference
 
 
@@ -256,13 +257,13 @@ class SceneTargets:
             run = run + [w] if _is_np_word(w) else []
             if run:
                 np_t[p] = self.distribution(image, _np_match(run, objects))
-        names = position_words(self.grid) if self.place_words else None
-        for p in range(4, T - 1) if names else ():  # "what is in the <row> <col>": the row's objects, then the cell's
-            if words[p - 4:p] == ["what", "is", "in", "the"] and words[p] in names[0] and words[p + 1] in names[1]:
-                r, c = names[0].index(words[p]), names[1].index(words[p + 1])
-                in_row = [i for i, o in enumerate(objects) if o["row"] == r]
+        rows, cols = (position_words(self.grid) or ((), ())) if self.place_words else ((), ())
+        for p in range(4, T - 1):  # "what is in the <row> <col>": the row's objects, then the cell's
+            if words[p - 4:p] == CELL_QUESTION and words[p] in rows and words[p + 1] in cols:
+                in_row = [i for i, o in enumerate(objects) if o["row"] == rows.index(words[p])]
                 np_t[p] = self.distribution(image, in_row)
-                np_t[p + 1] = self.distribution(image, [i for i in in_row if objects[i]["col"] == c])
+                col = cols.index(words[p + 1])
+                np_t[p + 1] = self.distribution(image, [i for i in in_row if objects[i]["col"] == col])
         # answer heads and readout: the positions predicting each answer run (turn k's answer)
         turns = record["conversations"]
         runs, p = [], 1
@@ -290,7 +291,7 @@ class SceneTargets:
                 # the relation word the question asks about: the last one between the previous answer and this one
                 start = runs[k - 1][1] if k else 0
                 rel = [p for p in range(start, a0) if words[p] in _RELATIONS]
-                if rel and not question.replace("<image>", " ").split()[:4] == ["what", "is", "in", "the"]:
+                if rel and question.replace("<image>", " ").split()[:4] != CELL_QUESTION:
                     relword[a0 - 1:a1 - 1] = rel[-1]
             for j, pos in enumerate(range(a0 - 1, a1 - 1)):
                 pair = per_word[min(j, len(per_word) - 1)]
